@@ -1,0 +1,89 @@
+"""Reference decode: one token at a time with a cache, and per-step read counters (spec I.9)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import rules
+from .config import NSAConfig
+from .reference import SequenceKV, gate, nsa_row
+from .validate import BRANCHES, check_inputs
+
+
+class NSARefCache:
+    """Decode state of the reference for a batch of ``B`` sequences.
+
+    Holds the raw K/V of every branch and the compressed K/V. Compressed block ``i`` is emitted
+    at the step where ``i*d + l == p + 1`` (spec I.9): only the newest ``l`` raw keys are pooled,
+    never the whole history again.
+
+    Attributes:
+        reads: ``{"cmp", "sel", "win"}`` key reads of the last step, per (sequence, KV group),
+            maximum over the batch and groups: ``cmp = num_cmp(p)``, ``sel`` = selected keys
+            ``<= p``, ``win = min(w, p+1)``.
+        length: tokens decoded so far.
+    """
+
+    def __init__(self, cfg: NSAConfig, *, scale: float | None = None, phi_k=None, phi_v=None):
+        if not isinstance(cfg, NSAConfig):
+            raise TypeError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
+        self.cfg, self.scale, self.phi_k, self.phi_v = cfg, scale, phi_k, phi_v
+        self.length = 0
+        self.reads = {"cmp": 0, "sel": 0, "win": 0}
+        self._seqs: list[SequenceKV] = []
+
+    def step(self, q_t, k_t, v_t, gates_t, *, branch_kv: dict | None = None):
+        """Decode one position for every sequence: ``q_t [B, 1, H, Dk]`` -> ``o_t [B, 1, H, Dv]``.
+
+        ``k_t, v_t`` are the new token's keys and values ``[B, 1, G, D]``; ``branch_kv`` may give
+        the new token's per-branch ``(k, v)`` as in `nsa_ref.nsa_attention`.
+        """
+        dims, _ = check_inputs(q_t, k_t, v_t, gates_t, self.cfg, branch_kv=branch_kv)
+        if dims.T != 1:
+            raise ValueError(f"q_t must hold exactly one position (T=1), got T={dims.T}")
+        if self._seqs and len(self._seqs) != dims.B:
+            raise ValueError(f"q_t batch B={dims.B} does not match the cache's B={len(self._seqs)}")
+        if not self._seqs:
+            self._seqs = [SequenceKV(self.cfg, dims.h, self.phi_k, self.phi_v) for _ in range(dims.B)]
+        scale = 1.0 / math.sqrt(dims.Dk) if self.scale is None else float(self.scale)
+        branch_kv = branch_kv or {}
+        p = self.length
+        cfg = self.cfg
+        W = rules.overlap_weights(p // cfg.sel_block + 1, cfg.num_cmp(p), cfg)
+
+        outs = []
+        reads = {"cmp": 0, "sel": 0, "win": 0}
+        for b, seq in enumerate(self._seqs):
+            new = {name: branch_kv.get(name, (k_t, v_t)) for name in BRANCHES}
+            seq.set_raw({
+                name: tuple(
+                    torch.cat([seq.raw[name][i], t[b, 0][None]]) if seq.raw else t[b, 0][None]
+                    for i, t in enumerate(pair)
+                )
+                for name, pair in new.items()
+            })
+            self._emit_compressed(seq, p)
+            row = nsa_row(p, q_t[b, 0], seq, scale, W)
+            outs.append(gate(row.o_cmp, row.o_sel, row.o_win, gates_t[b, 0]))
+            reads["cmp"] = max(reads["cmp"], row.p_cmp.shape[1])
+            reads["sel"] = max(reads["sel"], row.sel_reads)
+            reads["win"] = max(reads["win"], len(rules.window_keys(p, cfg)))
+        self.length += 1
+        self.reads = reads
+        return torch.stack(outs)[:, None]
+
+    def _emit_compressed(self, seq: SequenceKV, p: int) -> None:
+        """Append compressed block ``i`` when ``i*d + l == p + 1`` (its last key just arrived)."""
+        cfg = self.cfg
+        k, v = seq.raw["cmp"]
+        if seq.cmp_k is None:
+            seq.cmp_k = k.new_zeros(0, k.shape[1], k.shape[2])
+            seq.cmp_v = v.new_zeros(0, v.shape[1], v.shape[2])
+        start = p + 1 - cfg.cmp_block
+        if start >= 0 and start % cfg.cmp_stride == 0:
+            new_k = (seq.phi_k or rules.mean_pool)(k[start:].permute(1, 0, 2)[:, None])[:, 0]
+            new_v = (seq.phi_v or rules.mean_pool)(v[start:].permute(1, 0, 2)[:, None])[:, 0]
+            seq.cmp_k = torch.cat([seq.cmp_k, new_k[None]])
+            seq.cmp_v = torch.cat([seq.cmp_v, new_v[None]])
