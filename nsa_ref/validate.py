@@ -42,22 +42,26 @@ def _check_tensor(name: str, t: object, rank: int) -> torch.Tensor:
 
 
 def check_kv(name: str, k: object, v: object, q: torch.Tensor) -> tuple[int, int]:
-    """Check one (k, v) pair against ``q``; return ``(G, Dv)``."""
-    k = _check_tensor(f"{name} k", k, 4)
-    v = _check_tensor(f"{name} v", v, 4)
+    """Check one (k, v) pair against ``q``; return ``(G, Dv)``.
+
+    ``name`` prefixes the argument names in messages (``""`` for the shared ``k``, ``v``).
+    """
+    k_name, v_name = (f"{name} k", f"{name} v") if name else ("k", "v")
+    k = _check_tensor(k_name, k, 4)
+    v = _check_tensor(v_name, v, 4)
     B, T, H, Dk = q.shape
     if k.shape[:2] != (B, T) or k.shape[3] != Dk:
-        raise ValueError(f"{name} k must have shape [B={B}, T={T}, G, Dk={Dk}], got {_shape(k)}")
+        raise ValueError(f"{k_name} must have shape [B={B}, T={T}, G, Dk={Dk}], got {_shape(k)}")
     G = k.shape[2]
     if v.shape[:3] != (B, T, G):
-        raise ValueError(f"{name} v must have shape [B={B}, T={T}, G={G}, Dv], got {_shape(v)}")
-    for label, t in (("k", k), ("v", v)):
+        raise ValueError(f"{v_name} must have shape [B={B}, T={T}, G={G}, Dv], got {_shape(v)}")
+    for label, t in ((k_name, k), (v_name, v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} {label} dtype {t.dtype} does not match q dtype {q.dtype}")
+            raise TypeError(f"{label} dtype {t.dtype} does not match q dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} {label} device {t.device} does not match q device {q.device}")
+            raise ValueError(f"{label} device {t.device} does not match q device {q.device}")
     if G == 0 or H % G:
-        raise ValueError(f"q heads H={H} must be a multiple of the KV groups G={G} ({name} k)")
+        raise ValueError(f"q heads H={H} must be a multiple of the KV groups G={G} ({k_name})")
     return G, v.shape[3]
 
 
