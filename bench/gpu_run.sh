@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device-machine call: environment line, GPU tests, benchmarks; logs under $OUT.
+#   bash bench/gpu_run.sh check   # GPU tests + selection sweep/timings + a full-NSA scout
+#   bash bench/gpu_run.sh bench   # the full benchmark table (bench/gpu_bench.py)
+# Each step has its own timeout so one slow step cannot eat the others' time.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+OUT="${OUT:-/tmp/nsa_out}"
+mkdir -p "$OUT"
+stage="${1:-check}"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/env.txt"
+
+case "$stage" in
+check)
+  timeout 230 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150
+  timeout 220 python3 bench/gpu_bench.py --out "$OUT/sel" --dims 128/128 --parts sel,h4 \
+      --sweep 16384 --budget-s 170 2>&1 | tee "$OUT/sel.log" | tail -60
+  timeout 120 python3 bench/gpu_bench.py --out "$OUT/nsa_scout" --T 8192 --dims 128/128 \
+      --parts nsa,decode --budget-s 80 2>&1 | tee "$OUT/nsa_scout.log" | tail -40
+  ;;
+tune)
+  timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
+      2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -60
+  timeout 400 python3 bench/gpu_bench.py --out "$OUT/tune" --dims 128/128 --parts none \
+      --sweep 65536 --budget-s 330 2>&1 | tee "$OUT/tune.log" | tail -60
+  ;;
+bench)
+  timeout 560 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --budget-s 500 "${@:2}" 2>&1 \
+      | tee "$OUT/bench.log" | tail -80
+  ;;
+final)
+  timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
+      2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error" | head -40
+  timeout 400 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --budget-s 350 2>&1 \
+      | tee "$OUT/bench.log" | tail -75
+  ;;
+*)
+  echo "unknown stage $stage"; exit 2 ;;
+esac

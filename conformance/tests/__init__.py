@@ -1,0 +1,1 @@
+"""Clause tests of the conformance suite (run with ``--impl NAME --device cpu|cuda``)."""

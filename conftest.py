@@ -1,0 +1,43 @@
+"""Repository-wide pytest configuration: the one place where hypothesis profiles live.
+
+Profiles (DESIGN.md "Habits"):
+- ``dev``: the default on a workstation; random, a few examples per property.
+- ``ci``: derandomized (the same examples on every run), no example database; chosen when the
+  environment has ``CI=true`` (GitHub Actions sets it).
+- ``deep``: many examples, for a long hunt (``HYPOTHESIS_PROFILE=deep pytest properties``).
+
+``HYPOTHESIS_PROFILE`` names a profile explicitly and wins over ``CI``. Property tests scale their
+own example counts from the loaded profile (`properties.strategies.examples`), so a profile change
+reaches every test.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# nsa_ref runs one query row at a time: a single example can take a few hundred milliseconds,
+# so per-example deadlines would only measure machine load.
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+
+settings.register_profile("dev", max_examples=10, **_COMMON)
+settings.register_profile("ci", max_examples=10, derandomize=True, database=None, **_COMMON)
+settings.register_profile("deep", max_examples=300, **_COMMON)
+
+
+def _profile_name() -> str:
+    """``HYPOTHESIS_PROFILE`` if set, else ``ci`` when ``CI`` is true, else ``dev``."""
+    explicit = os.environ.get("HYPOTHESIS_PROFILE")
+    if explicit:
+        return explicit
+    return "ci" if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes") else "dev"
+
+
+PROFILE = _profile_name()
+settings.load_profile(PROFILE)
+
+
+def pytest_report_header(config) -> str:
+    """Print the active hypothesis profile in pytest's header, so a log says how deep it went."""
+    return f"hypothesis profile: {PROFILE}"

@@ -1,0 +1,551 @@
+"""Selection branch (Eq. 12, spec I.6): attention over the keys of the selected blocks.
+
+Query row ``(b, p, g)`` (batch, position, KV group) attends with its ``h`` query heads to exactly
+the keys ``{s : s in a selected block, s <= p}``: a ``-1`` (or any negative) index, a duplicate,
+an index past the current block or unsorted input never change that set. Keys after ``p`` are
+excluded exactly (boolean masks become ``-inf`` logits; no finite sentinel), and a row with no
+key gives an exact zero. Selection attention is non-causal over these already-causal keys.
+
+Paths (`selection_attention` ``path=``):
+
+``gather``
+    The parity fallback: every row gets ``n * l'`` key slots (its ``n`` block windows), a slot is
+    valid iff its block is a first occurrence and its key is ``<= p``; explicit masked softmax.
+``packed``
+    Rows are sorted by selected length ``L`` and cut into chunks ("buckets") of similar length;
+    the selected keys of each row are compacted (via `block_ranges`) to the left of a
+    ``[rows, W]`` slab, ``W`` = the bucket's longest row, and one
+    ``scaled_dot_product_attention`` call per bucket attends (a boolean prefix mask only when the
+    bucket's lengths differ). The ``h`` heads of a group are the query rows of one SDPA problem,
+    so each gathered key is read once per group (the paper's group-centric layout).
+``varlen``
+    Flat packing over (row, group) pairs: the compacted keys of all rows of a chunk are
+    concatenated with ``cu_seqlens_k = cumsum(L)`` and ``cu_seqlens_q = arange * h`` (built with
+    ``repeat_interleave``, no Python loop over rows). On CUDA with fp16/bf16 and ``Dk == Dv``
+    this goes through PyTorch's FlashAttention-2 varlen kernel
+    (``torch.nn.attention.varlen.varlen_attn``); otherwise the flat packing is unpadded into
+    dense buckets and run like ``packed``. Rows with ``0 < L < varlen_min_len`` always take the
+    packed buckets (tiny varlen sequences waste FlashAttention tiles).
+``triton``
+    Delegates to ``nsa_impl.kernels.triton_sel.selection_attention`` (imported lazily).
+
+Autograd (all paths but ``triton``, which has its own): one `torch.autograd.Function` saves only
+``q, k, v``, the output ``o`` and the small integer row metadata (``[B*T*G, n]`` block indices
+and merged ranges). Backward walks the same chunks as the forward, re-gathers each chunk's keys,
+recomputes its probabilities and applies the FlashAttention backward identities
+(``dS = P * (dP - rowsum(dO * O))``); ``dq`` rows are written once, ``dk``/``dv`` are accumulated
+with ``index_add_``. The log-sum-exp is not saved: each backward chunk recomputes its logits
+anyway, and one extra row reduction lets every forward use plain SDPA (which does not return it).
+
+Memory bound (beyond inputs, output and gradients): one chunk holds at most ``chunk_slots``
+key slots (rows x padded width, default `DEFAULT_CHUNK_SLOTS` = 2**18). Its live working set is
+about ``S * (2*Dk + 2*Dv + 3*h) * c + 40 * S`` bytes for ``S = chunk_slots`` and ``c`` the
+compute itemsize (float32 for float16/bfloat16/float32 inputs, float64 for float64): gathered
+K and V and their gradients, three ``[rows, h, W]`` probability-sized tiles, and the int64/bool
+index tensors. For Dk = Dv = 64, h = 8, float32 that is ``2**18 * (1024 + 96 + 40)`` B ≈ 290 MiB,
+independent of ``T``. Persistent metadata is ``O(B*T*G*n)`` int64 (2 MiB at T=8192, G=2, n=16).
+A single row wider than ``chunk_slots`` (only if ``n * l' > chunk_slots``) forms a chunk alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from nsa_ref.config import NSAConfig
+from nsa_ref.validate import check_cu_seqlens
+
+#: Paths `selection_attention` accepts.
+SELECTION_PATHS = ("gather", "packed", "varlen", "triton")
+#: Default ``varlen_min_len`` (``NSA_SEL_VARLEN_MIN_L``): rows selecting fewer keys than this
+#: take the packed buckets in the varlen path. One selection block at the paper's ``l' = 64``:
+#: shorter rows fill less than one FlashAttention key tile.
+DEFAULT_VARLEN_MIN_L = 64
+#: Default key slots (rows x padded width) per chunk; bounds the working set (module docstring).
+DEFAULT_CHUNK_SLOTS = 1 << 18
+
+
+# --------------------------------------------------------------------------------------------
+# Block indices -> key ranges
+# --------------------------------------------------------------------------------------------
+
+
+def block_ranges(
+    block_indices: torch.Tensor, cfg: NSAConfig, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the selected blocks of each row into sorted, disjoint ``[start, end)`` key ranges.
+
+    Block ``j`` covers local keys ``[j*l', (j+1)*l')``; keys are clamped to ``<= p`` (the row's
+    local position), so blocks after the current one are empty. Negative indices, duplicates
+    and unsorted input are handled; adjacent blocks are fused into one range. Vectorised (a sort
+    and a few scatters over the last axis).
+
+    Args:
+        block_indices: integer ``[..., n]`` selected blocks (e.g. ``[B, T, G, n]``).
+        cfg: the `NSAConfig` (``sel_block`` is ``l'``).
+        positions: integer local query positions ``p``, broadcastable to
+            ``block_indices.shape[:-1]``.
+
+    Returns:
+        ``(starts, ends)``, int64 ``[..., n]``. The first ``count`` slots of a row hold its
+        merged ranges in ascending order with ``ends[i] < starts[i+1]``; the remaining slots are
+        empty (``start == end`` = the row's last end, or 0), so both stay non-decreasing and
+        ``(ends - starts).sum(-1)`` is the number of selected keys.
+    """
+    ls = cfg.sel_block
+    j = block_indices.to(torch.int64)
+    n = j.shape[-1]
+    p = positions.to(device=j.device, dtype=torch.int64).expand(j.shape[:-1]).unsqueeze(-1)
+    if n == 0:
+        return j.clone(), j.clone()
+    cap = p // ls + 1  # first block holding no key <= p; also absorbs invalid and huge indices
+    j = torch.where(j < 0, cap, torch.minimum(j, cap)).sort(dim=-1).values
+    start = j * ls
+    end = torch.minimum(start + ls, p + 1)
+    prev = torch.cat([torch.full_like(j[..., :1], -2), j[..., :-1]], dim=-1)
+    valid = (start < end) & (j != prev)  # a non-empty first occurrence
+    opens = valid & (j != prev + 1)  # not adjacent to the previous selected block
+    rid = opens.cumsum(dim=-1) - 1  # merged range of each entry
+    shape = (*j.shape[:-1], n + 1)  # column n collects the entries to drop
+    starts = torch.zeros(shape, dtype=torch.int64, device=j.device).scatter_(
+        -1, torch.where(opens, rid, n), start
+    )[..., :n]
+    ends = torch.zeros(shape, dtype=torch.int64, device=j.device).scatter_reduce_(
+        -1, torch.where(valid, rid, n), end, reduce="amax"
+    )[..., :n]
+    used = torch.arange(n, device=j.device) < opens.sum(dim=-1, keepdim=True)
+    fill = ends.amax(dim=-1, keepdim=True)
+    return torch.where(used, starts, fill), torch.where(used, ends, fill)
+
+
+# --------------------------------------------------------------------------------------------
+# Row metadata and chunk plans
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Per-row metadata, rows ``r = (b*T + t)*G + g`` in the order of ``block_indices``.
+
+    Key ``s`` (local to the row's sequence) of row ``r`` lives at row ``kbase[r] + s*G`` of
+    ``k.reshape(B*T*G, Dk)``.
+    """
+
+    G: int
+    ls: int
+    blocks: torch.Tensor  # [R, n] int64, raw
+    pos: torch.Tensor  # [R] local query position
+    kbase: torch.Tensor  # [R] flat key row of the sequence start, group g
+    starts: torch.Tensor  # [R, n] merged ranges (local), see block_ranges
+    ends: torch.Tensor
+    lengths: torch.Tensor  # [R] selected keys per row
+
+    @property
+    def R(self) -> int:
+        """Number of (batch, position, group) rows."""
+        return self.pos.numel()
+
+
+def _build_rows(block_indices, cfg, B, T, G, device, bounds) -> _Rows:
+    """Positions (local to each ``cu_seqlens`` sequence), key bases and merged ranges."""
+    t = torch.arange(T, device=device)
+    if bounds is None:
+        seq_start = torch.zeros_like(t)
+    else:
+        cu = torch.tensor(bounds, dtype=torch.int64, device=device)
+        seq_start = cu[torch.searchsorted(cu, t, right=True) - 1]
+    pos = (t - seq_start).view(1, T, 1).expand(B, T, G).reshape(-1)
+    tok0 = torch.arange(B, device=device).view(B, 1) * T + seq_start.view(1, T)  # [B, T]
+    kbase = (tok0.view(B, T, 1) * G + torch.arange(G, device=device)).reshape(-1)
+    blocks = block_indices.reshape(B * T * G, -1).to(torch.int64)
+    starts, ends = block_ranges(blocks, cfg, pos)
+    return _Rows(G, cfg.sel_block, blocks, pos, kbase, starts, ends, (ends - starts).sum(-1))
+
+
+@dataclass
+class _Chunk:
+    """One bucket of rows: ``kind`` in gather/packed/varlen, padded width ``W`` (host int),
+    ``uniform`` when every row fills ``W`` (no mask), ``total`` = selected keys in the chunk."""
+
+    kind: str
+    rows: torch.Tensor
+    W: int
+    uniform: bool
+    total: int
+
+
+def _natural_chunks(rows: _Rows, chunk_slots: int) -> list[_Chunk]:
+    """Gather layout: rows in their own order, ``n * l'`` slots each."""
+    W = rows.blocks.shape[1] * rows.ls
+    if W == 0:
+        return []
+    step = max(1, chunk_slots // W)
+    order = torch.arange(rows.R, device=rows.pos.device)
+    return [_Chunk("gather", order[i : i + step], W, False, -1) for i in range(0, rows.R, step)]
+
+
+def _sorted_chunks(rows: _Rows, member: torch.Tensor, kind: str, chunk_slots: int) -> list[_Chunk]:
+    """Rows with ``member`` (and ``L > 0``) sorted by ``L``, cut into chunks of similar length.
+
+    Two host syncs per call (the counts, then every chunk's width and key total), none per chunk.
+    """
+    L = torch.where(member, rows.lengths, 0)
+    order = torch.argsort(L, stable=True)
+    sorted_L = L[order]
+    skip, longest = torch.stack([(L == 0).sum(), sorted_L[-1]]).tolist()
+    if skip == rows.R:
+        return []
+    step = max(1, chunk_slots // longest)
+    first = list(range(skip, rows.R, step))
+    last = [min(i + step, rows.R) - 1 for i in first]
+    csum = torch.cat([sorted_L.new_zeros(1), sorted_L.cumsum(0)])
+    a = torch.tensor(first, device=L.device)
+    b = torch.tensor(last, device=L.device)
+    info = torch.stack([sorted_L[b], sorted_L[a], csum[b + 1] - csum[a]]).tolist()
+    return [
+        _Chunk(kind, order[a : b + 1], W, lo == W, tot)
+        for a, b, W, lo, tot in zip(first, last, *info, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense index of a chunk: key rows [N, W] of k.reshape(-1, D), validity [N, W] (None = all)
+# --------------------------------------------------------------------------------------------
+
+
+def _slot_index(rows: _Rows, r: torch.Tensor):
+    """Gather layout: slot ``(i, u)`` is key ``j_i*l' + u`` of the ``i``-th sorted block.
+
+    Invalid slots (a repeated or negative block, a key ``> p``) point at the row's first valid
+    key, so a padded slot never reads another sequence's (or a future) value; empty rows point
+    at their own position.
+    """
+    ls, p = rows.ls, rows.pos[r].unsqueeze(-1)
+    cap = p // ls + 1
+    j = rows.blocks[r]
+    j = torch.where(j < 0, cap, torch.minimum(j, cap)).sort(dim=-1).values  # [N, n]
+    first = torch.cat([torch.ones_like(j[:, :1], dtype=torch.bool), j[:, 1:] != j[:, :-1]], 1)
+    local = (j.unsqueeze(-1) * ls + torch.arange(ls, device=j.device)).flatten(1)  # [N, n*ls]
+    valid = first.repeat_interleave(ls, dim=1) & (local <= p)
+    pad = local.gather(1, valid.to(torch.uint8).argmax(dim=1, keepdim=True))
+    pad = torch.where(valid.any(dim=1, keepdim=True), pad, p)
+    local = torch.where(valid, local, pad)
+    return rows.kbase[r].unsqueeze(-1) + local * rows.G, valid
+
+
+def _compact_index(rows: _Rows, r: torch.Tensor, W: int, uniform: bool):
+    """Packed layout: slot ``u < L`` is the ``u``-th selected key (merged ranges, searchsorted);
+    slots ``u >= L`` repeat the row's first selected key."""
+    st = rows.starts[r]
+    ln = rows.ends[r] - st
+    cum = ln.cumsum(dim=1)  # inclusive; slot u lies in the first range with cum > u
+    u = torch.arange(W, device=st.device).expand(r.numel(), W)
+    valid = None if uniform else u < rows.lengths[r].unsqueeze(-1)
+    if valid is not None:
+        u = torch.where(valid, u, 0)
+    ri = torch.searchsorted(cum, u.contiguous(), right=True).clamp_max_(cum.shape[1] - 1)
+    local = st.gather(1, ri) + u - (cum.gather(1, ri) - ln.gather(1, ri))
+    return rows.kbase[r].unsqueeze(-1) + local * rows.G, valid
+
+
+def _flat_index(rows: _Rows, r: torch.Tensor, total: int):
+    """Varlen layout: the selected keys of rows ``r`` back to back ``[total]``, and
+    ``cu_seqlens_k [N+1]``; no Python loop over rows."""
+    st, ln = rows.starts[r].flatten(), (rows.ends[r] - rows.starts[r]).flatten()
+    N, n = r.numel(), rows.starts.shape[1]
+    rep = lambda x, c: torch.repeat_interleave(x, c, output_size=total)  # noqa: E731
+    offset = torch.arange(total, device=st.device) - rep(ln.cumsum(0) - ln, ln)
+    row_of = rep(torch.arange(N, device=st.device).repeat_interleave(n), ln)
+    flat = rows.kbase[r][row_of] + (rep(st, ln) + offset) * rows.G
+    L = rows.lengths[r]
+    cu = torch.cat([L.new_zeros(1), L.cumsum(0)])
+    return flat, cu
+
+
+def _unpad_index(flat: torch.Tensor, cu: torch.Tensor, L: torch.Tensor, W: int, uniform: bool):
+    """Flat packing -> dense ``[N, W]`` (the varlen path's dense buckets); padding repeats the
+    row's first key."""
+    u = torch.arange(W, device=flat.device).expand(L.numel(), W)
+    valid = None if uniform else u < L.unsqueeze(-1)
+    if valid is not None:
+        u = torch.where(valid, u, 0)
+    return flat[cu[:-1].unsqueeze(-1) + u], valid
+
+
+def _dense_index(rows: _Rows, c: _Chunk):
+    """The chunk's ``[N, W]`` key rows and validity, built by its own layout."""
+    if c.kind == "gather":
+        return _slot_index(rows, c.rows)
+    if c.kind == "packed":
+        return _compact_index(rows, c.rows, c.W, c.uniform)
+    flat, cu = _flat_index(rows, c.rows, c.total)
+    return _unpad_index(flat, cu, rows.lengths[c.rows], c.W, c.uniform)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax / gradient accumulation dtype: float64 stays, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _probs(qc, kc, valid, scale):
+    """Row softmax of ``scale * q.k`` over valid slots, ``[N, h, W]``; exactly 0 elsewhere and
+    for rows without a valid slot."""
+    s = torch.matmul(qc, kc.transpose(1, 2)).mul_(scale)
+    if valid is not None:
+        s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m.masked_fill_(m == float("-inf"), 0.0)  # empty row: exp(-inf - 0) = 0, never NaN
+    s.sub_(m).exp_()
+    den = s.sum(dim=-1, keepdim=True)
+    return s.div_(torch.where(den > 0, den, torch.ones_like(den)))
+
+
+_VARLEN_ATTN = None
+
+
+def _varlen_attn():
+    """PyTorch's FlashAttention-2 varlen entry point, or ``None`` (looked up once, lazily)."""
+    global _VARLEN_ATTN
+    if _VARLEN_ATTN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # older torch: no public varlen entry point
+            varlen_attn = False
+        _VARLEN_ATTN = varlen_attn
+    return _VARLEN_ATTN or None
+
+
+def flash_varlen_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
+    """Whether the varlen path can use FlashAttention-2 varlen for these inputs, and why not.
+
+    Needs a CUDA tensor of float16/bfloat16 on compute capability >= 8.0, ``Dk == Dv``, a head
+    dim that is a multiple of 8 and ``<= 256``, and ``torch.nn.attention.varlen.varlen_attn``.
+    Never touches CUDA for CPU tensors.
+    """
+    if not q.is_cuda:
+        return False, "inputs are not on a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"FlashAttention-2 needs float16/bfloat16, got {q.dtype}"
+    Dk, Dv = k.shape[-1], v.shape[-1]
+    if Dk != Dv or Dk % 8 or Dk > 256:
+        return (
+            False,
+            f"FlashAttention-2 needs Dk == Dv, a multiple of 8 and <= 256 (Dk={Dk}, Dv={Dv})",
+        )
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return False, "FlashAttention-2 needs compute capability >= 8.0"
+    if _varlen_attn() is None:
+        return False, "torch.nn.attention.varlen.varlen_attn is missing in this torch"
+    return True, "FlashAttention-2 varlen available"
+
+
+@dataclass
+class _Plan:
+    """Everything the forward and backward need besides the tensors."""
+
+    rows: _Rows
+    chunks: list[_Chunk]
+    scale: float
+    flash: bool  # varlen chunks run FlashAttention-2 varlen in the forward
+
+
+def _chunk_forward(q_rows, k_flat, v_flat, plan: _Plan, c: _Chunk) -> torch.Tensor:
+    """Output ``[N, h, Dv]`` of one chunk, in ``q``'s dtype."""
+    rows, r = plan.rows, c.rows
+    qc = q_rows[r]
+    h = qc.shape[1]
+    if c.kind == "varlen" and plan.flash:
+        flat, cu = _flat_index(rows, r, c.total)
+        cu = cu.to(torch.int32)
+        cu_q = torch.arange(r.numel() + 1, device=r.device, dtype=torch.int32) * h
+        o = _varlen_attn()(
+            qc.reshape(-1, 1, qc.shape[-1]),
+            k_flat[flat].unsqueeze(1),
+            v_flat[flat].unsqueeze(1),
+            cu_q,
+            cu,
+            h,
+            c.W,
+            scale=plan.scale,
+        )
+        return o.view(r.numel(), h, -1)
+    idx, valid = _dense_index(rows, c)
+    kc, vc = k_flat[idx], v_flat[idx]
+    if c.kind == "gather":  # explicit masked softmax in the compute dtype
+        cdt = _compute_dtype(qc.dtype)
+        p = _probs(qc.to(cdt), kc.to(cdt), valid, plan.scale)
+        o = torch.matmul(p, vc.to(cdt))
+        return torch.where(valid.any(dim=1)[:, None, None], o, 0.0).to(qc.dtype)
+    mask = None if valid is None else valid[:, None, None, :]
+    o = F.scaled_dot_product_attention(
+        qc.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1), attn_mask=mask, scale=plan.scale
+    )
+    return o.squeeze(1)
+
+
+class _SelectionAttention(torch.autograd.Function):
+    """Chunked selection attention; backward re-gathers and recomputes chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan):
+        B, T, H, Dk = q.shape
+        G, Dv = k.shape[2], v.shape[-1]
+        q_rows = q.reshape(B * T * G, H // G, Dk)
+        k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
+        o = q.new_zeros(B * T * G, H // G, Dv)
+        for c in plan.chunks:
+            o.index_copy_(0, c.rows, _chunk_forward(q_rows, k_flat, v_flat, plan, c))
+        o = o.view(B, T, H, Dv)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.plan = plan
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        plan = ctx.plan
+        B, T, H, Dk = q.shape
+        G, Dv = k.shape[2], v.shape[-1]
+        R, h, scale = B * T * G, H // G, plan.scale
+        cdt = _compute_dtype(q.dtype)
+        q_rows = q.reshape(R, h, Dk)
+        k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
+        do_rows, o_rows = do.reshape(R, h, Dv), o.reshape(R, h, Dv)
+        dq = torch.zeros(R, h, Dk, dtype=cdt, device=q.device)
+        dump = k_flat.shape[0]  # one extra accumulator row absorbs the padded slots
+        dk = torch.zeros(dump + 1, Dk, dtype=cdt, device=q.device)
+        dv = torch.zeros(dump + 1, Dv, dtype=cdt, device=q.device)
+        for c in plan.chunks:
+            idx, valid = _dense_index(plan.rows, c)
+            qc = q_rows[c.rows].to(cdt)
+            kc, vc = k_flat[idx].to(cdt), v_flat[idx].to(cdt)
+            doc = do_rows[c.rows].to(cdt)
+            p = _probs(qc, kc, valid, scale)  # [N, h, W]
+            dvc = torch.matmul(p.transpose(1, 2), doc)  # [N, W, Dv]
+            delta = (doc * o_rows[c.rows].to(cdt)).sum(-1, keepdim=True)  # rowsum(dO * O)
+            ds = torch.matmul(doc, vc.transpose(1, 2)).sub_(delta).mul_(p)  # dS = P (dP - D)
+            if valid is not None:
+                ds.masked_fill_(~valid.unsqueeze(1), 0.0)
+                idx = torch.where(valid, idx, dump)
+            dq.index_copy_(0, c.rows, torch.matmul(ds, kc).mul_(scale))
+            dk.index_add_(
+                0, idx.flatten(), torch.matmul(ds.transpose(1, 2), qc).mul_(scale).flatten(0, 1)
+            )
+            dv.index_add_(0, idx.flatten(), dvc.flatten(0, 1))
+        return (
+            dq.view(q.shape).to(q.dtype),
+            dk[:dump].view(k.shape).to(k.dtype),
+            dv[:dump].view(v.shape).to(v.dtype),
+            None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, block_indices, cfg, path):
+    """Shapes, dtypes and devices of the arguments (``ValueError``/``TypeError`` naming them)."""
+    if path not in SELECTION_PATHS:
+        raise ValueError(f"path must be one of {SELECTION_PATHS}, got {path!r}")
+    if not isinstance(cfg, NSAConfig):
+        raise TypeError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("block_indices", block_indices)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a rank-4 tensor, got {shape}")
+    B, T, H, Dk = q.shape
+    G = k.shape[2]
+    if k.shape[:2] != (B, T) or k.shape[3] != Dk or G == 0 or H % G:
+        raise ValueError(
+            f"k must be [B={B}, T={T}, G, Dk={Dk}] with H={H} % G == 0, got {list(k.shape)}"
+        )
+    if v.shape[:3] != (B, T, G):
+        raise ValueError(f"v must be [B={B}, T={T}, G={G}, Dv], got {list(v.shape)}")
+    if block_indices.shape[:3] != (B, T, G):
+        raise ValueError(
+            f"block_indices must be [B={B}, T={T}, G={G}, n], got {list(block_indices.shape)}"
+        )
+    if (
+        block_indices.is_floating_point()
+        or block_indices.is_complex()
+        or block_indices.dtype == torch.bool
+    ):
+        raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match q dtype {q.dtype}")
+    for name, t in (("k", k), ("v", v), ("block_indices", block_indices)):
+        if t.device != q.device:
+            raise ValueError(f"{name} device {t.device} does not match q device {q.device}")
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    cfg: NSAConfig,
+    scale: float,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    path: str = "packed",
+    varlen_min_len: int = DEFAULT_VARLEN_MIN_L,
+    chunk_slots: int = DEFAULT_CHUNK_SLOTS,
+) -> torch.Tensor:
+    """Selection attention ``o_sel`` (Eq. 12, spec I.6) with autograd for ``q``, ``k``, ``v``.
+
+    Args:
+        q: ``[B, T, H, Dk]`` queries; head ``i`` uses KV group ``i // (H // G)``.
+        k, v: ``[B, T, G, Dk]`` / ``[B, T, G, Dv]`` the selection branch's keys and values.
+        block_indices: integer ``[B, T, G, n]`` selected blocks per (position, group), as in
+            ``NSAAux.block_indices``; negative entries, duplicates, unsorted order and blocks
+            after the current one are allowed and change nothing.
+        cfg: the `NSAConfig` (``sel_block`` is ``l'``).
+        scale: softmax scale.
+        cu_seqlens: int32 ``[N+1]`` boundaries of packed sequences (``B == 1``): positions and
+            block indices are local to each sequence; nothing crosses a boundary.
+        path: ``"gather"``, ``"packed"``, ``"varlen"`` or ``"triton"`` (module docstring).
+        varlen_min_len: varlen path only: rows with fewer selected keys take packed buckets.
+        chunk_slots: key slots per chunk; bounds the working memory (module docstring).
+
+    Returns:
+        ``o_sel [B, T, H, Dv]`` in ``q``'s dtype; exact zeros for rows that select no key.
+    """
+    _check(q, k, v, block_indices, cfg, path)
+    B, T, H, _ = q.shape
+    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
+    if path == "triton":
+        from nsa_impl.kernels import triton_sel  # lazy: triton is optional
+
+        return triton_sel.selection_attention(
+            q, k, v, block_indices, cfg.sel_block, scale, cu_seqlens
+        )
+    if chunk_slots < 1:
+        raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
+    G = k.shape[2]
+    rows = _build_rows(block_indices, cfg, B, T, G, q.device, bounds)
+    flash = False
+    if path == "gather":
+        chunks = _natural_chunks(rows, chunk_slots)
+    elif path == "packed":
+        chunks = _sorted_chunks(
+            rows, torch.ones_like(rows.pos, dtype=torch.bool), "packed", chunk_slots
+        )
+    else:
+        wide = rows.lengths >= varlen_min_len
+        chunks = _sorted_chunks(rows, ~wide, "packed", chunk_slots)
+        chunks += _sorted_chunks(rows, wide, "varlen", chunk_slots)
+        flash = flash_varlen_available(q, k, v)[0]
+    plan = _Plan(rows, chunks, float(scale), flash)
+    return _SelectionAttention.apply(q, k, v, plan)

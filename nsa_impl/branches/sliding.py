@@ -1,0 +1,50 @@
+"""Sliding-window branch (spec I.7): query ``p`` attends to keys ``p - w < s <= p``.
+
+"masked" path: banded chunks of the shared masked softmax (`nsa_impl.branches.range_attention`):
+a chunk of rows ``[r0, r1)`` reads only keys ``[r0 - w + 1, r1)``, so memory is
+``O(B * H * c * (c + w))`` however long ``T`` is. With ``cu_seqlens`` each row's range starts no
+earlier than its own sequence. "flash" path: `nsa_impl.kernels.flash.window_attention`
+(FlashAttention-2 varlen with a left window), imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from nsa_ref.config import NSAConfig
+
+from ..varlen import PackedLayout
+from . import RowRanges, range_attention
+
+
+def window_ranges(cfg: NSAConfig, layout: PackedLayout) -> RowRanges:
+    """Row ``r`` sees ``[max(start of its sequence, r - w + 1), r + 1)``: ``min(w, p+1)`` keys."""
+    rows = torch.arange(layout.T)
+    lo = torch.maximum(layout.seq_start, rows - cfg.window + 1)
+    return RowRanges(lo, rows + 1, layout.T)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: NSAConfig,
+    scale: float,
+    layout: PackedLayout,
+    *,
+    path: str = "masked",
+    cu_seqlens: torch.Tensor | None = None,
+    budget_bytes: int | None = None,
+) -> torch.Tensor:
+    """``o_win [B, T, H, Dv]`` for ``q [B, T, H, Dk]``, ``k/v [B, T, G, D]`` (differentiable).
+
+    ``path`` is "masked" (banded chunks, any device/dtype) or "flash" (the FA-2 wrapper).
+    """
+    if path == "flash":
+        flash = importlib.import_module("nsa_impl.kernels.flash")
+        return flash.window_attention(q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens)
+    if path != "masked":
+        raise ValueError(f"window path must be 'masked' or 'flash', got {path!r}")
+    return range_attention(q, k, v, window_ranges(cfg, layout), scale, budget_bytes=budget_bytes)

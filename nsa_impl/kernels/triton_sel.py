@@ -1,0 +1,571 @@
+"""Triton selection attention (spec I.6, Eq. 12), forward and backward: the ``triton`` path.
+
+``selection_attention(q, k, v, block_indices, sel_block, scale, cu_seqlens=None) -> o``
+computes, for every query position ``p`` and KV group ``g``, attention of the ``h`` query heads
+of ``g`` over exactly the keys ``s <= p`` of the blocks listed in ``block_indices[p, g]``
+(``-1`` and repeated entries ignored, an empty selection gives exact zeros). With ``cu_seqlens``
+positions and block indices are local to each packed sequence. Gradients flow to q, k and v.
+
+Design (why it looks like this)
+-------------------------------
+*Forward: group-centric query tiles packed along M.* A program owns one KV group ``g`` and a
+tile of ``P`` consecutive query positions of one sequence; its ``M = P*h`` rows are the ``h``
+query heads of ``g`` at those positions (the paper's group-centric load: the heads of a group
+share every K/V block read). ``P = max(1, 16 // h)``, so a group of ``h = 1, 2, 4, 8`` heads
+still fills the 16 rows that a tensor-core MMA needs instead of padding ``h`` rows to 16. The
+program loops over the *union* of the tile's selected blocks (deduplicated with torch sorts
+before the launch, which is also what makes duplicate indices harmless), and masks per row the
+blocks that row's position did not select plus the keys after it. With ``h >= 16`` a tile is a
+single position and this is exactly the paper's kernel. Packing never costs more than padding:
+in the worst case (neighbouring positions select disjoint blocks) a tile does ``P`` positions'
+block loads with full 16-row MMAs, the same work as ``P`` padded programs; whenever neighbours
+share blocks (forced initial/local blocks always, learned selections mostly) each shared block
+is loaded once for all of them. We chose this over the FSA paper's KV-block-outer forward
+(arXiv 2508.18224) because FSA needs a partial-output buffer of ``T*n*H*Dv`` floats plus a
+reduction (34 GB at T=64k, 64 heads, n=16): the query-tile design needs no buffer and keeps the
+online softmax in registers. Softmax is online in float32; masked scores are ``-inf``.
+
+*Backward.* dQ uses the forward's tiling, recomputes probabilities from the saved log-sum-exp
+and also writes ``delta = rowsum(dO * O)`` for its rows. dK/dV use an inverse index (CSR built
+with a stable torch sort and bincount): for every (selection block, group) the positions that
+selected it.
+A program owns one K/V block chunk and a run of at most ``CH`` of those positions, gathering
+``QB*h`` query rows per step (``QB*h = 64``, whatever ``h``). Its partial dK/dV go to a float32
+buffer and a second kernel adds a segment's partials in a fixed order: no atomics, bit-identical
+results run to run. Splitting long segments matters because the forced block 0 is selected by
+every position of a sequence.
+
+*Numerics and bounds.* fp16/bf16 inputs run the MMAs in that dtype with float32 accumulation;
+float32 inputs use IEEE float32 dots (``input_precision="ieee"``), float64 for the logits and
+libdevice ``exp``/``log`` so the float32 path meets the fp32 class of spec I.10 (a float32
+``q.k`` over 128 dims alone rounds logits by ~1e-6). Positions, row offsets and sequence
+starts are int64 inside the kernels (T >= 128k does not overflow ``row * stride``).
+
+Interpreter: ``triton.jit`` picks compiled or interpreted code when a function is decorated,
+so the kernels live in `nsa_impl.kernels._sel_kernels` and are executed lazily, once per mode:
+CUDA tensors get compiled kernels, CPU tensors (only with ``TRITON_INTERPRET=1``) interpreted
+ones, in one process, whatever was imported first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+#: ``sel_triton_min_L``: minimum length of the longest sequence for which the router should
+#: prefer this path on CUDA without ``NSA_TRITON_SEL_FORCE``. Below about ``n*l'`` tokens every
+#: query sees all of its keys anyway and the index set-up (sorts, CSR) is a fixed cost, so the
+#: packed/varlen paths are at least as good. A reasoned default, not yet measured against the
+#: packed path (docs/gpu_notes.md). The router asks `long_enough`.
+SEL_TRITON_MIN_L = 1024
+
+#: Head dims the kernels accept (tl.dot needs K >= 16; 256 keeps a tile in registers).
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Tests set this to fill every kernel-written buffer with NaN first, so an element a kernel
+#: forgets to write cannot pass as a plausible value (the FLA conftest habit).
+POISON_OUTPUTS = False
+_BIG = torch.iinfo(torch.int32).max  # sorts after every real block index
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _new(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An output buffer every element of which a kernel overwrites (NaN-filled under POISON)."""
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Availability
+# --------------------------------------------------------------------------------------------
+
+
+def triton_available() -> tuple[bool, str]:
+    """Whether ``import triton`` works here, and why not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    return True, "triton importable"
+
+
+def interpret_mode() -> bool:
+    """``TRITON_INTERPRET=1``: CPU tensors may run the kernels in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
+    """Can these kernels run on ``q [B,T,H,Dk]``, ``k [B,T,G,Dk]``, ``v [B,T,G,Dv]``?
+
+    Checks triton, the device (CUDA with compute capability >= 8.0, or CPU under
+    ``TRITON_INTERPRET=1``), the dtype (fp16, bf16, fp32, all equal) and head dims
+    ``16..256`` (``Dk != Dv`` allowed). Never raises: returns ``(False, reason)`` so the router
+    can fall back with a one-time log line.
+    """
+    ok, why = triton_available()
+    if not ok:
+        return False, why
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return False, "q, k, v must be tensors"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False, "q, k, v must be 4-D [B, T, heads, dim]"
+    if not (q.dtype == k.dtype == v.dtype):
+        return False, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dtype not in _DTYPES:
+        return False, f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
+    dk, dv = q.shape[-1], v.shape[-1]
+    for name, d in (("Dk", dk), ("Dv", dv)):
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            return False, f"{name}={d} outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if k.shape[-1] != dk:
+        return False, f"k head dim {k.shape[-1]} != q head dim {dk}"
+    if not (q.device == k.device == v.device):
+        return False, "q, k, v are on different devices"
+    dev = q.device
+    if dev.type == "cpu":
+        if not interpret_mode():
+            return False, "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+        return True, "CPU tensors, Triton interpreter"
+    if dev.type != "cuda":
+        return False, f"device {dev.type} not supported"
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm is not tested for these kernels"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        return False, f"compute capability {major}.{minor} < 8.0 (bf16 tensor cores needed)"
+    return True, f"CUDA sm_{major}{minor}"
+
+
+def long_enough(max_seqlen: int, min_len: int = SEL_TRITON_MIN_L) -> bool:
+    """The ``sel_triton_min_L`` guard: is the longest sequence long enough for this path?"""
+    return int(max_seqlen) >= int(min_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy kernel loading (compiled vs interpreted)
+# --------------------------------------------------------------------------------------------
+
+_KERNELS: dict[bool, object] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def _kernels(interpret: bool):
+    """The kernel module executed in the given mode (cached; see the module docstring)."""
+    mod = _KERNELS.get(interpret)
+    if mod is not None:
+        return mod
+    with _KERNELS_LOCK:
+        if interpret in _KERNELS:
+            return _KERNELS[interpret]
+        import triton
+
+        path = Path(__file__).with_name("_sel_kernels.py")
+        name = f"nsa_impl.kernels._sel_kernels_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        # triton.jit reads TRITON_INTERPRET (through triton.knobs where it exists) while the
+        # file executes; set it for that moment only and restore what was there.
+        old_env = os.environ.get("TRITON_INTERPRET")
+        knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+        old_knob = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec.loader.exec_module(mod)
+        finally:
+            if old_env is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old_env
+            if knobs is not None and old_knob is not None:
+                knobs.__dict__["interpret"] = old_knob
+        _KERNELS[interpret] = mod
+        return mod
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: tokens, tiles, unions, inverse index (torch, no host sync)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """Per-call index tensors shared by forward and backward (all on the input's device)."""
+
+    N: int  # tokens
+    G: int
+    h: int
+    n: int
+    sel: int
+    cu: torch.Tensor  # int64 [S+1] sequence boundaries (batch rows become sequences)
+    seq: torch.Tensor  # int64 [N] sequence of each token
+    seq_start: torch.Tensor  # int64 [N]
+    local: torch.Tensor  # int64 [N] position inside its sequence
+    idx: torch.Tensor  # int32 [N, G, n] cleaned: -1 for padding, repeats, blocks after p
+
+
+def _token_layout(B: int, T: int, cu_seqlens, device):
+    """Boundaries, per-token sequence id, start and local position (batch rows = sequences)."""
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    N = B * T
+    tok = torch.arange(N, device=device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    start = cu[seq]
+    return cu, seq, start, tok - start
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """CSR offsets: ``[0, c0, c0 + c1, ...]`` (int64, one longer than ``counts``)."""
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    out[1:] = torch.cumsum(counts, 0)
+    return out
+
+
+def _clean_indices(idx: torch.Tensor, local: torch.Tensor, sel: int) -> torch.Tensor:
+    """``[N, G, n]`` -> int32, sorted per row, -1 for padding, repeats and blocks after ``p``.
+
+    A block ``b`` with ``b * l' > p`` holds no visible key, so dropping it changes nothing.
+    """
+    idx = idx.to(torch.int64)
+    valid = (idx >= 0) & (idx * sel <= local[:, None, None])
+    s, _ = torch.sort(torch.where(valid, idx, -1), dim=-1)
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    return torch.where(dup, -1, s).to(torch.int32)
+
+
+def _tiles(L: _Layout, P: int):
+    """Query tiles of ``P`` positions that never cross a sequence, and each tile's block union.
+
+    Returns ``(tstart int64, trows int32, tseq int64, union int32 [NT, G, P*n], count int32
+    [NT, G])`` with ``NT = ceil(N/P) + S`` (an upper bound known without a host sync; unused
+    tiles have zero rows and an empty union).
+    """
+    dev, N, G, n = L.idx.device, L.N, L.G, L.n
+    S = L.cu.numel() - 1
+    lens = L.cu[1:] - L.cu[:-1]
+    ntile = (lens + P - 1) // P
+    toff = _offsets(ntile)
+    NT = -(-N // P) + S
+    seq = L.seq
+    first = L.local % P == 0
+    tid = torch.where(first, toff[seq] + L.local // P, NT)  # non-first tokens -> dummy slot
+    tstart = torch.zeros(NT + 1, dtype=torch.int64, device=dev)
+    tseq = torch.zeros(NT + 1, dtype=torch.int64, device=dev)
+    trows = torch.zeros(NT + 1, dtype=torch.int64, device=dev)
+    tok = torch.arange(N, device=dev)
+    tstart.scatter_(0, tid, tok)
+    tseq.scatter_(0, tid, L.seq_start)
+    trows.scatter_(0, tid, torch.clamp(lens[seq] - L.local, max=P))
+    tstart, tseq, trows = tstart[:NT], tseq[:NT], trows[:NT]
+    if P == 1:
+        # A tile is a token (tile id == token id): the cleaned row, valid blocks first.
+        union = torch.full((NT, G, n), _BIG, dtype=torch.int64, device=dev)
+        union[:N], _ = torch.sort(torch.where(L.idx >= 0, L.idx.to(torch.int64), _BIG), dim=-1)
+    else:
+        rows = tstart[:, None] + torch.arange(P, device=dev)  # [NT, P]
+        ok = torch.arange(P, device=dev)[None, :] < trows[:, None]
+        blocks = L.idx[torch.where(ok, rows, 0)]  # [NT, P, G, n]
+        blocks = torch.where(ok[:, :, None, None] & (blocks >= 0), blocks, _BIG)
+        union = blocks.permute(0, 2, 1, 3).reshape(NT, G, P * n)
+        union, _ = torch.sort(union, dim=-1)
+        dup = torch.zeros_like(union, dtype=torch.bool)
+        dup[..., 1:] = union[..., 1:] == union[..., :-1]
+        union, _ = torch.sort(torch.where(dup, _BIG, union), dim=-1)
+    count = (union != _BIG).sum(-1).to(torch.int32)
+    union = union.to(torch.int32).contiguous()
+    return tstart, trows.to(torch.int32), tseq, union, count.contiguous()
+
+
+def _inverse_index(L: _Layout, chunk: int):
+    """CSR of (selection block, group) -> positions that selected it, split into work items.
+
+    Segment ``g * NB + gb`` lists, in ascending position order, the tokens whose selection for
+    group ``g`` holds global block ``gb`` (block ``b`` of sequence ``i`` is ``gb = boff[i] + b``).
+    Each segment is cut into items of at most ``chunk`` entries. Everything is sized by upper
+    bounds so no host sync is needed.
+    """
+    dev, N, G, n, sel = L.idx.device, L.N, L.G, L.n, L.sel
+    S = L.cu.numel() - 1
+    lens = L.cu[1:] - L.cu[:-1]
+    nblk = (lens + sel - 1) // sel
+    boff = _offsets(nblk)
+    NB = -(-N // sel) + S
+    NBG = NB * G
+    # Per global block: its sequence start, local index and sequence length.
+    gb = torch.arange(NB, device=dev)
+    bseq = torch.clamp(torch.searchsorted(boff[1:], gb, right=True), max=S - 1)
+    blk_seq0 = L.cu[bseq]
+    blk_local = (gb - boff[bseq]).to(torch.int32)
+    blk_len = torch.where(gb < boff[S], lens[bseq], 0)
+    # Entries: every (token, group, slot) with a valid block.
+    seq = L.seq
+    idx = L.idx.to(torch.int64)
+    gidx = torch.arange(G, device=dev)[None, :, None]
+    key = torch.where(idx >= 0, gidx * NB + boff[seq][:, None, None] + idx, NBG).reshape(-1)
+    key, order = torch.sort(key, stable=True)
+    ent_pos = torch.div(order, G * n, rounding_mode="floor")  # token of each entry
+    counts = torch.bincount(key, minlength=NBG + 1)[:NBG]
+    seg_off = _offsets(counts)
+    nitems = (counts + chunk - 1) // chunk
+    item_off = _offsets(nitems)
+    W = -(-(N * G * n) // chunk) + NBG
+    e = torch.arange(key.numel(), device=dev)
+    keyc = torch.clamp(key, max=NBG - 1)
+    within = e - seg_off[keyc]
+    starts = (key < NBG) & (within % chunk == 0)
+    item = torch.where(starts, item_off[keyc] + within // chunk, W)  # others -> dummy slot W
+    item_seg = torch.full((W + 1,), -1, dtype=torch.int64, device=dev)
+    item_start = torch.zeros(W + 1, dtype=torch.int64, device=dev)
+    item_end = torch.zeros(W + 1, dtype=torch.int64, device=dev)
+    item_seg.scatter_(0, item, keyc)
+    item_start.scatter_(0, item, e)
+    item_end.scatter_(0, item, torch.minimum(e + chunk, seg_off[keyc + 1]))
+    item_seg[W] = -1
+    item_start[W] = 0
+    item_end[W] = 0
+    return dict(
+        NB=NB, NBG=NBG, W=W, ent_pos=ent_pos.contiguous(), item_seg=item_seg[:W].contiguous(),
+        item_start=item_start[:W].contiguous(), item_end=item_end[:W].contiguous(),
+        item_off=item_off.contiguous(), blk_seq0=blk_seq0.contiguous(),
+        blk_local=blk_local.contiguous(), blk_len=blk_len.contiguous(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launch parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tuning:
+    """Tile sizes and launch options; `_tuning` picks them from the shapes."""
+
+    P: int  # query positions per forward/dQ tile
+    BM: int  # rows per forward/dQ tile (P*h padded to a power of two)
+    BN: int  # keys per chunk in forward/dQ
+    QB: int  # positions per step in dK/dV
+    BR: int  # rows per step in dK/dV (QB*h padded)
+    BKEY: int  # keys per dK/dV program
+    CH: int  # max positions per dK/dV work item
+    warps_fwd: int  # forward and dQ kernels
+    warps_bwd: int  # dK/dV kernel
+    stages_fwd: int  # software-pipelining depth of the forward loop
+    stages_dq: int
+    stages_kv: int
+
+
+#: The compiled kernel handle of the latest launch per kernel (register/spill reports in bench).
+_LAST_LAUNCH: dict = {}
+
+#: Benchmark-only overrides of `_Tuning` fields (e.g. ``{"warps_fwd": 2}``); empty in normal use.
+_TUNING_OVERRIDE: dict = {}
+
+
+def _tuning(h: int, sel: int, dk: int, dv: int, ieee: bool) -> _Tuning:
+    """Tile sizes for group size ``h``, ``l' = sel`` and the head dims.
+
+    Measured on an H100 (docs/gpu_notes.md): the forward is bound by L2 bandwidth and
+    insensitive to warps/stages; the dK/dV kernel holds two [BKEY, D] float32 accumulators and
+    runs best with ``num_stages=1`` (fewer register spills). Float32 inputs (the parity path,
+    float64 logits and dK/dV sums) use smaller tiles so the float64 operands fit in shared memory.
+    """
+    P = max(1, 16 // h)
+    BM = max(16, _next_pow2(P * h))
+    big = _next_pow2(dk) + _next_pow2(dv) > 256
+    if ieee:  # float64 operands: halve the tiles again for head dims above 128
+        rows = 16 if max(_next_pow2(dk), _next_pow2(dv)) > 128 else 32
+        BN, QB, BKEY = min(rows, max(16, _next_pow2(sel))), max(1, rows // h), 16
+    else:
+        BN, QB = min(64, max(16, _next_pow2(sel))), max(1, 64 // h)
+        BKEY = min(32 if big else 64, max(16, _next_pow2(sel)))
+    BR = max(16, _next_pow2(QB * h))
+    tn = _Tuning(
+        P=P, BM=BM, BN=BN, QB=QB, BR=BR, BKEY=BKEY, CH=1024,
+        warps_fwd=4 if BM <= 32 else 8, warps_bwd=8 if big else 4,
+        stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1,
+    )
+    if _TUNING_OVERRIDE:
+        tn = replace(tn, **_TUNING_OVERRIDE)
+        tn = replace(tn, BM=max(16, _next_pow2(tn.P * h)), BR=max(16, _next_pow2(tn.QB * h)))
+    return tn
+
+
+# --------------------------------------------------------------------------------------------
+# Forward / backward drivers
+# --------------------------------------------------------------------------------------------
+
+
+def _launch_opts(warps: int, stages: int, interpret: bool) -> dict:
+    return {} if interpret else dict(num_warps=warps, num_stages=stages)
+
+
+def _forward(q, k, v, L: _Layout, scale: float, tn: _Tuning, interpret: bool):
+    """``q [N,H,Dk], k [N,G,Dk], v [N,G,Dv]`` -> ``o [N,H,Dv]``, ``lse [N,H]`` (float32)."""
+    kern = _kernels(interpret)
+    N, H, DK = q.shape
+    DV = v.shape[-1]
+    tstart, trows, tseq, union, count = _tiles(L, tn.P)
+    NT = tstart.numel()
+    o = _new(N, H, DV, like=q)
+    lse = _new(N, H, like=q, dtype=torch.float32)
+    grid = (NT, L.G)
+    _LAST_LAUNCH["fwd"] = kern._sel_fwd_kernel[grid](
+        q, k, v, o, lse, L.idx, union, count, tstart, trows, tseq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), L.idx.stride(0), L.idx.stride(1),
+        union.stride(0), union.stride(1), lse.stride(0),
+        scale, L.G,
+        h=L.h, P=tn.P, BM=tn.BM, NSEL=L.n, NP=max(2, _next_pow2(L.n)),
+        SEL=L.sel, BN=tn.BN, DK=DK, DV=DV, BDK=max(16, _next_pow2(DK)),
+        BDV=max(16, _next_pow2(DV)), IEEE=q.dtype == torch.float32,
+        PRECISE=q.dtype == torch.float32 and not interpret,
+        **_launch_opts(tn.warps_fwd, tn.stages_fwd, interpret),
+    )
+    return o, lse, (tstart, trows, tseq, union, count)
+
+
+def _backward(do, q, k, v, o, lse, L: _Layout, tiles, scale: float, tn: _Tuning, interpret: bool):
+    """Gradients ``(dq, dk, dv)`` of `_forward` (deterministic, no atomics)."""
+    kern = _kernels(interpret)
+    N, H, DK = q.shape
+    DV = v.shape[-1]
+    BDK, BDV = max(16, _next_pow2(DK)), max(16, _next_pow2(DV))
+    IEEE = q.dtype == torch.float32
+    PRECISE = IEEE and not interpret
+    do = do.contiguous()
+    delta = torch.empty(N, H, device=q.device, dtype=torch.float32)  # written by the dQ kernel
+    tstart, trows, tseq, union, count = tiles
+    dq = _new(*q.shape, like=q)
+    _LAST_LAUNCH["dq"] = kern._sel_dq_kernel[(tstart.numel(), L.G)](
+        q, k, v, o, do, dq, lse, delta, L.idx, union, count, tstart, trows, tseq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+        L.idx.stride(0), L.idx.stride(1), union.stride(0), union.stride(1), lse.stride(0),
+        scale, L.G,
+        h=L.h, P=tn.P, BM=tn.BM, NSEL=L.n, NP=max(2, _next_pow2(L.n)),
+        SEL=L.sel, BN=tn.BN, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
+        **_launch_opts(tn.warps_fwd, tn.stages_dq, interpret),
+    )
+    inv = _inverse_index(L, tn.CH)
+    SELP = -(-L.sel // tn.BKEY) * tn.BKEY
+    part_dtype = torch.float64 if IEEE else torch.float32  # see _sel_kernels._acc_zeros
+    part_k = torch.empty(inv["W"], SELP, BDK, device=q.device, dtype=part_dtype)
+    part_v = torch.empty(inv["W"], SELP, BDV, device=q.device, dtype=part_dtype)
+    nkc = SELP // tn.BKEY
+    _LAST_LAUNCH["dkdv"] = kern._sel_dkdv_kernel[(inv["W"], nkc)](
+        q, k, v, do, lse, delta, part_k, part_v,
+        inv["ent_pos"], inv["item_seg"], inv["item_start"], inv["item_end"],
+        inv["blk_seq0"], inv["blk_local"], inv["blk_len"],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), lse.stride(0), part_k.stride(0), part_v.stride(0),
+        scale, inv["NB"],
+        h=L.h, QB=tn.QB, BR=tn.BR, SEL=L.sel, BKEY=tn.BKEY, DK=DK, DV=DV,
+        BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
+        **_launch_opts(tn.warps_bwd, tn.stages_kv, interpret),
+    )
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    kern._sel_reduce_kernel[(inv["NBG"], nkc)](
+        part_k, part_v, dk, dv, inv["item_off"], inv["blk_seq0"], inv["blk_local"],
+        inv["blk_len"], dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        part_k.stride(0), part_v.stride(0), inv["NB"],
+        SEL=L.sel, BKEY=tn.BKEY, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE,
+        **_launch_opts(4, 2, interpret),
+    )
+    return dq, dk, dv
+
+
+class _SelectionAttention(torch.autograd.Function):
+    """Autograd wrapper: flattened ``[N, heads, dim]`` tensors in, ``o [N, H, Dv]`` out."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, L, scale, tn, interpret):
+        o, lse, tiles = _forward(q, k, v, L, scale, tn, interpret)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.L, ctx.tiles, ctx.scale, ctx.tn, ctx.interpret = L, tiles, scale, tn, interpret
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(
+            do, q, k, v, o, lse, ctx.L, ctx.tiles, ctx.scale, ctx.tn, ctx.interpret
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def selection_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    sel_block: int,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selection-branch attention (Eq. 12, spec I.6) with the Triton kernels.
+
+    Args:
+        q: ``[B, T, H, Dk]`` queries; ``H = G * h``.
+        k, v: ``[B, T, G, Dk]`` / ``[B, T, G, Dv]``.
+        block_indices: ``[B, T, G, n]`` integer block indices (local to each sequence), ``-1``
+            padded; repeats and blocks after the query are ignored.
+        sel_block: ``l'``, keys per selection block.
+        scale: softmax scale (default ``1/sqrt(Dk)``).
+        cu_seqlens: optional int32 ``[S+1]`` packed-sequence boundaries (requires ``B == 1``).
+
+    Returns:
+        ``o [B, T, H, Dv]`` in q's dtype, differentiable with respect to q, k and v.
+
+    Raises:
+        ValueError: on inconsistent shapes; callers should consult `supports` first.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or block_indices.dim() != 4:
+        raise ValueError("q, k, v, block_indices must be 4-D")
+    B, T, H, DK = q.shape
+    G, DV = k.shape[2], v.shape[3]
+    if k.shape[:2] != (B, T) or v.shape[:3] != (B, T, G) or k.shape[3] != DK:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if G == 0 or H % G:
+        raise ValueError(f"H={H} must be a multiple of G={G}")
+    if block_indices.shape[:3] != (B, T, G):
+        raise ValueError(
+            f"block_indices {tuple(block_indices.shape)} must be [B, T, G, n] = [{B}, {T}, {G}, n]"
+        )
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens requires B == 1, got B={B}")
+    if int(sel_block) <= 0:
+        raise ValueError(f"sel_block must be positive, got {sel_block}")
+    scale = 1.0 / math.sqrt(DK) if scale is None else float(scale)
+    interpret = q.device.type == "cpu"
+    h, n, sel = H // G, block_indices.shape[-1], int(sel_block)
+    N = B * T
+    if N == 0 or n == 0:
+        return q.new_zeros(B, T, H, DV) + 0.0 * (q.sum() + k.sum() + v.sum())
+    cu, seq, seq_start, local = _token_layout(B, T, cu_seqlens, q.device)
+    idx = _clean_indices(block_indices.reshape(N, G, n).to(q.device), local, sel)
+    L = _Layout(N=N, G=G, h=h, n=n, sel=sel, cu=cu, seq=seq, seq_start=seq_start, local=local,
+                idx=idx)
+    tn = _tuning(h, sel, DK, DV, q.dtype == torch.float32)
+    o = _SelectionAttention.apply(
+        q.reshape(N, H, DK).contiguous(), k.reshape(N, G, DK).contiguous(),
+        v.reshape(N, G, DV).contiguous(), L, scale, tn, interpret,
+    )
+    return o.reshape(B, T, H, DV)

@@ -1,0 +1,72 @@
+"""`NSADecoderBlock`: pre-norm residual block, ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsa_ref.config import NSAConfig
+
+from ..decode import NSACache
+from ..module import NSAAttention
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    Args:
+        hidden_size: model width.
+        intermediate_size: inner width.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden] -> [..., hidden]``."""
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class NSADecoderBlock(nn.Module):
+    """One decoder layer with NSA attention.
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, head_dim, config: as in `NSAAttention`.
+        intermediate_size: MLP width (default ``4 * hidden_size``).
+        eps: RMSNorm epsilon.
+        **attention_options: further keyword options of `NSAAttention` (``phi``, ``rope``,
+            ``separate_branch_kv``, ...).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: NSAConfig = NSAConfig(),
+        *,
+        intermediate_size: int | None = None,
+        eps: float = 1e-6,
+        **attention_options,
+    ):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.attn = NSAAttention(
+            hidden_size, num_heads, num_kv_heads, head_dim, config, **attention_options
+        )
+        self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.mlp = MLP(hidden_size, intermediate_size or 4 * hidden_size)
+
+    def new_cache(self, batch_size: int, *, max_len: int | None = None) -> NSACache:
+        """An empty decode cache for this block's attention."""
+        return self.attn.new_cache(batch_size, max_len=max_len)
+
+    def forward(self, x, *, cu_seqlens=None, cache: NSACache | None = None) -> torch.Tensor:
+        """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache`` as in `NSAAttention`."""
+        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+        return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,202 @@
+"""Compression and selection scores, vectorised (spec I.3-I.5, Eqs. 7-11).
+
+Data path, top to bottom:
+
+1. `compress`: ``k, v [B, T, G, D]`` -> ``k_cmp, v_cmp [B, N, G, D]`` (Eq. 7). Mean pooling reads
+   strided windows (``unfold``: no copy of the raw keys); a custom ``phi`` gets blocks shaped
+   ``[B, G, N, l, D]`` (``[..., l, D]``, groups at dim -4, like `nsa_ref.rules.compress`).
+2. `compressed_and_select`: one chunked pass over the query rows. Each chunk computes the
+   compressed attention (masked softmax, ``o_cmp`` with autograd) and hands its probabilities
+   ``p_cmp`` (no autograd) to a hook that applies Eq. 9 as a banded overlap weight
+   (`overlap_scores`), Eq. 10 (sum over the heads of a group) and the top-n of Eq. 11
+   (`top_n`), writing ``block_indices`` for those rows.
+
+Scores are computed in float32 for float32/float16/bfloat16 inputs and in float64 for float64
+inputs. Nothing ``[T, T]`` or ``[T, T/d]`` exists at once: a chunk of ``c`` rows keeps at most
+``BYTES_PER_ELEM * B * H * c * N`` bytes of softmax tiles alive, with ``c`` chosen from ``B * H``,
+the compressed-key span ``N`` and the byte budget (`nsa_impl.branches`), plus
+``O(B * G * c * T / l')`` for the block scores and their sort. The chunk loop reads only
+host-side integers: no device synchronisation on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nsa_ref.config import NSAConfig
+
+from .branches.compressed import CmpLayout, compressed_attention
+from .varlen import PackedLayout
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of selection scores: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compress(x: torch.Tensor, cfg: NSAConfig, cmp_layout: CmpLayout, phi=None, *, name="phi"):
+    """Eq. 7: ``x [B, T, G, D]`` -> ``[B, N, G, D]``, block ``i`` = ``phi(x[s_i : s_i + l])``.
+
+    ``phi`` (``None``: mean) is called once on all blocks, shaped ``[B, G, N, l, D]``, and must
+    return ``[B, G, N, D]``. ``name`` labels ``phi`` in error messages.
+    """
+    B, _, G, D = x.shape
+    l, N = cfg.cmp_block, cmp_layout.num_blocks
+    if N == 0:
+        return x.new_zeros(B, 0, G, D)
+    if cmp_layout.single:  # blocks start at i*d: strided windows, no copy
+        windows = x.unfold(1, l, cfg.cmp_stride)  # [B, N, G, D, l]
+        if phi is None:
+            return windows.mean(dim=-1)
+        blocks = windows.permute(0, 2, 1, 4, 3)
+    else:  # per-sequence starts: gather the l keys of each block
+        idx = cmp_layout.starts.to(x.device)[:, None] + torch.arange(l, device=x.device)
+        gathered = x[:, idx]  # [B, N, l, G, D]
+        if phi is None:
+            return gathered.mean(dim=2)
+        blocks = gathered.permute(0, 3, 1, 2, 4)
+    out = phi(blocks)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, G, N, D):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"{name} must map blocks [B, G, N, l, D] to [B={B}, G={G}, N={N}, D={D}], got {got}"
+        )
+    return out.permute(0, 2, 1, 3)
+
+
+def overlap_band(cfg: NSAConfig) -> list[int]:
+    """Eq. 9 as a band: ``p_slc[j] = sum_t w[t] * p_cmp[j*r + t - (m-1)]``, ``t = 0..r+m-2``.
+
+    With ``r = l'/d`` and ``m = l/d``, compressed block ``i`` covers stride units ``[i, i+m)``
+    and selection block ``j`` covers ``[j*r, j*r + r)``; ``w[t]`` is their overlap in units,
+    i.e. ``W[j, i] = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d`` (spec I.4). Paper: ``1, 2, 2, 2, 1``.
+    """
+    r, m = cfg.sel_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride
+    return [min(t + 1, r) - max(t - m + 1, 0) for t in range(r + m - 1)]
+
+
+def overlap_scores(p_cmp: torch.Tensor, num_sel: int, cfg: NSAConfig) -> torch.Tensor:
+    """Eq. 9 by shifted sums: ``p_cmp [..., N]`` -> ``p_slc [..., num_sel]`` (no dense ``W``).
+
+    ``num_sel * l' / d >= N`` is required (true for ``num_sel = b(p_max) + 1``).
+    """
+    r, m = cfg.sel_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride
+    N = p_cmp.shape[-1]
+    if num_sel * r < N:
+        raise ValueError(f"num_sel={num_sel} selection blocks cannot hold {N} compressed blocks")
+    padded = F.pad(p_cmp, (m - 1, num_sel * r - N))  # padded[x] = p_cmp[x - (m-1)]
+    out = None
+    for t, w in enumerate(overlap_band(cfg)):
+        term = padded[..., t : t + num_sel * r : r]
+        out = term * w if out is None else out.add_(term, alpha=w)
+    return out
+
+
+def top_n(scores: torch.Tensor, b: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
+    """Eq. 11 (spec I.5): ``scores [..., c, S]`` with current blocks ``b [c]`` -> ``[..., c, n]``.
+
+    Candidates are blocks ``0..b``; forced blocks (``j < sel_init_blocks`` or
+    ``j > b - sel_local_blocks``) rank first, then higher score, then lower index (a stable
+    descending sort). Returns int64 indices ascending, ``-1`` padded, ``min(n, b+1)`` valid.
+    """
+    S, n = scores.shape[-1], cfg.sel_top_n
+    j = torch.arange(S, device=scores.device)
+    cand = j <= b[:, None]  # [c, S]
+    forced = cand & ((j < cfg.sel_init_blocks) | (j > b[:, None] - cfg.sel_local_blocks))
+    key = scores.masked_fill(forced, float("inf")).masked_fill(~cand, float("-inf"))
+    keep = min(n, S)
+    ranked, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    order = order[..., :keep].masked_fill(ranked[..., :keep] == float("-inf"), S)
+    order = order.sort(dim=-1).values  # ascending; S (not a candidate) sorts last
+    order = order.masked_fill(order == S, -1)
+    if keep < n:
+        order = F.pad(order, (0, n - keep), value=-1)
+    return order
+
+
+@dataclass
+class Scores:
+    """Result of `compressed_and_select`.
+
+    Attributes:
+        o_cmp: ``[B, T, H, Dv]`` compressed-branch output (autograd).
+        block_indices: ``[B, T, G, n]`` int64, ascending, ``-1`` padded (local block indices).
+        p_slc: ``[B, T, G, ceil(T/l')]`` group scores (in ``q``'s dtype) or None.
+        p_cmp: ``[B, T, H, num_cmp(T-1)]`` compressed probabilities (local index) or None.
+    """
+
+    o_cmp: torch.Tensor
+    block_indices: torch.Tensor
+    p_slc: torch.Tensor | None
+    p_cmp: torch.Tensor | None
+
+
+class _SelectHook:
+    """Turns each chunk's ``p_cmp`` into block indices (Eqs. 9-11), and aux tensors if asked."""
+
+    def __init__(self, q, G, cfg, layout: PackedLayout, cmp_layout: CmpLayout, want_aux: bool):
+        B, T, H, _ = q.shape
+        dev = q.device
+        self.cfg, self.single = cfg, cmp_layout.single
+        ranges = cmp_layout.ranges
+        self.count_host = ranges.hi - ranges.lo
+        self.pos_host = layout.pos
+        self.lo = ranges.lo.to(dev, non_blocking=True)
+        self.count = self.count_host.to(dev, non_blocking=True)
+        self.block = (layout.pos // cfg.sel_block).to(dev, non_blocking=True)  # b(p)
+        self.block_indices = torch.full((B, T, G, cfg.sel_top_n), -1, dtype=torch.long, device=dev)
+        self.p_slc = self.p_cmp = None
+        if want_aux:
+            self.p_slc = q.new_zeros(B, T, G, cfg.num_sel_blocks(T))
+            self.p_cmp = q.new_zeros(B, T, H, cfg.num_cmp(T - 1))
+
+    def _local(self, p, r0, r1, s0, n_loc):
+        """Shift each row's probabilities: column ``i`` = its sequence's compressed block ``i``."""
+        if self.single:  # s0 == 0 and every row starts at block 0: already local
+            return p
+        if n_loc == 0:
+            return p[..., :0]
+        i = torch.arange(n_loc, device=p.device)
+        idx = ((self.lo[r0:r1, None] - s0) + i).clamp_(max=p.shape[-1] - 1)
+        out = p.gather(-1, idx.expand(*p.shape[:-1], n_loc))
+        return out.masked_fill_(i >= self.count[r0:r1, None], 0.0)
+
+    def __call__(self, r0: int, r1: int, s0: int, p: torch.Tensor) -> None:
+        B, G, h, c, _ = p.shape
+        n_loc = int(self.count_host[r0:r1].max())
+        num_sel = int(self.pos_host[r0:r1].max()) // self.cfg.sel_block + 1
+        local = self._local(p, r0, r1, s0, n_loc)  # [B, G, h, c, n_loc], softmax dtype
+        # Eq. 10 before Eq. 9: both are linear, and summing heads first does h times less work.
+        scores = overlap_scores(local.sum(dim=2), num_sel, self.cfg)  # [B, G, c, num_sel]
+        idx = top_n(scores, self.block[r0:r1], self.cfg)
+        self.block_indices[:, r0:r1] = idx.permute(0, 2, 1, 3)
+        if self.p_slc is not None:
+            self.p_slc[:, r0:r1, :, :num_sel] = scores.permute(0, 2, 1, 3)
+            self.p_cmp[:, r0:r1, :, :n_loc] = local.reshape(B, G * h, c, n_loc).permute(0, 2, 1, 3)
+
+
+def compressed_and_select(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    cfg: NSAConfig,
+    scale: float,
+    layout: PackedLayout,
+    cmp_layout: CmpLayout,
+    *,
+    want_aux: bool = False,
+    budget_bytes: int | None = None,
+) -> Scores:
+    """Compressed branch and block selection in one chunked pass (Eqs. 8-11).
+
+    ``q [B, T, H, Dk]``; ``k_cmp/v_cmp [B, N, G, D]`` from `compress`. The selection is detached
+    (top-n is discrete); gradients reach q and the compressed keys/values through ``o_cmp``.
+    """
+    hook = _SelectHook(q, k_cmp.shape[2], cfg, layout, cmp_layout, want_aux)
+    o_cmp = compressed_attention(
+        q, k_cmp, v_cmp, cmp_layout, scale, on_probs=hook, budget_bytes=budget_bytes
+    )
+    return Scores(o_cmp, hook.block_indices, hook.p_slc, hook.p_cmp)

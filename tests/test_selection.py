@@ -1,0 +1,445 @@
+"""Selection branch (Eq. 12, spec I.6): every path of `nsa_impl.branches.selection`.
+
+Oracles: `nsa_ref.nsa_attention` (its ``aux.o_sel`` and the gradients through it) and a plain
+dense masked attention whose key sets come from `nsa_ref.rules.selected_keys`, one row at a time
+(independent of every index trick under test). Tolerance classes come from
+`nsa_impl.tolerances` (spec I.10). Shapes are tiny; ``chunk_slots`` is set small so that the
+chunk loops, the length buckets and the varlen/packed split all run several times.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nsa_ref
+from nsa_impl.branches.selection import (
+    DEFAULT_VARLEN_MIN_L,
+    block_ranges,
+    flash_varlen_available,
+    selection_attention,
+)
+from nsa_impl.tolerances import EXACT_ATOL, FP32_GRAD_ATOL, FP32_OUT_ATOL, lowp_bound
+from nsa_ref import NSAConfig, rules
+
+PATHS = ("gather", "packed", "varlen")
+#: Small config with real top-n choice: n=4 of which 3 forced, l'=4, so T=37 has 10 blocks.
+CFG = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, sel_top_n=4, window=8)
+ATOL = {torch.float32: (FP32_OUT_ATOL, FP32_GRAD_ATOL), torch.float64: (EXACT_ATOL, EXACT_ATOL)}
+
+
+def _inputs(B, T, G, h, Dk, Dv, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
+    return make(B, T, G * h, Dk), make(B, T, G, Dk), make(B, T, G, Dv)
+
+
+def _bounds(B, T, cu):
+    """Per batch row, the sequences ``(start, end)`` it holds."""
+    if cu is None:
+        return [[(0, T)] for _ in range(B)]
+    c = cu.tolist()
+    return [list(zip(c, c[1:], strict=False))]
+
+
+def oracle_mask(block_indices, cfg, cu=None):
+    """Bool ``[B, T, G, T]``: key ``s`` is selected for row ``(b, t, g)`` (via `rules`)."""
+    B, T, G, _ = block_indices.shape
+    mask = torch.zeros(B, T, G, T, dtype=torch.bool)
+    idx = block_indices.cpu().tolist()
+    for b, seqs in enumerate(_bounds(B, T, cu)):
+        for s0, s1 in seqs:
+            for t in range(s0, s1):
+                for g in range(G):
+                    keys = rules.selected_keys(idx[b][t][g], t - s0, cfg)
+                    mask[b, t, g, [s0 + s for s in keys]] = True
+    return mask
+
+
+def oracle_attention(q, k, v, mask, scale):
+    """Plain masked attention in the inputs' dtype; empty rows give exact zeros (autograd-safe)."""
+    B, T, H, Dk = q.shape
+    G = k.shape[2]
+    s = torch.einsum("btghd,bsgd->btghs", q.view(B, T, G, H // G, Dk), k) * scale
+    m = mask.to(q.device)[:, :, :, None, :]
+    has = m.any(dim=-1, keepdim=True)
+    s = torch.where(m & has, s, torch.where(has, float("-inf"), 0.0))
+    p = torch.softmax(s, dim=-1) * has
+    return torch.einsum("btghs,bsgd->btghd", p, v).reshape(B, T, H, v.shape[-1])
+
+
+def _grads(fn, q, k, v, w):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out,) + torch.autograd.grad((out * w).sum(), (q, k, v))
+
+
+def _assert_close(got, want, atol, what):
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    assert err <= atol, f"{what}: max abs error {err:.3e} > {atol:.1e}"
+
+
+def _check_against(q, k, v, bi, cfg, scale, want, want_grads=None, cu=None, **kw):
+    """Every path: forward (and gradients) against the given oracle values."""
+    out_tol, grad_tol = ATOL[q.dtype]
+    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = w.to(q.dtype).to(q.device)
+    if want_grads is None:
+        mask = oracle_mask(bi, cfg, cu)
+        want_grads = _grads(lambda *t: oracle_attention(*t, mask, scale), q, k, v, w)[1:]
+    for path in PATHS:
+        got = _grads(
+            lambda a, b, c, path=path: selection_attention(
+                a, b, c, bi, cfg, scale, cu_seqlens=cu, path=path, **kw
+            ),
+            q,
+            k,
+            v,
+            w,
+        )
+        _assert_close(got[0], want, out_tol, f"{path} o_sel")
+        for name, g, ref in zip("qkv", got[1:], want_grads, strict=True):
+            _assert_close(g, ref, grad_tol, f"{path} d{name}")
+
+
+# --------------------------------------------------------------------------------------------
+# block_ranges
+# --------------------------------------------------------------------------------------------
+
+
+def test_block_ranges_merges_exactly_the_selected_keys():
+    cfg = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, sel_top_n=5)
+    g = torch.Generator().manual_seed(3)
+    R, n = 400, 6
+    blocks = torch.randint(-3, 12, (R, n), generator=g)
+    blocks[::7] = blocks[::7, :1]  # fully overlapping rows
+    blocks[1::7] = -1  # empty rows
+    blocks[2::7] = torch.arange(n)  # adjacent blocks: one merged range
+    pos = torch.randint(0, 40, (R,), generator=g)
+    starts, ends = block_ranges(blocks, cfg, pos)
+    assert starts.shape == ends.shape == (R, n) and starts.dtype == torch.int64
+    for r in range(R):
+        st, en = starts[r].tolist(), ends[r].tolist()
+        keys = rules.selected_keys(blocks[r].tolist(), int(pos[r]), cfg)
+        used = [(a, b) for a, b in zip(st, en, strict=True) if b > a]
+        assert sum((list(range(a, b)) for a, b in used), []) == keys, (r, used, keys)
+        assert all(b1 < a2 for (_, b1), (a2, _) in zip(used, used[1:], strict=False)), (
+            "ranges must not touch"
+        )
+        assert all(a == b for a, b in zip(st[len(used) :], en[len(used) :], strict=True)), (
+            "tail slots empty"
+        )
+        assert st == sorted(st) and en == sorted(en)
+    assert (ends[2::7, 0] == torch.minimum(pos[2::7] + 1, torch.tensor(n * 4))).all()
+
+
+def test_block_ranges_broadcasts_positions():
+    bi = torch.tensor([[[[0, 2]], [[1, -1]], [[0, 0]]]])  # [1, 3, 1, 2]
+    starts, ends = block_ranges(bi, CFG, torch.tensor([5, 6, 2]).view(1, 3, 1))
+    assert (ends - starts).sum(-1).flatten().tolist() == [4, 3, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with nsa_ref (its own block indices)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "h, dtype",
+    [(1, torch.float32), (2, torch.float32), (4, torch.float32), (2, torch.float64)],
+    ids=["h1-fp32", "h2-fp32", "h4-fp32", "h2-fp64"],
+)
+def test_paths_match_reference_o_sel_and_grads(h, dtype):
+    B, T, G, Dk, Dv = 2, 29, 2, 8, 5  # T not a multiple of l'; Dk != Dv
+    q, k, v = _inputs(B, T, G, h, Dk, Dv, dtype, seed=h)
+    gates = torch.rand(B, T, G * h, 3, generator=torch.Generator().manual_seed(5)).to(dtype)
+    scale = 0.3
+    w = torch.randn(
+        B, T, G * h, Dv, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    _, aux = nsa_ref.nsa_attention(qr, kr, vr, gates, CFG, scale=scale, return_aux=True)
+    ref_grads = torch.autograd.grad((aux.o_sel * w.to(dtype)).sum(), (qr, kr, vr))
+    assert (aux.block_indices >= 0).sum(-1).max() == CFG.sel_top_n  # top-n really chooses
+    _check_against(
+        q,
+        k,
+        v,
+        aux.block_indices,
+        CFG,
+        scale,
+        aux.o_sel.detach(),
+        ref_grads,
+        chunk_slots=40,
+        varlen_min_len=9,
+    )
+
+
+def test_paths_match_reference_with_cu_seqlens():
+    cu = torch.tensor([0, 6, 7, 25, 34], dtype=torch.int32)  # lengths 6, 1, 18, 9
+    T = int(cu[-1])
+    q, k, v = _inputs(1, T, 2, 2, 6, 4, seed=11)
+    gates = torch.rand(1, T, 4, 3, generator=torch.Generator().manual_seed(2))
+    _, aux = nsa_ref.nsa_attention(q, k, v, gates, CFG, scale=0.5, cu_seqlens=cu, return_aux=True)
+    _check_against(
+        q, k, v, aux.block_indices, CFG, 0.5, aux.o_sel, cu=cu, chunk_slots=30, varlen_min_len=6
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-built block indices
+# --------------------------------------------------------------------------------------------
+
+
+def _hand_built(kind, B, T, G, n, ls, seed=0):
+    """Block indices exercising one robustness rule (spec I.6, P20)."""
+    g = torch.Generator().manual_seed(seed)
+    cur = (torch.arange(T) // ls).view(1, T, 1, 1).expand(B, T, G, 1)
+    if kind == "duplicates_and_minus_one":  # current block twice, -1 between, unsorted
+        bi = torch.cat([cur, -torch.ones_like(cur), cur, (cur - 2).clamp_min(0)], -1)
+        return bi[..., torch.randperm(4, generator=g)][..., :n]
+    if kind == "all_minus_one":
+        return torch.full((B, T, G, n), -1)
+    if kind == "zero_ranges":  # only blocks after the current one: nothing is <= p
+        return cur + 1 + torch.arange(n)
+    if kind == "fully_overlapping":  # n copies of one block
+        return torch.randint(0, 3, (B, T, G, 1), generator=g).expand(B, T, G, n).clone()
+    if kind == "maximal_coverage":  # every block 0 .. ceil(T/l')-1, in reverse order
+        return torch.arange(-(-T // ls) - 1, -1, -1).expand(B, T, G, -1).clone()
+    if kind == "garbage":  # anything: negatives, huge, future, repeated
+        bi = torch.randint(-4, T // ls + 4, (B, T, G, n), generator=g)
+        bi[..., 0] = 10**12
+        return bi
+    raise ValueError(kind)
+
+
+KINDS = (
+    "duplicates_and_minus_one",
+    "all_minus_one",
+    "zero_ranges",
+    "fully_overlapping",
+    "maximal_coverage",
+    "garbage",
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hand_built_indices_match_masked_oracle(kind):
+    B, T, G, h, Dk, Dv = 2, 21, 2, 2, 4, 3
+    bi = _hand_built(kind, B, T, G, 4 if kind != "maximal_coverage" else 6, CFG.sel_block)
+    q, k, v = _inputs(B, T, G, h, Dk, Dv, seed=7)
+    mask = oracle_mask(bi, CFG)
+    want = oracle_attention(q, k, v, mask, 0.6)
+    if kind in ("all_minus_one", "zero_ranges"):
+        assert not mask.any() and not want.any()
+    _check_against(q, k, v, bi, CFG, 0.6, want, chunk_slots=23, varlen_min_len=5)
+
+
+def test_maximal_coverage_is_causal_attention():
+    B, T, G, h = 1, 19, 1, 4
+    q, k, v = _inputs(B, T, G, h, 8, 8, seed=4)
+    bi = _hand_built("maximal_coverage", B, T, G, 0, CFG.sel_block)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    full = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=0.4)
+    for path in PATHS:
+        out = selection_attention(q, k, v, bi, CFG, 0.4, path=path, chunk_slots=50)
+        _assert_close(out, full.transpose(1, 2), FP32_OUT_ATOL, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_selection_is_exact_zero_with_zero_grads(path):
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 9, 2, 2, 4, 4))
+    bi = torch.full((1, 9, 2, 3), -1)
+    bi[0, 4, 1, 2] = 1  # one row selects block 1 (keys 4..4 for p = 4)
+    out = selection_attention(q, k, v, bi, CFG, 1.0, path=path)
+    rows = torch.zeros(9, 2, dtype=torch.bool)
+    rows[4, 1] = True
+    flat = out.view(9, 2, 2, 4)
+    assert torch.equal(flat[~rows], torch.zeros_like(flat[~rows]))
+    _assert_close(flat[4, 1], v[0, 4, 1].expand(2, 4), FP32_OUT_ATOL, "single key row")
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert not q.grad.view(9, 2, 2, 4)[~rows].any()
+    assert not k.grad[0, torch.arange(9) != 4].any() and not v.grad[0, torch.arange(9) != 4].any()
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness of the causal exclusion, gradcheck, chunking, cu_seqlens isolation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_future_keys_never_leak_even_when_non_finite(path):
+    B, T, G, h = 1, 18, 2, 2
+    q, k, v = _inputs(B, T, G, h, 4, 4, seed=9)
+    bi = _hand_built("garbage", B, T, G, 5, CFG.sel_block, seed=2)
+    p0 = 9  # inside block 2: keys 10, 11 of the current block are in the future of row 9
+    base = selection_attention(q, k, v, bi, CFG, 0.5, path=path, chunk_slots=17)
+    for bad in (float("nan"), float("inf"), 1e30):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, p0 + 1 :], v2[:, p0 + 1 :] = bad, -bad
+        out = selection_attention(q, k2, v2, bi, CFG, 0.5, path=path, chunk_slots=17)
+        assert torch.equal(out[:, : p0 + 1], base[:, : p0 + 1]), f"future value {bad} leaked"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_float64(path):
+    cfg = NSAConfig(cmp_block=2, cmp_stride=2, sel_block=2, sel_top_n=3, window=4)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 9, 2, 2, 3, 2, torch.float64, seed=5))
+    bi = _hand_built("garbage", 1, 9, 2, 4, 2, seed=6)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    for cu_seqlens in (None, cu):
+
+        def fn(a, b, c, cu_seqlens=cu_seqlens):
+            return selection_attention(
+                a,
+                b,
+                c,
+                bi,
+                cfg,
+                0.7,
+                cu_seqlens=cu_seqlens,
+                path=path,
+                chunk_slots=9,
+                varlen_min_len=3,
+            )
+
+        assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_chunking_and_varlen_split_do_not_change_results(path):
+    B, T, G, h = 2, 29, 2, 2
+    q, k, v = _inputs(B, T, G, h, 8, 8, seed=12)
+    bi = _hand_built("garbage", B, T, G, 5, CFG.sel_block, seed=8)
+    ref = selection_attention(q, k, v, bi, CFG, 0.35, path="gather")
+    for chunk_slots in (1, 13, 10**6):
+        for min_len in (0, 4, DEFAULT_VARLEN_MIN_L, 10**9):
+            out = selection_attention(
+                q, k, v, bi, CFG, 0.35, path=path, chunk_slots=chunk_slots, varlen_min_len=min_len
+            )
+            _assert_close(
+                out, ref, FP32_OUT_ATOL, f"{path} chunk_slots={chunk_slots} min={min_len}"
+            )
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cu_seqlens_equals_separate_sequences_and_isolates_them(path):
+    lengths = [5, 1, 13, 8]
+    cu = torch.tensor([0, 5, 6, 19, 27], dtype=torch.int32)
+    T = 27
+    q, k, v = _inputs(1, T, 2, 2, 4, 6, seed=13)
+    bi = torch.cat(
+        [_hand_built("garbage", 1, n, 2, 4, CFG.sel_block, seed=i) for i, n in enumerate(lengths)],
+        dim=1,
+    )
+    packed = selection_attention(q, k, v, bi, CFG, 0.5, cu_seqlens=cu, path=path, chunk_slots=19)
+    for a, b in zip(cu.tolist(), cu.tolist()[1:], strict=False):
+        alone = selection_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], bi[:, a:b], CFG, 0.5, path=path
+        )
+        _assert_close(packed[:, a:b], alone, FP32_OUT_ATOL, f"{path} sequence [{a}, {b})")
+    # Changing one sequence's keys/values leaves every other sequence bit-identical.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 6:19], v2[:, 6:19] = 1e3, -1e3
+    out = selection_attention(q, k2, v2, bi, CFG, 0.5, cu_seqlens=cu, path=path, chunk_slots=19)
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[6:19] = False
+    assert torch.equal(out[:, keep], packed[:, keep])
+
+
+def test_non_contiguous_inputs():
+    q, k, v = _inputs(1, 16, 2, 2, 4, 4, seed=3)
+    bi = _hand_built("garbage", 1, 16, 2, 4, CFG.sel_block)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    kt = torch.cat([k, k], dim=-1)[..., :4]
+    want = oracle_attention(q, k, v, oracle_mask(bi, CFG), 0.5)
+    for path in PATHS:
+        _assert_close(
+            selection_attention(qt, kt, v, bi, CFG, 0.5, path=path), want, FP32_OUT_ATOL, path
+        )
+
+
+def test_bad_inputs_raise():
+    q, k, v = _inputs(1, 8, 2, 2, 4, 4)
+    bi = torch.zeros(1, 8, 2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="path"):
+        selection_attention(q, k, v, bi, CFG, 1.0, path="nope")
+    with pytest.raises(ValueError, match="block_indices"):
+        selection_attention(q, k, v, bi[:, :4], CFG, 1.0)
+    with pytest.raises(TypeError, match="block_indices"):
+        selection_attention(q, k, v, bi.float(), CFG, 1.0)
+    with pytest.raises(ValueError, match="k must"):
+        selection_attention(q, k[:, :, :1].expand(1, 8, 3, 4), v, bi, CFG, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        selection_attention(q, k.double(), v, bi, CFG, 1.0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        selection_attention(
+            q, k, v, bi, CFG, 1.0, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Other devices and the Triton path
+# --------------------------------------------------------------------------------------------
+
+
+def test_triton_path_delegates():
+    triton_sel = pytest.importorskip(
+        "nsa_impl.kernels.triton_sel", reason="triton_sel not importable"
+    )
+    q, k, v = _inputs(1, 11, 2, 2, 16, 16, seed=1)
+    ok, why = triton_sel.supports(q, k, v)
+    if not ok:
+        pytest.skip(f"triton selection kernel unsupported here: {why}")
+    bi = _hand_built("duplicates_and_minus_one", 1, 11, 2, 4, CFG.sel_block)
+    want = oracle_attention(q, k, v, oracle_mask(bi, CFG), 0.25)
+    _assert_close(
+        selection_attention(q, k, v, bi, CFG, 0.25, path="triton"), want, FP32_OUT_ATOL, "triton"
+    )
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_float32_paths_match_oracle():
+    B, T, G, h = 2, 45, 2, 4
+    q, k, v = _inputs(B, T, G, h, 16, 8, seed=2, device="cuda")
+    bi = _hand_built("garbage", B, T, G, 5, CFG.sel_block).cuda()
+    want = oracle_attention(q.cpu(), k.cpu(), v.cpu(), oracle_mask(bi, CFG), 0.25)
+    _check_against(q, k, v, bi, CFG, 0.25, want.cuda(), chunk_slots=64, varlen_min_len=9)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_varlen_flash_low_precision(dtype):
+    B, T, G, h, D = 1, 300, 2, 8, 64
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=16, sel_top_n=6, window=64)
+    q32, k32, v32 = _inputs(B, T, G, h, D, D, seed=5, device="cuda")
+    q, k, v = (t.to(dtype) for t in (q32, k32, v32))
+    ok, why = flash_varlen_available(q, k, v)
+    if not ok:
+        pytest.skip(why)
+    bi = _hand_built("garbage", B, T, G, 6, cfg.sel_block).cuda()
+    mask = oracle_mask(bi, cfg)
+    w = torch.randn(B, T, G * h, D, device="cuda")
+    ref = _grads(lambda *t: oracle_attention(*t, mask, 0.125), q.float(), k.float(), v.float(), w)
+    naive = _grads(lambda *t: oracle_attention(*t, mask, 0.125), q, k, v, w.to(dtype))
+    got = _grads(
+        lambda a, b, c: selection_attention(
+            a, b, c, bi, cfg, 0.125, path="varlen", varlen_min_len=8
+        ),
+        q,
+        k,
+        v,
+        w.to(dtype),
+    )
+    for i, kind in enumerate(("out", "grad", "grad", "grad")):
+        err = (got[i].float() - ref[i]).abs().max().item()
+        bound = lowp_bound((naive[i].float() - ref[i]).abs().max().item(), kind)
+        assert err <= bound, f"{dtype} item {i}: {err:.3e} > {bound:.3e}"
