@@ -14,6 +14,13 @@ reaches every test.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# Triton reads TRITON_INTERPRET when it first loads; without a GPU its kernels can only run in the
+# interpreter, so a plain `pytest` on a CPU machine gets the same setting nox gives it. Checked
+# through the device node, not CUDA, so nothing touches a GPU here.
+if "TRITON_INTERPRET" not in os.environ and not Path("/dev/nvidia0").exists():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from hypothesis import HealthCheck, settings
 

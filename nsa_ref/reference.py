@@ -95,7 +95,7 @@ def nsa_row(p: int, q_p: torch.Tensor, seq: SequenceKV, scale: float, W: torch.T
 
     # Block scores (Eqs. 9-10) over the candidates 0 .. b(p).
     b = p // cfg.sel_block
-    p_slc_heads = p_cmp @ W[: b + 1, :M].T.to(p_cmp.dtype)  # [H, b+1]
+    p_slc_heads = p_cmp @ W[: b + 1, :M].T.to(p_cmp)  # [H, b+1]
     p_slc = rules.group_scores(p_slc_heads, h)  # [G, b+1]
 
     # Top-n (Eq. 11) and selection attention (Eq. 12), one block set per group.
