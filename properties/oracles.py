@@ -68,7 +68,7 @@ def selection_mask(block_indices: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
 
 
 def compressed(x: torch.Tensor, cfg: NSAConfig, phi=None) -> torch.Tensor:
-    """Eq. 7 by unfolding: ``x [B, T, G, D] -> [B, N, G, D]``, block ``i`` from ``x[i*d : i*d+l]``."""
+    """Eq. 7 by unfolding: ``x [B, T, G, D] -> [B, N, G, D]``, block ``i`` = ``x[i*d : i*d+l]``."""
     B, T, G, D = x.shape
     l, d = cfg.cmp_block, cfg.cmp_stride
     if T < l:
@@ -78,7 +78,7 @@ def compressed(x: torch.Tensor, cfg: NSAConfig, phi=None) -> torch.Tensor:
 
 
 def cmp_visible_mask(T: int, N: int, cfg: NSAConfig) -> torch.Tensor:
-    """``[1, T, 1, N]``: compressed block ``i`` visible to ``p`` iff ``i*d + l <= p + 1`` (Eq. 7)."""
+    """``[1, T, 1, N]``: compressed block ``i`` is visible to ``p`` iff ``i*d + l <= p + 1``."""
     p, i = torch.arange(T), torch.arange(N)
     return (i[None, :] * cfg.cmp_stride + cfg.cmp_block <= p[:, None] + 1)[None, :, None, :]
 
@@ -100,7 +100,7 @@ def default_scale(inputs: Inputs) -> float:
 
 
 @torch.no_grad()
-def branches(inputs: Inputs, cfg: NSAConfig, block_indices: torch.Tensor) -> dict[str, torch.Tensor]:
+def branches(inputs: Inputs, cfg: NSAConfig, block_indices: torch.Tensor) -> dict:
     """Independent ``cmp``, ``sel``, ``win`` and causal ``full`` outputs, ``[B, T, H, Dv]`` each.
 
     Selection uses the given ``block_indices`` (the reference's choice, checked elsewhere); every
@@ -110,20 +110,18 @@ def branches(inputs: Inputs, cfg: NSAConfig, block_indices: torch.Tensor) -> dic
     s = inputs.structure
     phi = phi_function(s.phi)
     scale = default_scale(inputs)
-    out = {name: inputs.q.new_zeros(*inputs.q.shape[:3], s.Dv) for name in ("cmp", "sel", "win", "full")}
+    shape = (*inputs.q.shape[:3], s.Dv)
+    out = {name: inputs.q.new_zeros(shape) for name in ("cmp", "sel", "win", "full")}
     for b, start, end in s.sequences():
         rows = slice(start, end)
         q = inputs.q[b : b + 1, rows]
         T = end - start
-
-        def seg(t):
-            return t[b : b + 1, rows]
-
-        kc, vc = (seg(t) for t in inputs.kv("cmp"))
-        ks, vs = (seg(t) for t in inputs.kv("sel"))
-        kw, vw = (seg(t) for t in inputs.kv("win"))
+        kc, vc, ks, vs, kw, vw = (
+            t[b : b + 1, rows] for name in ("cmp", "sel", "win") for t in inputs.kv(name)
+        )
         ck, cv = compressed(kc, cfg, phi), compressed(vc, cfg, phi)
-        out["cmp"][b, rows] = masked_attention(q, ck, cv, cmp_visible_mask(T, ck.shape[1], cfg), scale)[0]
+        visible = cmp_visible_mask(T, ck.shape[1], cfg)
+        out["cmp"][b, rows] = masked_attention(q, ck, cv, visible, scale)[0]
         sel_mask = selection_mask(block_indices[b : b + 1, rows], cfg)
         out["sel"][b, rows] = masked_attention(q, ks, vs, sel_mask, scale)[0]
         out["win"][b, rows] = masked_attention(q, kw, vw, window_mask(T, cfg.window), scale)[0]

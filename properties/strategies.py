@@ -16,6 +16,7 @@ Value regimes:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import torch
 from hypothesis import settings
@@ -91,7 +92,7 @@ class Structure:
         cu = self.cu_seqlens
         if cu is None:
             return [(b, 0, self.T) for b in range(self.B)]
-        return [(0, s, e) for s, e in zip(cu, cu[1:])]
+        return [(0, s, e) for s, e in pairwise(cu)]
 
     def with_cfg(self, **changes) -> Structure:
         """The same structure under a modified config (re-validated by `NSAConfig`)."""
@@ -124,7 +125,7 @@ class Inputs:
         return [self.q, self.k, self.v, self.gates, *extra]
 
     def kv(self, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (k, v) a branch reads: its own pair when ``branch_kv`` is set, else the shared one."""
+        """The (k, v) a branch reads: its own pair under ``branch_kv``, else the shared one."""
         return (self.branch_kv or {}).get(branch, (self.k, self.v))
 
 
@@ -149,12 +150,18 @@ def splice(a: Inputs, b: Inputs, fields: dict[str, torch.Tensor], groups=None) -
     branch_kv = None
     if a.branch_kv is not None:
         branch_kv = {
-            n: tuple(mix(f"{n}.{x}", a.branch_kv[n][i], b.branch_kv[n][i]) for i, x in enumerate("kv"))
-            for n in a.branch_kv
+            n: (mix(f"{n}.k", ka, kb), mix(f"{n}.v", va, vb))
+            for (n, (ka, va)), (kb, vb) in zip(
+                a.branch_kv.items(), b.branch_kv.values(), strict=True
+            )
         }
     return Inputs(
-        q=mix("q", a.q, b.q), k=mix("k", a.k, b.k), v=mix("v", a.v, b.v),
-        gates=mix("gates", a.gates, b.gates), structure=s, branch_kv=branch_kv,
+        q=mix("q", a.q, b.q),
+        k=mix("k", a.k, b.k),
+        v=mix("v", a.v, b.v),
+        gates=mix("gates", a.gates, b.gates),
+        structure=s,
+        branch_kv=branch_kv,
         cu_seqlens=a.cu_seqlens,
     )
 
@@ -165,8 +172,12 @@ def prefix(x: Inputs, t: int) -> Inputs:
         raise ValueError("prefix() takes unpacked inputs (cu_seqlens is set)")
     cut = {n: (k[:, :t], v[:, :t]) for n, (k, v) in (x.branch_kv or {}).items()}
     return Inputs(
-        q=x.q[:, :t], k=x.k[:, :t], v=x.v[:, :t], gates=x.gates[:, :t],
-        structure=replace(x.structure, T=t), branch_kv=cut or None,
+        q=x.q[:, :t],
+        k=x.k[:, :t],
+        v=x.v[:, :t],
+        gates=x.gates[:, :t],
+        structure=replace(x.structure, T=t),
+        branch_kv=cut or None,
     )
 
 
@@ -210,9 +221,15 @@ def make_inputs(s: Structure, dtype=torch.float64, *, requires_grad: bool = Fals
         return t.to(dtype).requires_grad_(requires_grad)
 
     cu = s.cu_seqlens
+    if branch_kv is not None:
+        branch_kv = {n: (leaf(a), leaf(b)) for n, (a, b) in branch_kv.items()}
     return Inputs(
-        q=leaf(q), k=leaf(k), v=leaf(v), gates=leaf(gates), structure=s,
-        branch_kv=None if branch_kv is None else {n: (leaf(a), leaf(b)) for n, (a, b) in branch_kv.items()},
+        q=leaf(q),
+        k=leaf(k),
+        v=leaf(v),
+        gates=leaf(gates),
+        structure=s,
+        branch_kv=branch_kv,
         cu_seqlens=None if cu is None else torch.tensor(cu, dtype=torch.int32),
     )
 

@@ -22,8 +22,15 @@ BRANCH_NAMES = ("cmp", "sel", "win")
 
 @DTYPES
 @examples(0.8)
-@given(s=structures(max_T=24, cfgs=configs(cmp_mult=st.integers(2, 6)), packed=True,
-                    phis=PHIS, branch_kv=(False, True)))
+@given(
+    s=structures(
+        max_T=24,
+        cfgs=configs(cmp_mult=st.integers(2, 6)),
+        packed=True,
+        phis=PHIS,
+        branch_kv=(False, True),
+    )
+)
 @example(s=pinned(T=3, cfg=NSAConfig(4, 2, 4, 3, 1, 2, 8)))  # T < l: every row is empty
 @example(s=pinned(T=1, cfg=NSAConfig(2, 1, 2, 1, 1, 0, 1), regime="large"))
 def test_p21_empty_compression_rows(s, dtype):
@@ -66,8 +73,10 @@ def test_p22_first_token(s, dtype):
 
 
 @examples()
-@given(s=structures(packed=True, branch_kv=(False, True)), gate_kind=st.sampled_from(
-    ["random", "cmp", "sel", "win", "saturated"]))
+@given(
+    s=structures(packed=True, branch_kv=(False, True)),
+    gate_kind=st.sampled_from(["random", "cmp", "sel", "win", "saturated"]),
+)
 @example(s=pinned(T=9, cfg=NSAConfig(2, 1, 2, 2, 1, 1, 3)), gate_kind="saturated")
 def test_p23_p24_gates_combine_branches_linearly(s, gate_kind):
     """P23 + P24: gates anywhere in ``[0, 1]`` (0 and 1 included) are accepted;
@@ -131,8 +140,10 @@ def test_p25_p26_p27_full_attention_limit(s, g_sel):
 
 
 @examples()
-@given(s=structures(cfgs=configs(strides=st.just(1), cmp_mult=st.just(1)), packed=True),
-       explicit_identity=st.booleans())
+@given(
+    s=structures(cfgs=configs(strides=st.just(1), cmp_mult=st.just(1)), packed=True),
+    explicit_identity=st.booleans(),
+)
 @example(s=pinned(T=17, cfg=NSAConfig(1, 1, 4, 2, 1, 1, 4)), explicit_identity=True)
 def test_p28_degenerate_compression_is_full_attention(s, explicit_identity):
     """P28: with ``l = d = 1`` and ``phi`` the identity, every key is its own compressed token and

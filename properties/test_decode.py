@@ -25,8 +25,15 @@ def _decode(x):
         step_kv = None
         if x.branch_kv is not None:
             step_kv = {n: (k[:, p : p + 1], v[:, p : p + 1]) for n, (k, v) in x.branch_kv.items()}
-        outs.append(cache.step(x.q[:, p : p + 1], x.k[:, p : p + 1], x.v[:, p : p + 1],
-                               x.gates[:, p : p + 1], branch_kv=step_kv))
+        outs.append(
+            cache.step(
+                x.q[:, p : p + 1],
+                x.k[:, p : p + 1],
+                x.v[:, p : p + 1],
+                x.gates[:, p : p + 1],
+                branch_kv=step_kv,
+            )
+        )
         reads.append(dict(cache.reads))
         assert cache.length == p + 1
     return torch.cat(outs, dim=1), reads

@@ -23,7 +23,7 @@ def _expected_scores(aux, s) -> torch.Tensor:
     W = oracles.overlap_weights(S, N, s.cfg)
     per_head = torch.einsum("bthi,ji->bthj", aux.p_cmp, W)
     P = per_head.reshape(B, T, s.G, s.h, S).sum(dim=3)
-    local = torch.cat([torch.arange(e - a) for _, a, e in s.sequences()]) if s.seqlens else torch.arange(T)
+    local = torch.cat([torch.arange(e - a) for _, a, e in s.sequences()])  # positions restart
     candidate = torch.arange(S)[None, :] <= (local // s.cfg.sel_block)[:, None]  # [T, S]
     return P * candidate[None, :, None, :]
 

@@ -26,7 +26,9 @@ from .strategies import (
 )
 
 #: Many blocks per sequence and few selected ones, so that scoring really excludes blocks.
-SMALL_BLOCKS = configs(strides=st.integers(1, 2), cmp_mult=st.integers(1, 3), sel_mult=st.integers(1, 3))
+SMALL_BLOCKS = configs(
+    strides=st.integers(1, 2), cmp_mult=st.integers(1, 3), sel_mult=st.integers(1, 3)
+)
 TOPN_STRUCTURES = structures(cfgs=SMALL_BLOCKS, packed=True, max_h=4)
 PAPER_SHAPED = NSAConfig(4, 2, 4, 4, 1, 2, 8)  # l=2d, l'=l, n=4 with 3 forced: paper's proportions
 
@@ -39,11 +41,10 @@ def _rows(s, aux):
 
 
 def _forced(p: int, cfg: NSAConfig) -> set[int]:
-    """``F_p``: the first ``sel_init_blocks`` blocks and the ``sel_local_blocks`` ending at ``b(p)``,
-    within the candidates (spec I.5), written from the spec rather than `rules.forced_blocks`."""
+    """``F_p``: the first ``sel_init_blocks`` blocks and the ``sel_local_blocks`` ending at
+    ``b(p)``, within the candidates (spec I.5); written from the spec, not `rules.forced_blocks`."""
     b = p // cfg.sel_block
-    return {j for j in range(b + 1)
-            if j < cfg.sel_init_blocks or b - cfg.sel_local_blocks < j}
+    return {j for j in range(b + 1) if j < cfg.sel_init_blocks or b - cfg.sel_local_blocks < j}
 
 
 def _split(p, idx_row, cfg):
@@ -84,8 +85,10 @@ def test_p12_head_permutation_within_a_group(s, perm_seed):
 
 
 @examples()
-@given(s=structures(packed=True, min_G=2, max_G=3, branch_kv=(False, True)),
-       group_seed=st.integers(0, 2**16))
+@given(
+    s=structures(packed=True, min_G=2, max_G=3, branch_kv=(False, True)),
+    group_seed=st.integers(0, 2**16),
+)
 @example(s=pinned(T=24, cfg=PAPER_SHAPED, G=3), group_seed=0)
 def test_p13_groups_are_independent(s, group_seed):
     """P13: changing the queries, keys, values and gates of one group leaves the selection, scores
@@ -95,7 +98,8 @@ def test_p13_groups_are_independent(s, group_seed):
     every = torch.ones(s.T, dtype=torch.bool)
     fields = dict.fromkeys(("q", "k", "v", "gates", *BRANCH_FIELDS), every)
     x = make_inputs(s)
-    (o, aux), (o2, aux2) = reference(x), reference(splice(x, make_inputs(reseeded(s)), fields, groups))
+    y = splice(x, make_inputs(reseeded(s)), fields, groups)
+    (o, aux), (o2, aux2) = reference(x), reference(y)
     kept = ~groups
     heads = kept.repeat_interleave(s.h)
     assert torch.equal(aux.block_indices[:, :, kept], aux2.block_indices[:, :, kept])
@@ -169,19 +173,22 @@ def test_p17_ties_go_to_the_lower_block(s):
 
 
 @examples()
-@given(s=structures(cfgs=configs(cmp_mult=st.just(1), sel_mult=st.just(1)), min_T=2,
-                    regimes=("ties",), max_G=1))
+@given(
+    s=structures(
+        cfgs=configs(cmp_mult=st.just(1), sel_mult=st.just(1)), min_T=2, regimes=("ties",), max_G=1
+    )
+)
 @example(s=pinned(T=44, cfg=NSAConfig(4, 4, 4, 5, 1, 2, 4), G=1, regime="ties"))
 def test_p17_exact_ties_select_the_lowest_blocks(s):
-    """P17 with exact ties: all keys equal and ``l = l' = d`` give every complete block the same
-    score ``h / M`` (and the partial block 0), so the scored picks are the lowest unforced blocks."""
+    """P17 with exact ties: equal keys and ``l = l' = d`` give every complete block the score
+    ``h / M`` (the partial block 0), so the scored picks are the lowest unforced blocks."""
     _, aux = reference(make_inputs(s))
     cfg = s.cfg
     for p, idx_row, scores in _rows(s, aux):
         M = cfg.num_cmp(p)
         complete = scores[0, :M]
         if M:
-            assert torch.all(complete == complete[0]), f"p={p}: scores should tie exactly: {complete}"
+            assert torch.all(complete == complete[0]), f"p={p}: no exact tie: {complete}"
             assert abs(complete[0].item() - s.h / M) <= EXACT_ATOL
         for _, chosen, forced, cand in _split(p, idx_row, cfg):
             budget = min(cfg.sel_top_n, len(cand)) - len(forced)

@@ -9,7 +9,7 @@ from hypothesis import example, given
 
 from nsa_ref import NSAConfig
 
-from .strategies import Inputs, PHIS, examples, make_inputs, pinned, reference, structures
+from .strategies import PHIS, Inputs, examples, make_inputs, pinned, reference, structures
 
 AUX_FIELDS = ("block_indices", "p_slc", "p_cmp", "o_cmp", "o_sel", "o_win")
 
@@ -19,8 +19,11 @@ def _segment(x: Inputs, start: int, end: int) -> Inputs:
     cut = {n: (k[:, start:end], v[:, start:end]) for n, (k, v) in (x.branch_kv or {}).items()}
     s = x.structure
     return Inputs(
-        q=x.q[:, start:end], k=x.k[:, start:end], v=x.v[:, start:end],
-        gates=x.gates[:, start:end], branch_kv=cut or None,
+        q=x.q[:, start:end],
+        k=x.k[:, start:end],
+        v=x.v[:, start:end],
+        gates=x.gates[:, start:end],
+        branch_kv=cut or None,
         structure=replace(s, T=end - start, seqlens=None),
     )
 
@@ -49,9 +52,10 @@ def test_p06_packed_equals_separate(s):
             assert torch.equal(packed[..., :width], alone), f"aux.{name} of [{start}, {end})"
             if name != "block_indices":
                 assert torch.all(packed[..., width:] == 0), f"aux.{name} past the sequence"
-        part_grads = torch.autograd.grad((o_part * weights[:, start:end]).sum(), part.leaves(),
-                                         allow_unused=True)
-        for full_g, part_g in zip(packed_grads, part_grads):
+        part_grads = torch.autograd.grad(
+            (o_part * weights[:, start:end]).sum(), part.leaves(), allow_unused=True
+        )
+        for full_g, part_g in zip(packed_grads, part_grads, strict=True):
             if full_g is None:
                 assert part_g is None
                 continue

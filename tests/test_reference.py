@@ -39,10 +39,16 @@ def test_eq9_worked_vector_exact():
     assert PAPER.num_cmp(p) == 11 and p // PAPER.sel_block == 3
     W = rules.overlap_weights(4, 11, PAPER)
     assert W.tolist() == W_T200
-    p_slc = [sum(Fraction(w) * c for w, c in zip(row, P_CMP_T200)) for row in W.tolist()]
+    p_slc = [
+        sum(Fraction(w) * c for w, c in zip(row, P_CMP_T200, strict=True)) for row in W.tolist()
+    ]
     assert p_slc == P_SLC_T200
     assert sum(p_slc) == Fraction(PAPER.cmp_block, PAPER.cmp_stride)  # P9: mass l/d = 2
     assert p_slc != P_SLC_V1
+
+
+def _as_tensor(fractions: list[Fraction]) -> torch.Tensor:
+    return torch.tensor([float(x) for x in fractions], dtype=F64)
 
 
 def _ramp_keys(blocks: torch.Tensor) -> torch.Tensor:
@@ -70,10 +76,10 @@ def test_eq9_worked_vector_through_nsa_attention():
     p = T - 1
     p_cmp = aux.p_cmp[0, p, 0]
     assert p_cmp.shape == (11,)
-    assert (p_cmp - torch.tensor([float(x) for x in P_CMP_T200], dtype=F64)).abs().max() <= EXACT_ATOL
+    assert (p_cmp - _as_tensor(P_CMP_T200)).abs().max() <= EXACT_ATOL
     p_slc = aux.p_slc[0, p, 0]
     assert p_slc.shape == (4,)
-    assert (p_slc - torch.tensor([float(x) for x in P_SLC_T200], dtype=F64)).abs().max() <= EXACT_ATOL
+    assert (p_slc - _as_tensor(P_SLC_T200)).abs().max() <= EXACT_ATOL
     assert aux.block_indices[0, p, 0].tolist() == [0, 1, 2, 3] + [-1] * 12
 
 
@@ -117,12 +123,14 @@ COUNT_FIELDS = ("sel_init_blocks", "sel_local_blocks")
 @pytest.mark.parametrize("field", POSITIVE_FIELDS)
 @pytest.mark.parametrize("value", [0, -1, -16])
 def test_config_rejects_non_positive(field, value):
+    """Spec I.2: a non-positive size is a ``ValueError`` naming the field, never clamped."""
     with pytest.raises(ValueError, match=rf"NSAConfig\.{field}\b"):
         NSAConfig(**{field: value})
 
 
 @pytest.mark.parametrize("field", COUNT_FIELDS)
 def test_config_rejects_negative_counts(field):
+    """The forced-block counts may be 0 but not negative."""
     with pytest.raises(ValueError, match=rf"NSAConfig\.{field}\b"):
         NSAConfig(**{field: -1})
 
@@ -130,6 +138,7 @@ def test_config_rejects_negative_counts(field):
 @pytest.mark.parametrize("field", POSITIVE_FIELDS + COUNT_FIELDS)
 @pytest.mark.parametrize("value", [2.0, True, "4", None])
 def test_config_rejects_non_integers(field, value):
+    """A float, bool, string or ``None`` size is a ``TypeError`` naming the field."""
     with pytest.raises(TypeError, match=rf"NSAConfig\.{field}\b"):
         NSAConfig(**{field: value})
 
@@ -144,6 +153,7 @@ def test_config_rejects_non_integers(field, value):
     ],
 )
 def test_config_rejects_inconsistent_sizes(kwargs, fields):
+    """``d`` must divide ``l`` and ``l'``; ``n`` must cover the forced blocks (spec I.2)."""
     with pytest.raises(ValueError) as info:
         NSAConfig(**kwargs)
     for field in fields:
@@ -152,8 +162,15 @@ def test_config_rejects_inconsistent_sizes(kwargs, fields):
 
 def test_config_keeps_valid_values():
     """Nothing is clamped: valid edge values come back unchanged."""
-    cfg = NSAConfig(cmp_block=1, cmp_stride=1, sel_block=1, sel_top_n=1, sel_init_blocks=0,
-                    sel_local_blocks=0, window=1)
+    cfg = NSAConfig(
+        cmp_block=1,
+        cmp_stride=1,
+        sel_block=1,
+        sel_top_n=1,
+        sel_init_blocks=0,
+        sel_local_blocks=0,
+        window=1,
+    )
     assert (cfg.cmp_block, cfg.sel_top_n, cfg.sel_init_blocks, cfg.window) == (1, 1, 0, 1)
     assert cfg.forced_blocks == 0
     assert NSAConfig(sel_top_n=3).sel_top_n == 3  # exactly the forced count is allowed
@@ -193,24 +210,55 @@ BAD_INPUTS = [
     ("q-not-tensor", dict(q=[[0.0]]), B, TypeError, r"\bq\b"),
     ("q-int", dict(q=torch.zeros(B, T, H, DK, dtype=torch.int64)), B, TypeError, r"\bq\b"),
     ("q-empty", dict(q=torch.zeros(B, 0, H, DK, dtype=F64)), B, ValueError, r"\bq\b"),
-    ("H-not-multiple-of-G", dict(k=torch.zeros(B, T, 3, DK, dtype=F64),
-                                 v=torch.zeros(B, T, 3, DV, dtype=F64)), B, ValueError, r"H=4.*G=3"),
+    (
+        "H-not-multiple-of-G",
+        dict(k=torch.zeros(B, T, 3, DK, dtype=F64), v=torch.zeros(B, T, 3, DV, dtype=F64)),
+        B,
+        ValueError,
+        r"H=4.*G=3",
+    ),
     ("k-length", dict(k=torch.zeros(B, T - 1, G, DK, dtype=F64)), B, ValueError, r"\bk\b.*shape"),
     ("k-head-dim", dict(k=torch.zeros(B, T, G, DK + 1, dtype=F64)), B, ValueError, r"\bk\b"),
     ("v-groups", dict(v=torch.zeros(B, T, G + 1, DV, dtype=F64)), B, ValueError, r"\bv\b.*shape"),
     ("k-dtype", dict(k=torch.zeros(B, T, G, DK)), B, TypeError, r"\bk dtype"),
     ("v-dtype", dict(v=torch.zeros(B, T, G, DV)), B, TypeError, r"\bv dtype"),
     ("gates-dtype", dict(gates=torch.full((B, T, H, 3), 0.5)), B, TypeError, r"gates dtype"),
-    ("k-device", dict(k=torch.zeros(B, T, G, DK, dtype=F64, device="meta")), B, ValueError,
-     r"\bk device"),
-    ("gates-device", dict(gates=torch.zeros(B, T, H, 3, dtype=F64, device="meta")), B, ValueError,
-     r"gates device"),
+    (
+        "k-device",
+        dict(k=torch.zeros(B, T, G, DK, dtype=F64, device="meta")),
+        B,
+        ValueError,
+        r"\bk device",
+    ),
+    (
+        "gates-device",
+        dict(gates=torch.zeros(B, T, H, 3, dtype=F64, device="meta")),
+        B,
+        ValueError,
+        r"gates device",
+    ),
     ("gates-shape", dict(gates=torch.zeros(B, T, H, 2, dtype=F64)), B, ValueError, r"gates.*shape"),
-    ("gates-above-1", dict(gates=torch.full((B, T, H, 3), 1.5, dtype=F64)), B, ValueError, r"gates"),
-    ("gates-below-0", dict(gates=torch.full((B, T, H, 3), -1e-9, dtype=F64)), B, ValueError,
-     r"gates"),
-    ("gates-nan", dict(gates=torch.full((B, T, H, 3), float("nan"), dtype=F64)), B, ValueError,
-     r"gates"),
+    (
+        "gates-above-1",
+        dict(gates=torch.full((B, T, H, 3), 1.5, dtype=F64)),
+        B,
+        ValueError,
+        r"gates",
+    ),
+    (
+        "gates-below-0",
+        dict(gates=torch.full((B, T, H, 3), -1e-9, dtype=F64)),
+        B,
+        ValueError,
+        r"gates",
+    ),
+    (
+        "gates-nan",
+        dict(gates=torch.full((B, T, H, 3), float("nan"), dtype=F64)),
+        B,
+        ValueError,
+        r"gates",
+    ),
     ("cfg-type", dict(cfg={"cmp_block": 4}), B, TypeError, r"\bcfg\b"),
     ("scale-zero", dict(scale=0.0), B, ValueError, r"\bscale\b"),
     ("scale-negative", dict(scale=-1.0), B, ValueError, r"\bscale\b"),
@@ -223,26 +271,57 @@ BAD_INPUTS = [
     ("cu-start", dict(cu_seqlens=_cu([1, 4, 8])), 1, ValueError, r"cu_seqlens.*start at 0"),
     ("cu-end", dict(cu_seqlens=_cu([0, 4, 7])), 1, ValueError, r"cu_seqlens.*end"),
     ("cu-past-end", dict(cu_seqlens=_cu([0, 4, 9])), 1, ValueError, r"cu_seqlens.*end"),
-    ("cu-not-monotonic", dict(cu_seqlens=_cu([0, 5, 3, 8])), 1, ValueError, r"cu_seqlens.*increasing"),
+    (
+        "cu-not-monotonic",
+        dict(cu_seqlens=_cu([0, 5, 3, 8])),
+        1,
+        ValueError,
+        r"cu_seqlens.*increasing",
+    ),
     ("cu-repeated", dict(cu_seqlens=_cu([0, 4, 4, 8])), 1, ValueError, r"cu_seqlens.*increasing"),
-    ("cu-float", dict(cu_seqlens=torch.tensor([0.0, 4.0, 8.0])), 1, TypeError, r"cu_seqlens.*int32"),
+    (
+        "cu-float",
+        dict(cu_seqlens=torch.tensor([0.0, 4.0, 8.0])),
+        1,
+        TypeError,
+        r"cu_seqlens.*int32",
+    ),
     ("cu-2d", dict(cu_seqlens=_cu([[0, 8]])), 1, ValueError, r"cu_seqlens.*1-D"),
     ("cu-single", dict(cu_seqlens=_cu([0])), 1, ValueError, r"cu_seqlens"),
     ("cu-list", dict(cu_seqlens=[0, 4, 8]), 1, TypeError, r"cu_seqlens"),
     ("branch-kv-type", dict(branch_kv=[("sel", _pair())]), B, TypeError, r"branch_kv"),
     ("branch-kv-key", dict(branch_kv={"full": _pair()}), B, ValueError, r"branch_kv.*full"),
     ("branch-kv-pair", dict(branch_kv={"sel": _pair()[:1]}), B, TypeError, r"branch_kv\['sel'\]"),
-    ("branch-kv-shape", dict(branch_kv={"sel": _pair(t=T - 1)}), B, ValueError,
-     r"branch_kv\['sel'\] k"),
+    (
+        "branch-kv-shape",
+        dict(branch_kv={"sel": _pair(t=T - 1)}),
+        B,
+        ValueError,
+        r"branch_kv\['sel'\] k",
+    ),
     ("branch-kv-groups", dict(branch_kv={"win": _pair(g=1)}), B, ValueError, r"branch_kv\['win'\]"),
-    ("branch-kv-dv", dict(branch_kv={"cmp": _pair(dv=DV + 1)}), B, ValueError, r"branch_kv\['cmp'\]"),
-    ("branch-kv-dtype", dict(branch_kv={"win": _pair(dtype=torch.float32)}), B, TypeError,
-     r"branch_kv\['win'\] k dtype"),
+    (
+        "branch-kv-dv",
+        dict(branch_kv={"cmp": _pair(dv=DV + 1)}),
+        B,
+        ValueError,
+        r"branch_kv\['cmp'\]",
+    ),
+    (
+        "branch-kv-dtype",
+        dict(branch_kv={"win": _pair(dtype=torch.float32)}),
+        B,
+        TypeError,
+        r"branch_kv\['win'\] k dtype",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("changes", "batch", "error", "pattern"),
-                         [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("changes", "batch", "error", "pattern"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
 def test_bad_input_is_rejected_naming_the_argument(changes, batch, error, pattern):
     """Spec I.11: a ``ValueError``/``TypeError`` whose message names the offending argument."""
     args = {**_inputs(batch), **changes}
@@ -255,8 +334,9 @@ def test_validate_false_skips_only_the_gate_range():
     """``validate=False`` accepts gates outside [0, 1] (and still combines them linearly)."""
     args = _inputs()
     gates = args["gates"] * 3 - 1
-    o, aux = nsa_attention(args["q"], args["k"], args["v"], gates, SMALL, validate=False,
-                           return_aux=True)
+    o, aux = nsa_attention(
+        args["q"], args["k"], args["v"], gates, SMALL, validate=False, return_aux=True
+    )
     want = gates[..., 0:1] * aux.o_cmp + gates[..., 1:2] * aux.o_sel + gates[..., 2:3] * aux.o_win
     assert (o - want).abs().max() <= EXACT_ATOL
     with pytest.raises(ValueError, match=r"\bq\b"):
@@ -274,8 +354,15 @@ def test_complete_branch_kv_needs_no_shared_kv():
 
 # --- Gradients ---------------------------------------------------------------------------------
 
-GRAD_CFG = NSAConfig(cmp_block=2, cmp_stride=1, sel_block=2, sel_top_n=2, sel_init_blocks=1,
-                     sel_local_blocks=1, window=3)
+GRAD_CFG = NSAConfig(
+    cmp_block=2,
+    cmp_stride=1,
+    sel_block=2,
+    sel_top_n=2,
+    sel_init_blocks=1,
+    sel_local_blocks=1,
+    window=3,
+)
 
 
 @pytest.mark.parametrize("variant", ["plain", "packed", "branch_kv"])
@@ -307,8 +394,15 @@ def test_gradcheck_float64(variant):
 
 # --- Decode cache (spec I.9) -------------------------------------------------------------------
 
-DECODE_CFG = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, sel_top_n=3, sel_init_blocks=1,
-                       sel_local_blocks=2, window=3)
+DECODE_CFG = NSAConfig(
+    cmp_block=4,
+    cmp_stride=2,
+    sel_block=4,
+    sel_top_n=3,
+    sel_init_blocks=1,
+    sel_local_blocks=2,
+    window=3,
+)
 
 
 def _decode_inputs(Td=16, batch=1, groups=1, heads=1, gate=(1.0, 0.0, 0.0)):

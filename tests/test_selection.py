@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nsa_ref
+from nsa_impl.branches import selection
 from nsa_impl.branches.selection import (
     DEFAULT_VARLEN_MIN_L,
     block_ranges,
@@ -63,7 +64,7 @@ def oracle_attention(q, k, v, mask, scale):
     s = torch.einsum("btghd,bsgd->btghs", q.view(B, T, G, H // G, Dk), k) * scale
     m = mask.to(q.device)[:, :, :, None, :]
     has = m.any(dim=-1, keepdim=True)
-    s = torch.where(m & has, s, torch.where(has, float("-inf"), 0.0))
+    s = torch.where(m & has, s, torch.where(has, float("-inf"), 0.0).to(s.dtype))
     p = torch.softmax(s, dim=-1) * has
     return torch.einsum("btghs,bsgd->btghd", p, v).reshape(B, T, H, v.shape[-1])
 
@@ -245,6 +246,24 @@ def test_maximal_coverage_is_causal_attention():
     for path in PATHS:
         out = selection_attention(q, k, v, bi, CFG, 0.4, path=path, chunk_slots=50)
         _assert_close(out, full.transpose(1, 2), FP32_OUT_ATOL, path)
+
+
+@pytest.mark.parametrize("cu", [None, torch.tensor([0, 13, 14, 30], dtype=torch.int32)])
+def test_causal_prefix_shortcut_stops_at_first_partial_row(cu):
+    """Leading rows selecting every key ``0..p`` take causal SDPA; the run ends at the first
+    row (any batch or group) that misses a key, and the rows after it match the oracle too."""
+    B, T, G, h = (2 if cu is None else 1), 30, 2, 2
+    n = 4
+    bi = torch.arange(n).expand(B, T, G, n).clone()  # blocks 0..3 cover keys 0..15
+    bi[-1, 9, 1] = torch.tensor([1, 2, 3, -1])  # position 9 (local 9 / 9) misses keys 0..3
+    bi[:, 22:] = torch.tensor([0, 2, 3, 5])  # later rows: partial again (sequence 3 at 8+)
+    q, k, v = _inputs(B, T, G, h, 8, 8, seed=11)
+    bounds = None if cu is None else cu.tolist()
+    rows = selection._build_rows(bi, CFG, B, T, G, q.device, bounds)
+    want_prefix = [9] if cu is None else [9, 1, 8]  # local rows >= 16 miss keys >= 16
+    assert selection._causal_prefixes(rows, B, T, G, bounds) == want_prefix
+    want = oracle_attention(q, k, v, oracle_mask(bi, CFG, cu), 0.5)
+    _check_against(q, k, v, bi, CFG, 0.5, want, cu=cu, chunk_slots=40, varlen_min_len=5)
 
 
 @pytest.mark.parametrize("path", PATHS)

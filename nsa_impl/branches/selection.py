@@ -29,6 +29,14 @@ Paths (`selection_attention` ``path=``):
 ``triton``
     Delegates to ``nsa_impl.kernels.triton_sel.selection_attention`` (imported lazily).
 
+Causal-prefix shortcut (``packed`` and ``varlen``): a row whose merged ranges are the single
+range ``[0, p]`` is plain causal attention. Each sequence's leading run of such rows (for every
+batch and group; read from the block indices, never assumed; in the paper configuration all rows
+``p < n * l'`` qualify) is computed by one causal ``scaled_dot_product_attention`` over the
+sequence's first ``L`` keys, and only the remaining rows are gathered into chunks. Applied for at
+most `MAX_PREFIX_SEQUENCES` ``cu_seqlens`` sequences (one SDPA call each). Since ``n`` blocks hold
+at most ``n * l'`` keys, ``L <= n * l'``: the SDPA working set does not grow with ``T``.
+
 Autograd (all paths but ``triton``, which has its own): one `torch.autograd.Function` saves only
 ``q, k, v``, the output ``o`` and the small integer row metadata (``[B*T*G, n]`` block indices
 and merged ranges). Backward walks the same chunks as the forward, re-gathers each chunk's keys,
@@ -450,6 +458,73 @@ class _SelectionAttention(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# Causal-prefix shortcut
+# --------------------------------------------------------------------------------------------
+
+#: Most ``cu_seqlens`` sequences for which the causal-prefix shortcut runs (one SDPA call per
+#: sequence; beyond this many, the per-call overhead outweighs the saved gathers).
+MAX_PREFIX_SEQUENCES = 64
+
+
+def _causal_prefixes(rows: _Rows, B: int, T: int, G: int, bounds) -> list[int]:
+    """Per sequence, the length ``L`` of its leading run of rows whose selection is every key
+    ``0..p`` (for all batches and groups). Such rows equal causal attention over the sequence's
+    first ``L`` keys. Read from the merged ranges, so any ``block_indices`` is handled.
+    Empty list when the shortcut does not apply (too many sequences)."""
+    starts = [0] if bounds is None else list(bounds[:-1])
+    if len(starts) > MAX_PREFIX_SEQUENCES:
+        return []
+    full = (rows.lengths == rows.pos + 1).view(B, T, G).all(dim=2).all(dim=0)  # [T]
+    # first failing row of each sequence (a row index >= T means none fails)
+    fail = torch.where(full, T, torch.arange(T, device=full.device))
+    seq_end = [*starts[1:], T]
+    if bounds is None:
+        first = [int(fail.min())] if T else [0]
+    else:
+        first = [int(fail[a:b].min()) if b > a else a for a, b in zip(starts, seq_end, strict=True)]
+    return [max(0, min(f, b) - a) for a, b, f in zip(starts, seq_end, first, strict=True)]
+
+
+def _rows_after_prefixes(rows: _Rows, prefix: list[int], B: int, T: int, G: int, bounds):
+    """Bool ``[R]``: rows not covered by the causal prefixes (those go through the chunks)."""
+    if not prefix:
+        return torch.ones_like(rows.pos, dtype=torch.bool)
+    starts = [0] if bounds is None else list(bounds[:-1])
+    in_prefix = torch.zeros(T, dtype=torch.bool)
+    for a, L in zip(starts, prefix, strict=True):
+        in_prefix[a : a + L] = True
+    in_prefix = in_prefix.to(rows.pos.device)
+    return ~in_prefix.view(1, T, 1).expand(B, T, G).reshape(-1)
+
+
+def _causal_sdpa(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention ``[B, L, H, Dv]`` of ``q [B, L, H, Dk]`` over ``k/v [B, L, G, D]``."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.transpose(1, 2)
+
+
+def _splice_prefixes(o, q, k, v, prefix: list[int], bounds, T: int, scale: float):
+    """``o`` with each sequence's first ``L`` rows replaced by causal SDPA over its first ``L``
+    keys (differentiable: a concatenation of slices along ``T``)."""
+    starts = [0] if bounds is None else list(bounds[:-1])
+    ends = [*starts[1:], T]
+    pieces = []
+    for a, b, L in zip(starts, ends, prefix, strict=True):
+        if L:
+            pieces.append(_causal_sdpa(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale))
+        if a + L < b:
+            pieces.append(o[:, a + L : b])
+    return torch.cat(pieces, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
 
@@ -536,16 +611,21 @@ def selection_attention(
     G = k.shape[2]
     rows = _build_rows(block_indices, cfg, B, T, G, q.device, bounds)
     flash = False
+    prefix = None
     if path == "gather":
         chunks = _natural_chunks(rows, chunk_slots)
-    elif path == "packed":
-        chunks = _sorted_chunks(
-            rows, torch.ones_like(rows.pos, dtype=torch.bool), "packed", chunk_slots
-        )
     else:
-        wide = rows.lengths >= varlen_min_len
-        chunks = _sorted_chunks(rows, ~wide, "packed", chunk_slots)
-        chunks += _sorted_chunks(rows, wide, "varlen", chunk_slots)
-        flash = flash_varlen_available(q, k, v)[0]
+        prefix = _causal_prefixes(rows, B, T, G, bounds)
+        rest = _rows_after_prefixes(rows, prefix, B, T, G, bounds)
+        if path == "packed":
+            chunks = _sorted_chunks(rows, rest, "packed", chunk_slots)
+        else:
+            wide = rows.lengths >= varlen_min_len
+            chunks = _sorted_chunks(rows, rest & ~wide, "packed", chunk_slots)
+            chunks += _sorted_chunks(rows, rest & wide, "varlen", chunk_slots)
+            flash = flash_varlen_available(q, k, v)[0]
     plan = _Plan(rows, chunks, float(scale), flash)
-    return _SelectionAttention.apply(q, k, v, plan)
+    o = _SelectionAttention.apply(q, k, v, plan)
+    if not prefix or not any(prefix):
+        return o
+    return _splice_prefixes(o, q, k, v, prefix, bounds, T, float(scale))
