@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
+import pytest
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from nsa_impl.tolerances import fp_class_atol
 from nsa_ref import NSAConfig, nsa_attention
 
 REGIMES = ("normal", "large", "ties", "tiny")
@@ -41,8 +43,8 @@ def weighted_pool(blocks: torch.Tensor) -> torch.Tensor:
     """
     l = blocks.shape[-2]
     w = torch.arange(1, l + 1, dtype=blocks.dtype, device=blocks.device)
-    # An elementwise product and a sum over the block axis, like the mean: the result of a block
-    # does not depend on how many blocks are pooled together (a matmul's blocking would).
+    # An elementwise product and a sum over the block axis, as the mean does; an einsum (a matmul)
+    # rounded a block differently in float32 depending on how many blocks were pooled together.
     return (blocks * (w / w.sum())[:, None]).sum(dim=-2)
 
 
@@ -166,19 +168,33 @@ def splice(a: Inputs, b: Inputs, fields: dict[str, torch.Tensor], groups=None) -
     )
 
 
-def prefix(x: Inputs, t: int) -> Inputs:
-    """The first ``t`` positions of an unpacked batch, as inputs of their own."""
-    if x.cu_seqlens is not None:
-        raise ValueError("prefix() takes unpacked inputs (cu_seqlens is set)")
-    cut = {n: (k[:, :t], v[:, :t]) for n, (k, v) in (x.branch_kv or {}).items()}
+def segment(x: Inputs, start: int, end: int) -> Inputs:
+    """Positions ``start .. end-1`` as unpacked inputs of their own (a prefix, or one whole
+    packed sequence, which then becomes a ``B = 1`` batch)."""
+    cut = {n: (k[:, start:end], v[:, start:end]) for n, (k, v) in (x.branch_kv or {}).items()}
     return Inputs(
-        q=x.q[:, :t],
-        k=x.k[:, :t],
-        v=x.v[:, :t],
-        gates=x.gates[:, :t],
-        structure=replace(x.structure, T=t),
+        q=x.q[:, start:end],
+        k=x.k[:, start:end],
+        v=x.v[:, start:end],
+        gates=x.gates[:, start:end],
+        structure=replace(x.structure, T=end - start, seqlens=None),
         branch_kv=cut or None,
     )
+
+
+def cotangent(o: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random output weights for a backward pass: ``(o * cotangent).sum()`` reaches every entry."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(o.shape, generator=gen, dtype=o.dtype)
+
+
+def tolerance(dtype: torch.dtype, kind: str = "out") -> float:
+    """The spec I.10 absolute tolerance class of a float64 or float32 run."""
+    return fp_class_atol(str(dtype).removeprefix("torch."), kind)
+
+
+#: Run a property in float64 (`exact` class) and float32 (`fp32` class).
+over_dtypes = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 
 
 def reseeded(s: Structure, offset: int = 1) -> Structure:

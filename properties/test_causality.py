@@ -6,7 +6,6 @@ bit for bit (``torch.equal``), not within a tolerance.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -18,17 +17,19 @@ from . import oracles
 from .strategies import (
     BRANCH_FIELDS,
     PHIS,
+    cotangent,
     examples,
     make_inputs,
+    over_dtypes,
     pinned,
-    prefix,
     reference,
     reseeded,
+    segment,
     splice,
     structures,
+    tolerance,
 )
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 AUX_ROWS = ("block_indices", "p_slc", "p_cmp", "o_cmp", "o_sel", "o_win")
 CUTS = st.integers(0, 10**6)
 
@@ -45,7 +46,7 @@ def _assert_rows_equal(a, b, rows: slice, what: str) -> None:
     assert torch.equal(a[0][:, rows], b[0][:, rows]), f"{what}: output changed"
 
 
-@DTYPES
+@over_dtypes
 @examples(0.8)
 @given(s=structures(min_T=2, phis=PHIS, branch_kv=(False, True)), cut=CUTS)
 @example(s=pinned(T=9, cfg=NSAConfig(4, 2, 4, 3, 1, 2, 3)), cut=4)  # block 1 [2, 6) ends at t+1
@@ -60,7 +61,7 @@ def test_p01_outputs_do_not_see_the_future(s, cut, dtype):
     _assert_rows_equal(reference(a), reference(splice(a, b, fields)), slice(0, t + 1), f"t={t}")
 
 
-@DTYPES
+@over_dtypes
 @examples(0.8)
 @given(s=structures(min_T=2, phis=PHIS, branch_kv=(False, True)), cut=CUTS)
 @example(s=pinned(T=9, cfg=NSAConfig(4, 2, 4, 3, 1, 2, 3)), cut=4)
@@ -69,8 +70,7 @@ def test_p01_gradients_do_not_reach_the_future(s, cut, dtype):
     t = _cut(s, cut)
     x = make_inputs(s, dtype, requires_grad=True)
     o, _ = reference(x)
-    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(s.seed), dtype=o.dtype)
-    (o[:, : t + 1] * weights[:, : t + 1]).sum().backward()
+    (o[:, : t + 1] * cotangent(o, s.seed)[:, : t + 1]).sum().backward()
     for leaf in x.leaves():
         if leaf.grad is not None:
             assert torch.all(leaf.grad[:, t + 1 :] == 0), "gradient leaked to a future position"
@@ -132,19 +132,31 @@ def test_p03_compression_sees_exactly_the_complete_blocks(s):
             assert oracles.max_abs_diff(total, float(M > 0)) <= EXACT_ATOL
 
 
-@DTYPES
+@over_dtypes
 @examples(0.8)
 @given(s=structures(min_T=2, phis=PHIS, branch_kv=(False, True)), cut=CUTS)
 @example(s=pinned(T=11, cfg=NSAConfig(4, 2, 6, 2, 1, 1, 3)), cut=6)  # T not a multiple of d, l'
+@example(s=pinned(T=40, G=2, h=1, Dk=1, Dv=2, cfg=NSAConfig(6, 2, 2, 1, 0, 0, 1), seed=0), cut=5)
 def test_p04_prefix_invariance(s, cut, dtype):
-    """P4: rows ``0..t-1`` are identical whether the input has length ``t`` or ``T > t``."""
+    """P4: rows ``0..t-1`` are the same whether the input has length ``t`` or ``T > t``.
+
+    Block indices must be equal. Values are compared within the dtype's tolerance class, not bit
+    for bit: the reference pools all compressed blocks of a sequence in one reduction, and torch
+    may round a float32 mean differently for a different block count (seen: 3e-8 at T=40 vs 6,
+    the second example). P1 compares equal shapes and stays bit-exact.
+    """
     t = _cut(s, cut) + 1
     x = make_inputs(s, dtype)
+    atol = tolerance(dtype)
     full = reference(x)
-    o_short, aux_short = reference(prefix(x, t))
-    assert torch.equal(full[0][:, :t], o_short)
+    o_short, aux_short = reference(segment(x, 0, t))
+    assert oracles.max_abs_diff(full[0][:, :t], o_short) <= atol
     for name in AUX_ROWS:
         long_rows, short_rows = getattr(full[1], name)[:, :t], getattr(aux_short, name)
         width = short_rows.shape[-1]
-        assert torch.equal(long_rows[..., :width], short_rows), f"aux.{name} differs"
+        if name == "block_indices":
+            assert torch.equal(long_rows, short_rows), "block indices differ"
+        else:
+            err = oracles.max_abs_diff(long_rows[..., :width], short_rows)
+            assert err <= atol, f"aux.{name} differs by {err}"
         assert torch.all(long_rows[..., width:] == 0), f"aux.{name} has entries past the prefix"

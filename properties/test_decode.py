@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import example, given
 
-from nsa_impl.tolerances import fp_class_atol
 from nsa_ref import NSAConfig, NSARefCache
 
 from . import oracles
-from .strategies import PHIS, examples, make_inputs, phi_function, pinned, reference, structures
+from .strategies import (
+    PHIS,
+    examples,
+    make_inputs,
+    over_dtypes,
+    phi_function,
+    pinned,
+    reference,
+    structures,
+    tolerance,
+)
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 DECODE_STRUCTURES = structures(max_T=40, phis=PHIS, branch_kv=(False, True))
 
 
@@ -39,7 +46,7 @@ def _decode(x):
     return torch.cat(outs, dim=1), reads
 
 
-@DTYPES
+@over_dtypes
 @examples(0.6)
 @given(s=DECODE_STRUCTURES)
 @example(s=pinned(T=1, cfg=NSAConfig(4, 2, 4, 3, 1, 2, 4)))
@@ -55,7 +62,7 @@ def test_p05_prefill_equals_decode(s, dtype):
     o_prefill, _ = reference(x)
     o_decode, _ = _decode(x)
     err = oracles.max_abs_diff(o_prefill, o_decode)
-    assert err <= fp_class_atol(str(dtype).removeprefix("torch."), "out"), err
+    assert err <= tolerance(dtype), err
 
 
 @examples(0.6)

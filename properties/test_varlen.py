@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from hypothesis import example, given
 
 from nsa_ref import NSAConfig
 
-from .strategies import PHIS, Inputs, examples, make_inputs, pinned, reference, structures
+from .strategies import (
+    PHIS,
+    cotangent,
+    examples,
+    make_inputs,
+    pinned,
+    reference,
+    segment,
+    structures,
+)
 
 AUX_FIELDS = ("block_indices", "p_slc", "p_cmp", "o_cmp", "o_sel", "o_win")
-
-
-def _segment(x: Inputs, start: int, end: int) -> Inputs:
-    """One packed sequence as an unpacked ``B = 1`` input of its own."""
-    cut = {n: (k[:, start:end], v[:, start:end]) for n, (k, v) in (x.branch_kv or {}).items()}
-    s = x.structure
-    return Inputs(
-        q=x.q[:, start:end],
-        k=x.k[:, start:end],
-        v=x.v[:, start:end],
-        gates=x.gates[:, start:end],
-        branch_kv=cut or None,
-        structure=replace(s, T=end - start, seqlens=None),
-    )
 
 
 @examples()
@@ -40,10 +33,10 @@ def test_p06_packed_equals_separate(s):
     """
     x = make_inputs(s, requires_grad=True)
     o, aux = reference(x)
-    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(s.seed), dtype=o.dtype)
+    weights = cotangent(o, s.seed)
     packed_grads = torch.autograd.grad((o * weights).sum(), x.leaves(), allow_unused=True)
     for _, start, end in s.sequences():
-        part = _segment(x, start, end)
+        part = segment(x, start, end)
         o_part, aux_part = reference(part)
         assert torch.equal(o[:, start:end], o_part)
         for name in AUX_FIELDS:

@@ -66,6 +66,8 @@ from torch.autograd.function import once_differentiable
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import check_cu_seqlens
 
+from . import causal_attention
+
 #: Paths `selection_attention` accepts.
 SELECTION_PATHS = ("gather", "packed", "varlen", "triton")
 #: Default ``varlen_min_len`` (``NSA_SEL_VARLEN_MIN_L``): rows selecting fewer keys than this
@@ -497,19 +499,6 @@ def _rows_after_prefixes(rows: _Rows, prefix: list[int], B: int, T: int, G: int,
     return ~in_prefix.view(1, T, 1).expand(B, T, G).reshape(-1)
 
 
-def _causal_sdpa(q, k, v, scale: float) -> torch.Tensor:
-    """Causal attention ``[B, L, H, Dv]`` of ``q [B, L, H, Dk]`` over ``k/v [B, L, G, D]``."""
-    o = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return o.transpose(1, 2)
-
-
 def _splice_prefixes(o, q, k, v, prefix: list[int], bounds, T: int, scale: float):
     """``o`` with each sequence's first ``L`` rows replaced by causal SDPA over its first ``L``
     keys (differentiable: a concatenation of slices along ``T``)."""
@@ -518,7 +507,7 @@ def _splice_prefixes(o, q, k, v, prefix: list[int], bounds, T: int, scale: float
     pieces = []
     for a, b, L in zip(starts, ends, prefix, strict=True):
         if L:
-            pieces.append(_causal_sdpa(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale))
+            pieces.append(causal_attention(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale))
         if a + L < b:
             pieces.append(o[:, a + L : b])
     return torch.cat(pieces, dim=1)

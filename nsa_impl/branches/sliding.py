@@ -1,6 +1,7 @@
 """Sliding-window branch (spec I.7): query ``p`` attends to keys ``p - w < s <= p``.
 
-"masked" path: banded chunks of the shared masked softmax (`nsa_impl.branches.range_attention`):
+"masked" path: rows ``p < w`` of a single (unpacked) sequence are plain causal attention (fused SDPA); the
+other rows use banded chunks of the shared masked softmax (`nsa_impl.branches.range_attention`):
 a chunk of rows ``[r0, r1)`` reads only keys ``[r0 - w + 1, r1)``, so memory is
 ``O(B * H * c * (c + w))`` however long ``T`` is. With ``cu_seqlens`` each row's range starts no
 earlier than its own sequence. "flash" path: `nsa_impl.kernels.flash.window_attention`
@@ -16,7 +17,7 @@ import torch
 from nsa_ref.config import NSAConfig
 
 from ..varlen import PackedLayout
-from . import RowRanges, range_attention
+from . import RowRanges, causal_attention, range_attention
 
 
 def window_ranges(cfg: NSAConfig, layout: PackedLayout) -> RowRanges:
@@ -47,4 +48,14 @@ def window_attention(
         return flash.window_attention(q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens)
     if path != "masked":
         raise ValueError(f"window path must be 'masked' or 'flash', got {path!r}")
-    return range_attention(q, k, v, window_ranges(cfg, layout), scale, budget_bytes=budget_bytes)
+    ranges = window_ranges(cfg, layout)
+    L = min(cfg.window, layout.T) if len(layout.lengths) == 1 else 0
+    if L == 0:
+        return range_attention(q, k, v, ranges, scale, budget_bytes=budget_bytes)
+    # Rows p < w see every key 0..p: plain causal attention; the rest go through banded chunks.
+    head = causal_attention(q[:, :L], k[:, :L], v[:, :L], scale)
+    if L == layout.T:
+        return head
+    tail_ranges = RowRanges(ranges.lo[L:], ranges.hi[L:], ranges.num_keys)
+    tail = range_attention(q[:, L:], k, v, tail_ranges, scale, budget_bytes=budget_bytes)
+    return torch.cat([head, tail], dim=1)
