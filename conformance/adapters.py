@@ -269,7 +269,7 @@ class NsaImplAdapter(Adapter):
                 dtypes=frozenset().union(*(d.dtypes for d in decls)),
                 backward=any(d.backward for d in decls),
                 varlen=any(d.varlen for d in decls),
-                selection=self.route_name == "triton",
+                selection=True,
                 min_head_dim=min_dim,
                 max_head_dim=None if None in maxes else max(maxes),
             )
@@ -309,11 +309,12 @@ class NsaImplAdapter(Adapter):
         )
 
     def selection(self, q, k, v, block_indices, cfg, scale, cu_seqlens=None):
-        """`nsa_impl.kernels.triton_sel.selection_attention` (the ``triton`` path only)."""
-        kernel = importlib.import_module("nsa_impl.kernels.triton_sel")
-        return kernel.selection_attention(
-            q, k, v, block_indices, cfg.sel_block, scale, cu_seqlens=cu_seqlens
-        )
+        """`nsa_impl.api.selection_attention`, inside the forced path when one is named."""
+        impl, _ = _import_impl()
+        with self._context():
+            return impl.api.selection_attention(
+                q, k, v, block_indices, cfg, scale, cu_seqlens=cu_seqlens
+            )
 
 
 class _ContextCache:

@@ -139,6 +139,23 @@ def nsa_attention(
     return o, NSAAux(block_indices, p_slc, p_cmp, o_cmp, o_sel, o_win)
 
 
+def selection_attention(q, k, v, block_indices, cfg, scale=None, *, cu_seqlens=None):
+    """The selection branch alone (Eq. 12) given ``block_indices [B, T, G, n]``, routed.
+
+    ``o_sel [B, T, H, Dv]``: attention over the selected keys ``<= p``; ``-1`` and duplicate
+    indices are ignored. The router picks the path as in `nsa_attention` (the "reference" path
+    maps to the exact gather path, since `nsa_ref` computes its own indices).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    plan = routing.route(q, k, v, cu_seqlens=cu_seqlens, backward=_needs_grad(q, q, {"": (k, v)}))
+    plan.raise_errors()
+    path = plan.paths()["sel"]
+    options = {"path": "gather"} if path == "reference" else _selection_options(path)
+    return selection.selection_attention(
+        q, k, v, block_indices, cfg, scale, cu_seqlens=cu_seqlens, **options
+    )
+
+
 def _needs_grad(q, gates, kv) -> bool:
     """Whether autograd will ask for gradients of this call."""
     tensors = [q, gates, *(t for pair in kv.values() for t in pair)]

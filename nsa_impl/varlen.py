@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nsa_ref.validate import check_cu_seqlens
+
 
 def _check_lengths(lengths: object) -> list[int]:
     """Lengths as a list of positive ints; ``ValueError``/``TypeError`` naming ``lengths``."""
@@ -60,18 +62,7 @@ def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 
 def _check_cu(cu_seqlens: object) -> list[int]:
     """Validate ``cu_seqlens`` on its own (no ``T`` to compare with); return it as a list."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {list(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
-    bounds = [int(c) for c in cu_seqlens.tolist()]
-    if bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-        raise ValueError(f"cu_seqlens must start at 0 and be strictly increasing, got {bounds[:8]}")
-    return bounds
+    return check_cu_seqlens(cu_seqlens)
 
 
 @dataclass(frozen=True)

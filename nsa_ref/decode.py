@@ -46,7 +46,9 @@ class NSARefCache:
         if self._seqs and len(self._seqs) != dims.B:
             raise ValueError(f"q_t batch B={dims.B} does not match the cache's B={len(self._seqs)}")
         if not self._seqs:
-            self._seqs = [SequenceKV(self.cfg, dims.h, self.phi_k, self.phi_v) for _ in range(dims.B)]
+            self._seqs = [
+                SequenceKV(self.cfg, dims.h, self.phi_k, self.phi_v) for _ in range(dims.B)
+            ]
         scale = 1.0 / math.sqrt(dims.Dk) if self.scale is None else float(self.scale)
         branch_kv = branch_kv or {}
         p = self.length
@@ -57,13 +59,15 @@ class NSARefCache:
         reads = {"cmp": 0, "sel": 0, "win": 0}
         for b, seq in enumerate(self._seqs):
             new = {name: branch_kv.get(name, (k_t, v_t)) for name in BRANCHES}
-            seq.set_raw({
-                name: tuple(
-                    torch.cat([seq.raw[name][i], t[b, 0][None]]) if seq.raw else t[b, 0][None]
-                    for i, t in enumerate(pair)
-                )
-                for name, pair in new.items()
-            })
+            seq.set_raw(
+                {
+                    name: tuple(
+                        torch.cat([seq.raw[name][i], t[b, 0][None]]) if seq.raw else t[b, 0][None]
+                        for i, t in enumerate(pair)
+                    )
+                    for name, pair in new.items()
+                }
+            )
             self._emit_compressed(seq, p)
             row = nsa_row(p, q_t[b, 0], seq, scale, W)
             outs.append(gate(row.o_cmp, row.o_sel, row.o_win, gates_t[b, 0]))

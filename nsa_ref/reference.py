@@ -106,7 +106,9 @@ def nsa_row(p: int, q_p: torch.Tensor, seq: SequenceKV, scale: float, W: torch.T
     scores = p_slc.detach().tolist()
     for g in range(G):
         blocks = rules.top_n_blocks(scores[g], b, cfg)
-        keys = torch.tensor(rules.selected_keys(blocks, p, cfg), dtype=torch.long, device=q_p.device)
+        keys = torch.tensor(
+            rules.selected_keys(blocks, p, cfg), dtype=torch.long, device=q_p.device
+        )
         heads = slice(g * h, (g + 1) * h)
         kg = k_sel[keys, g].unsqueeze(1).expand(-1, h, -1)
         vg = v_sel[keys, g].unsqueeze(1).expand(-1, h, -1)
@@ -192,7 +194,14 @@ def nsa_attention(
         ``o [B, T, H, Dv]``, or ``(o, aux)`` with ``return_aux=True``.
     """
     dims, bounds = check_inputs(
-        q, k, v, gates, cfg, scale=scale, branch_kv=branch_kv, cu_seqlens=cu_seqlens,
+        q,
+        k,
+        v,
+        gates,
+        cfg,
+        scale=scale,
+        branch_kv=branch_kv,
+        cu_seqlens=cu_seqlens,
         validate_gates=validate,
     )
     scale = 1.0 / math.sqrt(dims.Dk) if scale is None else float(scale)
@@ -204,14 +213,22 @@ def nsa_attention(
     segments = (
         [(b, 0, dims.T) for b in range(dims.B)]
         if bounds is None
-        else [(0, s, e) for s, e in zip(bounds, bounds[1:])]
+        else [(0, s, e) for s, e in zip(bounds, bounds[1:], strict=False)]
     )
     outs, auxes = [], []
     for b, s, e in segments:
         seg_kv = {name: (kk[b, s:e], vv[b, s:e]) for name, (kk, vv) in kv.items()}
         o, aux = _sequence(
-            q[b, s:e], seg_kv, gates[b, s:e], cfg, scale, dims.h, phi_k, phi_v,
-            num_sel_out, num_cmp_out,
+            q[b, s:e],
+            seg_kv,
+            gates[b, s:e],
+            cfg,
+            scale,
+            dims.h,
+            phi_k,
+            phi_v,
+            num_sel_out,
+            num_cmp_out,
         )
         outs.append(o)
         auxes.append(aux)

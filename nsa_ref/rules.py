@@ -22,7 +22,7 @@ def visible_cmp_blocks(p: int, cfg: NSAConfig) -> int:
 
 
 def mean_pool(blocks: torch.Tensor) -> torch.Tensor:
-    """Default ``phi`` (spec I.3): mean over the ``l`` keys of a block, ``[..., l, D] -> [..., D]``."""
+    """Default ``phi`` (spec I.3): mean over a block's ``l`` keys, ``[..., l, D] -> [..., D]``."""
     return blocks.mean(dim=-2)
 
 
@@ -36,7 +36,9 @@ def compress(x: torch.Tensor, num_blocks: int, cfg: NSAConfig, phi: Phi | None) 
     return pooled.permute(1, 0, 2)
 
 
-def overlap_weights(num_sel: int, num_cmp: int, cfg: NSAConfig, dtype=torch.float64) -> torch.Tensor:
+def overlap_weights(
+    num_sel: int, num_cmp: int, cfg: NSAConfig, dtype=torch.float64
+) -> torch.Tensor:
     """Eq. 9 as overlap weights (spec I.4): ``W[j, i] = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d``."""
     l, d, ls = cfg.cmp_block, cfg.cmp_stride, cfg.sel_block
     W = torch.zeros(num_sel, num_cmp, dtype=dtype)

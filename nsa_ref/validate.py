@@ -65,15 +65,20 @@ def check_kv(name: str, k: object, v: object, q: torch.Tensor) -> tuple[int, int
     return G, v.shape[3]
 
 
-def check_cu_seqlens(cu_seqlens: object, B: int, T: int, device: torch.device) -> list[int]:
+def check_cu_seqlens(
+    cu_seqlens: object, B: int = 1, T: int | None = None, device: torch.device | None = None
+) -> list[int]:
     """Check ``cu_seqlens`` (int32 ``[N+1]``, ``0 = c_0 < ... < c_N = T``, ``B == 1``).
 
+    ``T=None`` skips the comparison with a packed length (helpers that build layouts from it).
     Returns the boundaries as a Python list (read once, outside any hot loop).
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {_shape(cu_seqlens)}")
+        raise ValueError(
+            f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {_shape(cu_seqlens)}"
+        )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     if B != 1:
@@ -81,9 +86,9 @@ def check_cu_seqlens(cu_seqlens: object, B: int, T: int, device: torch.device) -
     bounds = [int(c) for c in cu_seqlens.tolist()]
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-    if bounds[-1] != T:
+    if T is not None and bounds[-1] != T:
         raise ValueError(f"cu_seqlens must end at the packed length T={T}, got {bounds[-1]}")
-    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+    if any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
         raise ValueError(f"cu_seqlens must be strictly increasing, got {bounds}")
     return bounds
 

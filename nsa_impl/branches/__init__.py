@@ -247,7 +247,9 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if grad is None else grad.to(like.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Plain causal attention ``[B, L, H, Dv]`` of ``q [B, L, H, Dk]`` over ``k/v [B, L, G, D]``.
 
     The fast path for rows whose key set is every key ``0..p`` of their sequence: the selection
@@ -255,8 +257,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     differentiable.
     """
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, scale=scale, enable_gqa=True,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=True,
     )
     return o.transpose(1, 2)
 

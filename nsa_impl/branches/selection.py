@@ -507,7 +507,9 @@ def _splice_prefixes(o, q, k, v, prefix: list[int], bounds, T: int, scale: float
     pieces = []
     for a, b, L in zip(starts, ends, prefix, strict=True):
         if L:
-            pieces.append(causal_attention(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale))
+            pieces.append(
+                causal_attention(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale)
+            )
         if a + L < b:
             pieces.append(o[:, a + L : b])
     return torch.cat(pieces, dim=1)

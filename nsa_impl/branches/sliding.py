@@ -1,11 +1,12 @@
 """Sliding-window branch (spec I.7): query ``p`` attends to keys ``p - w < s <= p``.
 
-"masked" path: rows ``p < w`` of a single (unpacked) sequence are plain causal attention (fused SDPA); the
-other rows use banded chunks of the shared masked softmax (`nsa_impl.branches.range_attention`):
-a chunk of rows ``[r0, r1)`` reads only keys ``[r0 - w + 1, r1)``, so memory is
-``O(B * H * c * (c + w))`` however long ``T`` is. With ``cu_seqlens`` each row's range starts no
-earlier than its own sequence. "flash" path: `nsa_impl.kernels.flash.window_attention`
-(FlashAttention-2 varlen with a left window), imported only when chosen.
+"masked" path: rows ``p < w`` of a single (unpacked) sequence are plain causal attention (fused
+SDPA); the other rows use banded chunks of the shared masked softmax
+(`nsa_impl.branches.range_attention`): a chunk of rows ``[r0, r1)`` reads only keys
+``[r0 - w + 1, r1)``, so memory is ``O(B * H * c * (c + w))`` however long ``T`` is. With
+``cu_seqlens`` each row's range starts no earlier than its own sequence. "flash" path:
+`nsa_impl.kernels.flash.window_attention` (FlashAttention-2 varlen with a left window), imported
+only when chosen.
 """
 
 from __future__ import annotations
