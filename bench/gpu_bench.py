@@ -246,7 +246,7 @@ def sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
 
 
 def profile(T: int, Dk: int, Dv: int, bench: Bench) -> None:
-    """Top CUDA kernels of one selection fwd+bwd (H=64) and one full NSA fwd+bwd."""
+    """Top CUDA kernels of one selection fwd+bwd (H=64), one full NSA fwd and one fwd+bwd."""
     import nsa_impl
     from nsa_impl.kernels import triton_sel
     from nsa_impl.kernels.naive import random_block_indices
@@ -278,7 +278,12 @@ def profile(T: int, Dk: int, Dv: int, bench: Bench) -> None:
         o = nsa_impl.nsa_attention(*leaves, nsa_impl.NSAConfig(**PAPER), validate=False)
         torch.autograd.grad(o, leaves, do)
 
-    for name, fn in (("selection fwd+bwd", sel), ("full NSA fwd+bwd", full)):
+    def full_fwd():
+        with torch.no_grad():
+            nsa_impl.nsa_attention(q, k, v, gates, nsa_impl.NSAConfig(**PAPER), validate=False)
+
+    runs = (("selection fwd+bwd", sel), ("full NSA fwd", full_fwd), ("full NSA fwd+bwd", full))
+    for name, fn in runs:
         text = bench.run(f"profile {name} T={T}", lambda fn=fn: table(fn))
         print(f"== profile: {name}, T={T}\n{text}", flush=True)
 
@@ -344,9 +349,6 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting cells after this")
     ap.add_argument("--sweep", type=int, default=0, help="T of a launch-variant sweep (0: none)")
     ap.add_argument("--profile", type=int, default=0, help="T of a profiler breakdown (0: none)")
-    ap.add_argument("--flash-win", action="store_true",
-                    help="let the router use the FA-2 window path (patches its flash probe to "
-                         "nsa_impl.kernels.flash.available until routing asks it itself)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -358,15 +360,6 @@ def main(argv=None):
     machine = machine_line()
     print(machine, flush=True)
     H, G = 64, 4
-    if args.flash_win:
-        import dataclasses
-
-        from nsa_impl import routing
-        from nsa_impl.kernels import flash
-
-        # Benchmark-only wiring: the router's declaration asks flash.available().
-        routing.PATHS["flash"] = dataclasses.replace(routing.PATHS["flash"], probe=flash.available)
-        bench.notes.append("window branch: router's flash probe patched to flash.available()")
     if args.sweep:
         sweep(args.sweep, *dims[0], bench)
     if args.profile:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: environment line, GPU tests, benchmarks; logs under $OUT.
+#   bash bench/gpu_run.sh cmp     # GPU tests + full NSA at 16k/64k with a profile breakdown
 #   bash bench/gpu_run.sh check   # GPU tests + selection sweep/timings + a full-NSA scout
 #   bash bench/gpu_run.sh bench   # the full benchmark table (bench/gpu_bench.py)
 # Each step has its own timeout so one slow step cannot eat the others' time.
@@ -14,6 +15,12 @@ stage="${1:-check}"
 } 2>&1 | tee "$OUT/env.txt"
 
 case "$stage" in
+cmp)
+  # the compressed branch's flash path: GPU tests, then full NSA at 64k with a profile
+  timeout 260 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error|err " | head -80
+  timeout 230 python3 bench/gpu_bench.py --out "$OUT/nsa64k" --T 16384,65536 --dims 128/128 \
+      --parts nsa --profile 65536 --budget-s 190 2>&1 | tee "$OUT/nsa64k.log" | tail -75
+  ;;
 check)
   timeout 230 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150
   timeout 220 python3 bench/gpu_bench.py --out "$OUT/sel" --dims 128/128 --parts sel,h4 \

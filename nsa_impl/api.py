@@ -104,9 +104,10 @@ def nsa_attention(
         cmp_layout = CmpLayout.build(cfg, layout)
         k_cmp = scoring.compress(kv["cmp"][0], cfg, cmp_layout, phi_k, name="phi_k")
         v_cmp = scoring.compress(kv["cmp"][1], cfg, cmp_layout, phi_v, name="phi_v")
-        scores = scoring.compressed_and_select(
-            q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=return_aux
-        )
+        select = scoring.compressed_and_select
+        if path["cmp"] == "flash":  # imported lazily: it needs triton
+            from .kernels.flash_cmp import compressed_and_select as select
+        scores = select(q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=return_aux)
         o_cmp, block_indices = scores.o_cmp, scores.block_indices
         p_slc, p_cmp = scores.p_slc, scores.p_cmp
 

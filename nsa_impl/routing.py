@@ -27,13 +27,14 @@ Flags (boolean values: 1/0, true/false, yes/no, on/off):
 ``NSA_TRITON_SEL_FORCE``   0        selection uses "triton" whatever the device (CPU tensors
                                     need ``TRITON_INTERPRET=1``)
 ``NSA_USE_FA2``            1        FlashAttention-2 paths may be used when available
-``NSA_USE_FA2_CMP``        =FA2     compressed branch may use flash (no such kernel: see below)
+``NSA_USE_FA2_CMP``        =FA2     compressed branch may use "flash" (FA-2 + Triton scores)
 ``NSA_USE_FA2_WIN``        =FA2     window branch may use "flash"
 =========================  =======  ==========================================================
 
-The compressed branch has no "flash" path: selection needs ``p_cmp`` from the very logits of
-the compressed attention, which a FlashAttention kernel does not return; the fused masked pass
-computes both at once. `explain` says so when ``NSA_USE_FA2_CMP`` asks for it.
+The compressed branch's "flash" path (`nsa_impl.kernels.flash_cmp`) runs Eq. 8 as one causal
+FlashAttention-2 call over query groups (rows that see the same compressed blocks) and gets the
+selection scores from a Triton kernel that recomputes the logits against FlashAttention's
+log-sum-exp; it needs CUDA, fp16/bf16 and triton. float32 keeps the "masked" path.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ class PathDecl:
         min_head_dim, max_head_dim: supported ``Dk``/``Dv`` (``None``: no upper bound).
         doc: one line on what the path does.
         probe: availability of optional software (``None``: always available).
-        kernel_supports: optional ``(q, k, v) -> (ok, reason)`` of the kernel itself.
+        kernel_supports: optional ``(q, k, v) -> (ok, reason)`` of the kernel itself, or a
+            mapping branch -> such a function when the branches run different kernels.
     """
 
     name: str
@@ -240,7 +242,7 @@ class PathDecl:
     max_head_dim: int | None = None
     doc: str = ""
     probe: Callable[[], tuple[bool, str]] | None = field(default=None, compare=False)
-    kernel_supports: Callable | None = field(default=None, compare=False)
+    kernel_supports: Callable | Mapping[str, Callable] | None = field(default=None, compare=False)
 
     def available(self) -> tuple[bool, str]:
         """``(True, why)`` when the software it needs is present, else ``(False, reason)``."""
@@ -270,8 +272,11 @@ class PathDecl:
         ok, why = self.available()
         if not ok:
             return False, f"unavailable: {why}"
-        if self.kernel_supports is not None and inp.tensors is not None:
-            ok, why = self.kernel_supports(*inp.tensors)
+        kernel_supports = self.kernel_supports
+        if isinstance(kernel_supports, Mapping):
+            kernel_supports = kernel_supports.get(branch)
+        if kernel_supports is not None and inp.tensors is not None:
+            ok, why = kernel_supports(*inp.tensors)
             if not ok:
                 return False, f"kernel declines: {why}"
         return True, "supported"
@@ -331,16 +336,20 @@ PATHS: dict[str, PathDecl] = {
         ),
         PathDecl(
             "flash",
-            frozenset({"win"}),
+            frozenset({"cmp", "win"}),
             frozenset({"cuda"}),
             frozenset({torch.float16, torch.bfloat16}),
             True,
             True,
             min_head_dim=8,
             max_head_dim=256,
-            doc="FlashAttention-2 varlen with a left window",
+            doc="FlashAttention-2 varlen (win: left window; cmp: causal over query groups, "
+            "Triton scores from its log-sum-exp)",
             probe=_probe_flash,
-            kernel_supports=_kernel_supports("nsa_impl.kernels.flash"),
+            kernel_supports={
+                "win": _kernel_supports("nsa_impl.kernels.flash"),
+                "cmp": _kernel_supports("nsa_impl.kernels.flash_cmp"),
+            },
         ),
     )
 }
@@ -461,7 +470,8 @@ def _forced(branch: str, name: str, inp: Inputs, why: str, *, any_device=False) 
 def _preferences(branch: str, s: Settings) -> list[tuple[str, str]]:
     """Candidate paths for ``branch`` in order, each with the flag that allows it."""
     if branch == "cmp":
-        prefs = [("masked", "NSA_USE_CMP_MASK=1")] if s.use_cmp_mask else []
+        prefs = [("flash", "NSA_USE_FA2_CMP/NSA_USE_FA2 on")] if s.fa2_cmp else []
+        prefs += [("masked", "NSA_USE_CMP_MASK=1")] if s.use_cmp_mask else []
     elif branch == "win":
         prefs = [("flash", "NSA_USE_FA2_WIN/NSA_USE_FA2 on")] if s.fa2_win else []
         prefs += [("masked", "NSA_USE_WIN_MASK=1")] if s.use_win_mask else []
@@ -492,8 +502,6 @@ def _choose(branch: str, inp: Inputs, s: Settings) -> Decision:
     if branch == "sel" and s.triton_sel_force:
         return _forced(branch, "triton", inp, "NSA_TRITON_SEL_FORCE=1", any_device=True)
     skipped = []
-    if branch == "cmp" and s.fa2_cmp and "NSA_USE_FA2_CMP" in s.source:
-        skipped.append("flash: no flash path for cmp (scoring needs p_cmp from the same logits)")
     for name, flag in _preferences(branch, s):
         ok, reason = PATHS[name].supports(branch, inp)
         if ok and name == "triton":

@@ -173,7 +173,8 @@ def test_forced_path_that_cannot_run_raises_instead_of_falling_back():
     with routing.force_path("flash"):
         plan = routing.route(q, k, v)
         assert plan["win"].error and "flash" in plan["win"].error
-        assert plan["cmp"].path == "masked"  # no flash path for cmp: router's choice
+        assert plan["cmp"].error and "cuda" in plan["cmp"].error  # forced, CPU tensors
+        assert plan["sel"].path != "flash"  # no flash selection path: router's choice
         with pytest.raises(RuntimeError, match="win"):
             nsa_attention(q, k, v, gates, CFG)
 
@@ -201,7 +202,8 @@ def test_explain_is_a_printable_table():
     text = str(table)
     for branch in ("cmp", "sel", "win"):
         assert branch in text and table[branch].reason
-    assert "no flash path for cmp" in table["cmp"].reason
+    # CPU tensors: the cmp flash path is declined, and the reason names why
+    assert table["cmp"].path == "masked" and "skipped flash: device cpu" in table["cmp"].reason
 
 
 # ------------------------------------------------------------------------------------------

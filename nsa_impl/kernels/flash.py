@@ -41,7 +41,8 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _WARNED: set[str] = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def warn_once(key: str, msg: str) -> None:
+    """Log ``msg`` as a warning the first time ``key`` is seen (fallback notices)."""
     if key not in _WARNED:
         _WARNED.add(key)
         log.warning(msg)
@@ -106,8 +107,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, s
     return available()
 
 
-class _AtenFlashWindow(torch.autograd.Function):
-    """PyTorch's FA-2 varlen forward/backward, causal with a left window (``[N, heads, D]``)."""
+class _AtenFlash(torch.autograd.Function):
+    """PyTorch's FA-2 varlen forward/backward, causal, with an optional left window.
+
+    Packed ``[N, heads, D]`` tensors, ``left = -1`` for no window. Returns ``(o, lse)``; the
+    log-sum-exp ``[heads, N]`` (float32) is not differentiable.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, cu, max_len, left, scale):
@@ -117,10 +122,11 @@ class _AtenFlashWindow(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
         ctx.max_len, ctx.left, ctx.scale = max_len, left, scale
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             do.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
@@ -129,16 +135,56 @@ class _AtenFlashWindow(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _kernel(q, k, v, cu, max_len: int, left: int, scale: float) -> torch.Tensor:
-    """One FA-2 varlen call on packed, equally padded ``[N, heads, D]`` tensors."""
+def _kernel(q, k, v, cu, max_len: int, left: int, scale: float, *, want_lse: bool = False):
+    """One FA-2 varlen causal call on packed ``[N, heads, D]`` tensors (one head dim for all).
+
+    Returns ``o``, or ``(o, lse)`` with ``lse [heads, N]`` float32 when ``want_lse``.
+    """
     if flash_attn_installed():
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(
+        res = flash_attn_varlen_func(
             q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale,
-            causal=True, window_size=(left, 0),
+            causal=True, window_size=(left, 0), return_attn_probs=want_lse,
         )
-    return _AtenFlashWindow.apply(q, k, v, cu, max_len, left, scale)
+        return (res[0], _packed_lse(res[1], cu, q.shape[0])) if want_lse else res
+    out, lse = _AtenFlash.apply(q, k, v, cu, max_len, left, scale)
+    return (out, _packed_lse(lse, cu, q.shape[0])) if want_lse else out
+
+
+def _packed_lse(lse: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
+    """FA-2's varlen log-sum-exp as ``[heads, total]`` float32.
+
+    Releases since 2.4 return that already; older ones a padded ``[batch, heads, max_len]``,
+    which is unpadded here.
+    """
+    if lse.dim() == 2 and lse.shape[1] == total:
+        return lse.float()
+    if lse.dim() != 3:
+        raise RuntimeError(f"unexpected FlashAttention log-sum-exp shape {tuple(lse.shape)}")
+    lens = (cu[1:] - cu[:-1]).long()
+    pos = torch.arange(total, device=lse.device) - torch.repeat_interleave(cu[:-1].long(), lens)
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lse.device), lens)
+    return lse[seq, :, pos].transpose(0, 1).float()
+
+
+def _pad_heads(q, k, v):
+    """Zero-pad ``Dk``/``Dv`` to one FlashAttention head dim (module docstring)."""
+    D = _padded_dim(q.shape[-1], v.shape[-1])
+    return tuple(F.pad(t, (0, D - t.shape[-1])) for t in (q, k, v))
+
+
+def causal_attention_lse(q, k, v, cu, max_len: int, scale: float):
+    """Causal FA-2 varlen attention of packed sequences, with the log-sum-exp.
+
+    ``q [N, Hq, Dk]``, ``k [N, G, Dk]``, ``v [N, G, Dv]`` (``Hq % G == 0``), ``cu`` int32
+    boundaries on the device, ``max_len`` the longest sequence. Returns ``o [N, Hq, Dv]``
+    (differentiable) and ``lse [Hq, N]`` float32 (natural log, detached).
+    """
+    Dv = v.shape[-1]
+    qp, kp, vp = (t.contiguous() for t in _pad_heads(q, k, v))
+    o, lse = _kernel(qp, kp, vp, cu, int(max_len), -1, float(scale), want_lse=True)
+    return o[..., :Dv], lse
 
 
 def _masked_fallback(q, k, v, window, scale, cu_seqlens):
@@ -188,14 +234,11 @@ def window_attention(
     if int(window) < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     B, T, H, Dk = q.shape
-    G, Dv = k.shape[2], v.shape[-1]
+    Dv = v.shape[-1]
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens requires B == 1, got B={B}")
     scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-    D = _padded_dim(Dk, Dv)
-    qp = F.pad(q, (0, D - Dk)).reshape(B * T, H, D)
-    kp = F.pad(k, (0, D - Dk)).reshape(B * T, G, D)
-    vp = F.pad(v, (0, D - Dv)).reshape(B * T, G, D)
+    qp, kp, vp = (t.reshape(B * T, t.shape[2], -1) for t in _pad_heads(q, k, v))
     if cu_seqlens is None:
         cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
         max_len = T
@@ -209,7 +252,7 @@ def window_attention(
     if check_finite and not bool(torch.isfinite(o).all()):
         inputs_finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v))
         if inputs_finite:
-            _warn_once(
+            warn_once(
                 "nonfinite",
                 "FlashAttention window output is not finite for finite inputs; "
                 "recomputing with the masked path (logged once)",

@@ -49,14 +49,13 @@ ones, in one process, whatever was imported first.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import threading
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
+
+from ._loader import load_kernel_module
 
 #: ``sel_triton_min_L``: minimum length of the longest sequence for which the router should
 #: prefer this path on CUDA without ``NSA_TRITON_SEL_FORCE``. Below about ``n*l'`` tokens every
@@ -159,41 +158,9 @@ def long_enough(max_seqlen: int, min_len: int = SEL_TRITON_MIN_L) -> bool:
 # Lazy kernel loading (compiled vs interpreted)
 # --------------------------------------------------------------------------------------------
 
-_KERNELS: dict[bool, object] = {}
-_KERNELS_LOCK = threading.Lock()
-
-
 def _kernels(interpret: bool):
-    """The kernel module executed in the given mode (cached; see the module docstring)."""
-    mod = _KERNELS.get(interpret)
-    if mod is not None:
-        return mod
-    with _KERNELS_LOCK:
-        if interpret in _KERNELS:
-            return _KERNELS[interpret]
-        import triton
-
-        path = Path(__file__).with_name("_sel_kernels.py")
-        name = f"nsa_impl.kernels._sel_kernels_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        # triton.jit reads TRITON_INTERPRET (through triton.knobs where it exists) while the
-        # file executes; set it for that moment only and restore what was there.
-        old_env = os.environ.get("TRITON_INTERPRET")
-        knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
-        old_knob = knobs.__dict__.pop("interpret", None) if knobs is not None else None
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
-            spec.loader.exec_module(mod)
-        finally:
-            if old_env is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old_env
-            if knobs is not None and old_knob is not None:
-                knobs.__dict__["interpret"] = old_knob
-        _KERNELS[interpret] = mod
-        return mod
+    """`_sel_kernels` executed in the given mode (cached; see the module docstring)."""
+    return load_kernel_module("_sel_kernels.py", interpret)
 
 
 # --------------------------------------------------------------------------------------------
