@@ -245,6 +245,55 @@ def sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
     triton_sel._TUNING_OVERRIDE.clear()
 
 
+#: Launch shapes of the compressed branch's scoring kernel timed by ``--cmp-sweep``.
+CMP_SWEEP = [{}, {"stages": 1}, {"stages": 2}, {"block_m": 128, "block_n": 64},
+             {"block_m": 64, "block_n": 64, "warps": 4}, {"block_m": 128, "block_n": 128},
+             {"block_m": 32, "block_n": 128, "warps": 4}, {"block_m": 64, "block_n": 256}]
+
+
+def cmp_sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
+    """The compressed branch's flash path in parts (H=64, G=4): FA-2 over query groups, the
+    scoring kernel under `CMP_SWEEP` launch shapes, and top-n (Triton kernel vs torch)."""
+    from nsa_impl import scoring
+    from nsa_impl.branches.compressed import CmpLayout
+    from nsa_impl.kernels import flash_cmp
+    from nsa_impl.varlen import PackedLayout
+
+    cfg = __import__("nsa_impl").NSAConfig(**PAPER)
+    q, k, v, _, _ = nsa_inputs(T, 64, 4, Dk, Dv)
+    layout = PackedLayout.build(T)
+    cl = CmpLayout.build(cfg, layout)
+    k_cmp, v_cmp = scoring.compress(k, cfg, cl), scoring.compress(v, cfg, cl)
+    scale = 1.0 / math.sqrt(Dk)
+    packing = flash_cmp.QueryPacking.build(cfg, layout, cl)
+    base = dict(T=T, dims=f"{Dk}/{Dv}", H=64, G=4, dense_ms=None, dense_backend="", ratio=None)
+    with torch.no_grad():
+        t = bench.run("cmp attention", lambda: timeit(
+            lambda: flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, packing, scale)))
+        bench.add(**base, metric="cmp: FA-2 over query groups", ours_ms=t)
+        _, lse = flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, packing, scale)
+        S = cfg.num_sel_blocks(T)
+        for var in CMP_SWEEP:
+            saved = dict(flash_cmp.SCORE_TUNING)
+            flash_cmp.SCORE_TUNING.update(var)
+            t = bench.run(f"cmp scores {var}", lambda: timeit(lambda: flash_cmp.selection_scores(
+                q, k_cmp, lse, cfg, scale, layout, cl, 0, T, S)))
+            flash_cmp.SCORE_TUNING.clear()
+            flash_cmp.SCORE_TUNING.update(saved)
+            bench.add(**base, metric=f"cmp: scores {var or 'default'}", ours_ms=t)
+        rows = T // 4  # one default-budget chunk at 64k
+        sc = flash_cmp.selection_scores(q, k_cmp, lse, cfg, scale, layout, cl, T - rows, T, S)
+        block = (layout.pos[T - rows:] // cfg.sel_block).cuda()
+        out = torch.empty(1, rows, 4, cfg.sel_top_n, dtype=torch.long, device="cuda")
+        t_tr = bench.run("top-n triton", lambda: timeit(
+            lambda: flash_cmp.top_n(sc, block, cfg, out)))
+        t_pt = bench.run("top-n torch", lambda: timeit(lambda: scoring.top_n(sc, block, cfg)))
+        same = torch.equal(out, scoring.top_n(sc, block, cfg).permute(0, 2, 1, 3))
+        bench.add(**base, metric=f"cmp: top-n of {rows} rows, triton (equal to torch: {same})",
+                  ours_ms=t_tr)
+        bench.add(**base, metric=f"cmp: top-n of {rows} rows, torch", ours_ms=t_pt)
+
+
 def profile(T: int, Dk: int, Dv: int, bench: Bench) -> None:
     """Top CUDA kernels of one selection fwd+bwd (H=64), one full NSA fwd and one fwd+bwd."""
     import nsa_impl
@@ -349,6 +398,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting cells after this")
     ap.add_argument("--sweep", type=int, default=0, help="T of a launch-variant sweep (0: none)")
     ap.add_argument("--profile", type=int, default=0, help="T of a profiler breakdown (0: none)")
+    ap.add_argument("--cmp-sweep", type=int, default=0,
+                    help="T of the compressed branch's breakdown and scoring sweep (0: none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -362,6 +413,8 @@ def main(argv=None):
     H, G = 64, 4
     if args.sweep:
         sweep(args.sweep, *dims[0], bench)
+    if args.cmp_sweep:
+        cmp_sweep(args.cmp_sweep, *dims[0], bench)
     if args.profile:
         profile(args.profile, *dims[0], bench)
     for Dk, Dv in dims if parts - {"none"} else []:

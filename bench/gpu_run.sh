@@ -17,9 +17,11 @@ stage="${1:-check}"
 case "$stage" in
 cmp)
   # the compressed branch's flash path: GPU tests, then full NSA at 64k with a profile
-  timeout 260 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error|err " | head -80
-  timeout 230 python3 bench/gpu_bench.py --out "$OUT/nsa64k" --T 16384,65536 --dims 128/128 \
-      --parts nsa --profile 65536 --budget-s 190 2>&1 | tee "$OUT/nsa64k.log" | tail -75
+  timeout 120 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error|slack" | head -60
+  timeout 200 python3 bench/gpu_bench.py --out "$OUT/nsa64k" --T 16384,65536 --dims 128/128 \
+      --parts nsa --cmp-sweep 65536 --profile 65536 --budget-s 170 2>&1 | tee "$OUT/nsa64k.log" | grep -v "^ *void\|^---\|^ *Name" | tail -60
+  timeout 230 python3 -m conformance run --impl nsa_impl:flash --device cuda --no-mutants \
+      --report "$OUT/conf_flash" 2>&1 | tail -30
   ;;
 check)
   timeout 230 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150

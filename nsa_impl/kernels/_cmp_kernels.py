@@ -118,3 +118,63 @@ def _slc_scores_kernel(
     optr += (rows - row0)[:, None] * stride_ot + j[None, :]
     jmask = (j < S) & (tl.arange(0, BSP) < BS)
     tl.store(optr, out, mask=valid[:, None] & jmask[None, :])
+
+
+@triton.jit
+def _top_n_kernel(
+    SC,
+    CUR,
+    OUT,
+    stride_sb,
+    stride_sg,
+    stride_sr,
+    stride_ob,
+    stride_or,
+    stride_og,
+    rows,
+    S,
+    G,
+    N_TOP: tl.constexpr,
+    NP: tl.constexpr,
+    INIT: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BR: tl.constexpr,
+    SP: tl.constexpr,
+):
+    """Eq. 11 for ``BR`` rows of one (batch, group): ``n`` rounds of an argmax.
+
+    Keys: forced blocks ``+inf``, non-candidates ``-inf``, the rest their score. Each round takes
+    the largest key, lowest index first on ties (``tie_break_left``), which is spec I.5's order;
+    the chosen blocks are then sorted ascending and padded with ``-1``.
+    """
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    rmask = r < rows
+    cur = tl.load(CUR + r, mask=rmask, other=-1)  # b(p); -1 leaves a padding row empty
+    j = tl.arange(0, SP)
+    base = SC + b.to(tl.int64) * stride_sb + g.to(tl.int64) * stride_sg
+    s = tl.load(
+        base + r.to(tl.int64)[:, None] * stride_sr + j[None, :],
+        mask=rmask[:, None] & (j[None, :] < S),
+        other=0.0,
+    )
+    cand = j[None, :] <= cur[:, None]
+    forced = cand & ((j[None, :] < INIT) | (j[None, :] > cur[:, None] - LOCAL))
+    key = tl.where(forced, float("inf"), s)
+    key = tl.where(cand, key, float("-inf"))
+    slot = tl.arange(0, NP)
+    big = SP + 1  # sorts after every block index
+    chosen = tl.full([BR, NP], big, tl.int32)
+    for i in tl.static_range(N_TOP):
+        best = tl.max(key, axis=1)
+        at = tl.argmax(key, axis=1, tie_break_left=True).to(tl.int32)
+        take = best > float("-inf")
+        chosen = tl.where((slot[None, :] == i) & take[:, None], at[:, None], chosen)
+        key = tl.where(j[None, :] == at[:, None], float("-inf"), key)
+    chosen = tl.sort(chosen, dim=1)
+    chosen = tl.where(chosen == big, -1, chosen).to(tl.int64)
+    optr = OUT + b.to(tl.int64) * stride_ob + g.to(tl.int64) * stride_og
+    optr += r.to(tl.int64)[:, None] * stride_or + slot[None, :]
+    tl.store(optr, chosen, mask=rmask[:, None] & (slot[None, :] < N_TOP))

@@ -171,7 +171,7 @@ def _packed_lse(lse: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor
 def _pad_heads(q, k, v):
     """Zero-pad ``Dk``/``Dv`` to one FlashAttention head dim (module docstring)."""
     D = _padded_dim(q.shape[-1], v.shape[-1])
-    return tuple(F.pad(t, (0, D - t.shape[-1])) for t in (q, k, v))
+    return tuple(t if t.shape[-1] == D else F.pad(t, (0, D - t.shape[-1])) for t in (q, k, v))
 
 
 def causal_attention_lse(q, k, v, cu, max_len: int, scale: float):

@@ -15,8 +15,8 @@ I.3-I.5, Eqs. 8-11) and returns the same `nsa_impl.scoring.Scores`, in two steps
 2. The scores ``P [B, G, rows, S]`` (Eqs. 9-10) from a Triton kernel that recomputes the logits
    band by band and exponentiates them against the log-sum-exp
    (`nsa_impl.kernels._cmp_kernels`): ``p_cmp [B, H, T, N]`` never exists in memory. Then the
-   top-n of `nsa_impl.scoring.top_n` (Eq. 11). Rows are processed in chunks whose float32
-   score buffer fits ``budget_bytes``.
+   top-n of Eq. 11 by a second kernel (`top_n`, the rule of `nsa_impl.scoring.top_n`). Rows
+   are processed in chunks whose float32 score buffer fits ``budget_bytes``.
 
 On CPU tensors (tests, under ``TRITON_INTERPRET=1``) and for float32 the attention of step 1
 runs as plain PyTorch math over the same packed layout (float64 logits for float32 inputs), so
@@ -40,8 +40,11 @@ from .triton_sel import interpret_mode, triton_available
 
 #: Default byte budget of one row chunk's float32 score buffer ``[B, G, c, S]``.
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
-#: Query rows per program and compressed-block columns per band of the scoring kernel.
-BLOCK_M, BLOCK_N = 64, 128
+#: Launch shape of the scoring kernel: query rows per program, compressed-block columns per
+#: band, warps, pipeline stages (``None``: triton's default). Benchmarks sweep it.
+SCORE_TUNING = {"block_m": 64, "block_n": 128, "warps": 8, "stages": None}
+#: Scores one top-n program holds (rows x padded blocks), and the widest row it takes.
+TOP_N_TILE, MAX_TOP_N_BLOCKS = 4096, 16384
 #: FlashAttention launches one CUDA block row per query head (grid limit 65535).
 MAX_PACKED_HEADS = 65535
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -93,20 +96,22 @@ def _kernels(interpret: bool):
 class QueryPacking:
     """Which query row sits in which slot of the packed causal attention (module docstring).
 
-    Slot ``m*d + r`` of (global) query group ``m`` holds row ``l - 1 + m'*d + r`` of that
-    group's sequence (``m'`` the group's index inside it). Group ``m`` is compressed block
-    ``m`` (blocks are numbered sequence by sequence, like `CmpLayout`).
+    Slot ``(m, r)`` of (global) query group ``m`` holds row ``l - 1 + m'*d + r`` of that
+    group's sequence, ``m'`` the group's index inside it. Group ``m`` is compressed block ``m``
+    (blocks are numbered sequence by sequence, like `CmpLayout`), the last one its rows see.
 
     Attributes:
-        src: host int64 ``[groups * d]``, the row of each slot, ``-1`` past its sequence's end.
-        rows, slots: host int64: every row that sees at least one block, and its slot.
+        src: host int64 ``[groups, d]``: the row of each slot (slots past a sequence's end
+            repeat its last row; their outputs are never read).
+        group, slot: host int64 ``[T]``: each row's group (``-1``: the row sees no block) and
+            its ``r`` inside the group.
         cu: host int32 group boundaries of the sequences that have groups.
         max_groups: groups of the longest sequence.
     """
 
     src: torch.Tensor
-    rows: torch.Tensor
-    slots: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
     cu: torch.Tensor
     max_groups: int
 
@@ -120,10 +125,12 @@ class QueryPacking:
         seq = torch.repeat_interleave(torch.arange(counts.numel()), counts)
         local = torch.arange(seq.numel()) - (torch.cumsum(counts, 0) - counts)[seq]
         row = starts[seq, None] + (l - 1) + local[:, None] * d + torch.arange(d)  # [groups, d]
-        src = torch.where(row < ends[seq, None], row, -1).reshape(-1)
-        slots = torch.nonzero(src >= 0).reshape(-1)
+        src = torch.minimum(row, ends[seq, None] - 1)
+        ranges = cmp_layout.ranges
+        group = torch.where(ranges.hi > ranges.lo, ranges.hi - 1, -1)
+        slot = (layout.pos - (l - 1)).clamp(min=0) % d
         cu = torch.cumsum(torch.cat([counts.new_zeros(1), counts[counts > 0]]), 0)
-        return cls(src, src[slots], slots, cu.to(torch.int32), int(counts.max()))
+        return cls(src, group, slot, cu.to(torch.int32), int(counts.max()))
 
 
 def _causal_math(qp, kp, vp, cu: list[int], scale: float):
@@ -151,14 +158,20 @@ def cmp_attention(q, k_cmp, v_cmp, cfg: NSAConfig, packing: QueryPacking, scale:
     """``o_cmp [B, T, H, Dv]`` (autograd) and the log-sum-exp ``[B, H, T]`` float32 (detached).
 
     ``k_cmp/v_cmp [B, N, G, D]`` with ``N >= 1``. Rows that see no compressed block give exact
-    zeros (their log-sum-exp is 0 and unused: the scores mask those rows).
+    zeros (their log-sum-exp is meaningless and unused: the scores mask those rows).
     """
     B, T, H, Dk = q.shape
     N, G, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[-1]
     h, d, dev = H // G, cfg.cmp_stride, q.device
-    # [B, N*d slots, H, Dk] -> [B*N groups, (g, head, r) = G*h*d heads, Dk]: GQA-major heads.
-    qs = q[:, packing.src.clamp(min=0).to(dev, non_blocking=True)]
-    qp = qs.view(B, N, d, G, h, Dk).permute(0, 1, 3, 4, 2, 5).reshape(B * N, G * h * d, Dk)
+
+    def idx(t: torch.Tensor, *shape: int) -> torch.Tensor:
+        return t.to(dev, non_blocking=True).view(*shape)
+
+    g_ix, h_ix = torch.arange(G, device=dev), torch.arange(h, device=dev)
+    # One gather to [B, N groups, G, h, d slots, Dk]: the (g, head, slot) axes become FA heads,
+    # GQA-major, so each KV head serves its own h*d packed query heads.
+    heads = (g_ix[:, None] * h + h_ix).view(1, G, h, 1)
+    qp = q[:, idx(packing.src, N, 1, 1, d), heads].reshape(B * N, G * h * d, Dk)
     kp, vp = k_cmp.reshape(B * N, G, Dk), v_cmp.reshape(B * N, G, Dv)
     cu = torch.cat([packing.cu[:-1] + b * N for b in range(B)] + [packing.cu[-1:] + (B - 1) * N])
     if q.device.type == "cuda" and q.dtype in _FLASH_DTYPES:
@@ -167,13 +180,15 @@ def cmp_attention(q, k_cmp, v_cmp, cfg: NSAConfig, packing: QueryPacking, scale:
         )
     else:
         op, lse = _causal_math(qp, kp, vp, cu.tolist(), scale)
-    o = op.reshape(B, N, G, h, d, Dv).permute(0, 1, 4, 2, 3, 5).reshape(B, N * d, H, Dv)
-    lse = lse.view(G, h, d, B, N).permute(3, 0, 1, 4, 2).reshape(B, H, N * d)
-    rows = packing.rows.to(dev, non_blocking=True)
-    slots = packing.slots.to(dev, non_blocking=True)
-    o_cmp = o.new_zeros(B, T, H, Dv).index_copy(1, rows, o.index_select(1, slots))
-    lse_rows = lse.new_zeros(B, H, T).index_copy_(2, rows, lse.index_select(2, slots))
-    return o_cmp, lse_rows
+    # Back to rows, one gather each: row -> (its group, its slot); rows without one -> 0.
+    group = packing.group.to(dev, non_blocking=True)
+    grp, slot = group.clamp(min=0), packing.slot.to(dev, non_blocking=True)
+    opv = op.view(B, N, G, h, d, Dv)
+    o = opv[:, grp.view(T, 1, 1), g_ix.view(1, G, 1), h_ix.view(1, 1, h), slot.view(T, 1, 1)]
+    o_cmp = torch.where((group >= 0).view(1, T, 1, 1, 1), o, 0.0).reshape(B, T, H, Dv)
+    lsev = lse.view(G, h, d, B, N).permute(3, 0, 1, 2, 4)  # [B, G, h, d, N]
+    lse_rows = lsev[:, g_ix.view(G, 1, 1), h_ix.view(1, h, 1), slot.view(T), grp.view(T)]
+    return o_cmp, lse_rows.reshape(B, H, T)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,14 +221,16 @@ def selection_scores(
     r1: int,
     S: int,
     *,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Eqs. 9-10 for rows ``[r0, r1)``: float32 ``[B, G, r1 - r0, S]`` (local block indices).
 
     ``lse [B, H, T]`` comes from `cmp_attention`; ``S`` selection-block columns are written
-    (those past a row's current block are 0).
+    (those past a row's current block are 0). Tile sizes default to `SCORE_TUNING`.
     """
+    block_m = SCORE_TUNING["block_m"] if block_m is None else block_m
+    block_n = SCORE_TUNING["block_n"] if block_n is None else block_n
     B, _, H, Dk = q.shape
     G = k_cmp.shape[2]
     R, M = cfg.sel_block // cfg.cmp_stride, cfg.cmp_block // cfg.cmp_stride
@@ -234,9 +251,41 @@ def selection_scores(
         r0, S, G, float(scale),
         H_PER_G=H // G, DK=Dk, BD=max(16, 1 << (Dk - 1).bit_length()),
         BM=block_m, BN=bn, BS=bs, BSP=bsp, R=R, M=M, IEEE=q.dtype == torch.float32,
-        **({} if interpret else {"num_warps": 8}),  # a [BM, BN] accumulator + logits tile
+        **({} if interpret else _launch_options()),
     )  # fmt: skip
     return out
+
+
+def top_n(scores: torch.Tensor, block: torch.Tensor, cfg: NSAConfig, out: torch.Tensor) -> None:
+    """`nsa_impl.scoring.top_n` as a Triton kernel, written into ``out [B, rows, G, n]``.
+
+    ``scores [B, G, rows, S]`` float32 (contiguous rows), ``block [rows]`` each row's current
+    block. One program holds ``BR`` rows of ``S`` scores and takes ``n`` argmax rounds (no sort
+    over ``S``). Rows wider than `MAX_TOP_N_BLOCKS` blocks go to the torch version.
+    """
+    B, G, rows, S = scores.shape
+    if S > MAX_TOP_N_BLOCKS:
+        out.copy_(scoring.top_n(scores, block, cfg).permute(0, 2, 1, 3))
+        return
+    sp = max(16, 1 << (S - 1).bit_length())
+    br = max(1, min(64, TOP_N_TILE // sp))
+    n = cfg.sel_top_n
+    interpret = scores.device.type == "cpu"
+    _kernels(interpret)._top_n_kernel[(-(-rows // br), B * G)](
+        scores, block, out,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        rows, S, G,
+        N_TOP=n, NP=max(16, 1 << (n - 1).bit_length()), INIT=cfg.sel_init_blocks,
+        LOCAL=cfg.sel_local_blocks, BR=br, SP=sp,
+    )  # fmt: skip
+
+
+def _launch_options() -> dict:
+    opts = {"num_warps": SCORE_TUNING["warps"]}
+    if SCORE_TUNING["stages"] is not None:
+        opts["num_stages"] = SCORE_TUNING["stages"]
+    return opts
 
 
 def _aux_p_cmp(q, k_cmp, lse, cmp_layout: CmpLayout, cfg: NSAConfig, scale: float):
@@ -266,14 +315,14 @@ def compressed_and_select(
     *,
     want_aux: bool = False,
     budget_bytes: int | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> scoring.Scores:
     """Drop-in for `nsa_impl.scoring.compressed_and_select` (same arguments and result).
 
     ``budget_bytes`` bounds one row chunk's float32 score buffer (default per device,
-    `DEFAULT_BUDGET_BYTES`); ``block_m``/``block_n`` are the scoring kernel's tile (tests
-    shrink them).
+    `DEFAULT_BUDGET_BYTES`); ``block_m``/``block_n`` override the scoring kernel's tile
+    (`SCORE_TUNING`; tests shrink it).
     """
     B, T, H, _ = q.shape
     G = k_cmp.shape[2]
@@ -308,7 +357,7 @@ def compressed_and_select(
                 q, k_cmp, lse, cfg, scale, layout, cmp_layout, r0, r1, s_chunk,
                 block_m=block_m, block_n=block_n,
             )  # fmt: skip
-            block_indices[:, r0:r1] = scoring.top_n(scores, block[r0:r1], cfg).permute(0, 2, 1, 3)
+            top_n(scores, block[r0:r1], cfg, block_indices[:, r0:r1])
             if want_aux:
                 p_slc[:, r0:r1, :, :s_chunk] = scores.permute(0, 2, 1, 3)
         p_cmp = _aux_p_cmp(q, k_cmp, lse, cmp_layout, cfg, scale) if want_aux else None
