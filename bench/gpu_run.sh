@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: environment line, GPU tests, benchmarks; logs under $OUT.
 #   bash bench/gpu_run.sh cmp     # GPU tests + full NSA at 16k/64k with a profile breakdown
+#   bash bench/gpu_run.sh matrix  # nox -s gpu_matrix (carried nox wheels), forced-path conformance
 #   bash bench/gpu_run.sh check   # GPU tests + selection sweep/timings + a full-NSA scout
 #   bash bench/gpu_run.sh bench   # the full benchmark table (bench/gpu_bench.py)
 # Each step has its own timeout so one slow step cannot eat the others' time.
@@ -23,6 +24,19 @@ cmp)
   timeout 230 python3 -m conformance run --impl nsa_impl:flash --device cuda --no-mutants \
       --report "$OUT/conf_flash" 2>&1 | tail -30
   rm -f "$OUT/conf_flash/junit.xml" "$OUT/nsa64k.csv"  # at most 8 files come back
+  ;;
+matrix)
+  # the GPU lane as CI's self-hosted runner would run it (nox from carried wheels: no network
+  # here, so every pair cell skips and the "installed" cell runs), then the two forced paths
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PWD:/tmp/site" PIP_NO_INDEX=1
+  timeout 330 python3 -m nox -s gpu_matrix 2>&1 | tee "$OUT/nox.log" | grep -E "^nox >|passed|failed|pass,|FAIL|Skipp" | tail -40
+  for impl in flash triton; do
+    timeout 110 python3 -m conformance run --impl "nsa_impl:$impl" --device cuda --no-mutants \
+        --report "$OUT/conf_$impl" 2>&1 | tail -12
+  done
+  cp -r reports/gpu_matrix "$OUT/conf_matrix" 2>/dev/null
+  (cd "$OUT" && tar czf conformance.tgz conf_* && rm -rf conf_*)
   ;;
 check)
   timeout 230 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150

@@ -40,9 +40,10 @@ EQUAL = NSAConfig(cmp_block=4, cmp_stride=4, sel_block=4, sel_top_n=3, window=4)
 SCORE_RTOL = 1e-5
 
 
-def _inputs(B, T, H, G, D, seed, dtype=torch.float32):
+def _inputs(B, T, H, G, D, seed, dtype=torch.float32, Dv=None):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, T, n, D, generator=gen, dtype=dtype) for n in (H, G, G))
+    q, k = (torch.randn(B, T, n, D, generator=gen, dtype=dtype) for n in (H, G))
+    v = torch.randn(B, T, G, D if Dv is None else Dv, generator=gen, dtype=dtype)
     gates = torch.rand(B, T, H, 3, generator=gen, dtype=dtype)
     return q, k, v, gates
 
@@ -76,13 +77,18 @@ def _check(q, k, v, gates, cfg, cu_seqlens=None, **kw):
 
 
 @pytest.mark.parametrize(
-    ("cfg", "T", "H", "G"),
-    [(PAPER_LIKE, 77, 4, 2), (EQUAL, 41, 2, 1), (PAPER_LIKE, 6, 2, 2)],
-    ids=["paper-like", "l=d=l'", "T<l"],
+    ("cfg", "T", "H", "G", "Dk", "Dv"),
+    [
+        (PAPER_LIKE, 77, 4, 2, 16, 16),
+        (EQUAL, 41, 2, 1, 16, 16),
+        (PAPER_LIKE, 6, 2, 2, 16, 16),
+        (PAPER_LIKE, 50, 4, 1, 8, 24),
+    ],
+    ids=["paper-like", "l=d=l'", "T<l", "Dk=8,Dv=24"],
 )
-def test_matches_reference(cfg, T, H, G):
+def test_matches_reference(cfg, T, H, G, Dk, Dv):
     """p_slc, p_cmp, o_cmp and the top-n agree with nsa_ref (several tiles and bands)."""
-    _check(*_inputs(2, T, H, G, 16, seed=T), cfg)
+    _check(*_inputs(2, T, H, G, Dk, seed=T, Dv=Dv), cfg)
 
 
 def test_cu_seqlens_and_row_chunks():
@@ -127,15 +133,16 @@ def test_top_n_kernel_equals_the_torch_rule_with_ties(init, local, n, S):
 
 
 def test_supports_declines_what_it_cannot_run():
-    """Float64, mismatched dtypes and odd head dims are declined with a reason, never raised."""
+    """Float64, mismatched dtypes and head dims over 256 are declined with a reason."""
     q, k, v, _ = _inputs(1, 8, 2, 1, 16, seed=0)
     assert flash_cmp.supports(q, k, v)[0]
     ok, why = flash_cmp.supports(q.double(), k.double(), v.double())
     assert not ok and "dtype" in why
     ok, why = flash_cmp.supports(q, k.double(), v)
     assert not ok and "dtype" in why
-    ok, why = flash_cmp.supports(q[..., :12], k[..., :12], v[..., :12])
-    assert not ok and "Dk" in why
+    wide = torch.zeros(1, 8, 1, 300)
+    ok, why = flash_cmp.supports(q, k, wide)
+    assert not ok and "Dv=300" in why
 
 
 def test_query_packing_groups_rows_that_see_the_same_blocks():

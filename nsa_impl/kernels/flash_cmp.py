@@ -42,7 +42,8 @@ from .triton_sel import interpret_mode, triton_available
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
 #: Launch shape of the scoring kernel: query rows per program, compressed-block columns per
 #: band, warps, pipeline stages (``None``: triton's default). Benchmarks sweep it.
-SCORE_TUNING = {"block_m": 64, "block_n": 128, "warps": 8, "stages": None}
+#: Default: the fastest of the shapes timed at T=65536, H=64 on an H200 (docs/gpu_notes.md).
+SCORE_TUNING = {"block_m": 64, "block_n": 64, "warps": 4, "stages": None}
 #: Scores one top-n program holds (rows x padded blocks), and the widest row it takes.
 TOP_N_TILE, MAX_TOP_N_BLOCKS = 4096, 16384
 #: FlashAttention launches one CUDA block row per query head (grid limit 65535).
@@ -54,7 +55,7 @@ _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
     """Can this path run ``q [B,T,H,Dk]`` with ``k/v [B,T,G,D]``? ``(ok, reason)``, never raises.
 
-    Needs triton (the scoring kernel), ``16 <= Dk, Dv <= 256``, and either CUDA (compute
+    Needs triton (the scoring kernel), ``Dk, Dv <= 256``, and either CUDA (compute
     capability >= 8.0, fp16/bf16, FlashAttention-2 available) or CPU tensors under
     ``TRITON_INTERPRET=1`` (fp16/bf16/fp32; the attention then runs as plain math).
     """
@@ -64,8 +65,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, s
     if not (q.dtype == k.dtype == v.dtype):
         return False, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     dk, dv = q.shape[-1], v.shape[-1]
-    if not all(16 <= d <= 256 for d in (dk, dv)):
-        return False, f"Dk={dk}, Dv={dv}: need 16..256"
+    if max(dk, dv) > flash.MAX_HEAD_DIM:
+        return False, f"Dk={dk}, Dv={dv}: FlashAttention-2 takes head dims <= {flash.MAX_HEAD_DIM}"
     if q.device.type == "cpu":
         if q.dtype not in _CPU_DTYPES:
             return False, f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
@@ -165,13 +166,12 @@ def cmp_attention(q, k_cmp, v_cmp, cfg: NSAConfig, packing: QueryPacking, scale:
     h, d, dev = H // G, cfg.cmp_stride, q.device
 
     def idx(t: torch.Tensor, *shape: int) -> torch.Tensor:
-        return t.to(dev, non_blocking=True).view(*shape)
+        return t.to(dev, non_blocking=True).reshape(*shape)
 
-    g_ix, h_ix = torch.arange(G, device=dev), torch.arange(h, device=dev)
-    # One gather to [B, N groups, G, h, d slots, Dk]: the (g, head, slot) axes become FA heads,
-    # GQA-major, so each KV head serves its own h*d packed query heads.
-    heads = (g_ix[:, None] * h + h_ix).view(1, G, h, 1)
-    qp = q[:, idx(packing.src, N, 1, 1, d), heads].reshape(B * N, G * h * d, Dk)
+    # [B, N*d slots, H, Dk] (one row gather) -> [B*N groups, (g, slot, head) heads, Dk]: GQA
+    # major, so each KV head serves its own d*h packed query heads.
+    qs = q.index_select(1, idx(packing.src, -1)).view(B, N, d, G, h, Dk)
+    qp = qs.transpose(2, 3).reshape(B * N, G * d * h, Dk)
     kp, vp = k_cmp.reshape(B * N, G, Dk), v_cmp.reshape(B * N, G, Dv)
     cu = torch.cat([packing.cu[:-1] + b * N for b in range(B)] + [packing.cu[-1:] + (B - 1) * N])
     if q.device.type == "cuda" and q.dtype in _FLASH_DTYPES:
@@ -180,15 +180,13 @@ def cmp_attention(q, k_cmp, v_cmp, cfg: NSAConfig, packing: QueryPacking, scale:
         )
     else:
         op, lse = _causal_math(qp, kp, vp, cu.tolist(), scale)
-    # Back to rows, one gather each: row -> (its group, its slot); rows without one -> 0.
-    group = packing.group.to(dev, non_blocking=True)
-    grp, slot = group.clamp(min=0), packing.slot.to(dev, non_blocking=True)
-    opv = op.view(B, N, G, h, d, Dv)
-    o = opv[:, grp.view(T, 1, 1), g_ix.view(1, G, 1), h_ix.view(1, 1, h), slot.view(T, 1, 1)]
-    o_cmp = torch.where((group >= 0).view(1, T, 1, 1, 1), o, 0.0).reshape(B, T, H, Dv)
-    lsev = lse.view(G, h, d, B, N).permute(3, 0, 1, 2, 4)  # [B, G, h, d, N]
-    lse_rows = lsev[:, g_ix.view(G, 1, 1), h_ix.view(1, h, 1), slot.view(T), grp.view(T)]
-    return o_cmp, lse_rows.reshape(B, H, T)
+    # Back to rows: slots in row order again, then each row picks its slot; no slot -> 0.
+    group = idx(packing.group, T)
+    at = group.clamp(min=0) * d + idx(packing.slot, T)  # the row's slot
+    o = op.view(B, N, G, d, h, Dv).transpose(2, 3).reshape(B, N * d, H, Dv).index_select(1, at)
+    o_cmp = torch.where((group >= 0).view(1, T, 1, 1), o, 0.0)
+    lse_rows = lse.view(G, d, h, B * N).permute(3, 1, 0, 2).reshape(B, N * d, H)[:, at]
+    return o_cmp, lse_rows.transpose(1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
