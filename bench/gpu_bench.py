@@ -246,9 +246,8 @@ def sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
 
 
 #: Launch shapes of the compressed branch's scoring kernel timed by ``--cmp-sweep``.
-CMP_SWEEP = [{}, {"stages": 1}, {"stages": 2}, {"block_m": 128, "block_n": 64},
-             {"block_m": 64, "block_n": 64, "warps": 4}, {"block_m": 128, "block_n": 128},
-             {"block_m": 32, "block_n": 128, "warps": 4}, {"block_m": 64, "block_n": 256}]
+CMP_SWEEP = [{}, {"stages": 2}, {"block_m": 128, "block_n": 64}, {"block_n": 32},
+             {"block_m": 32}, {"warps": 8}, {"block_m": 128, "block_n": 128, "warps": 8}]
 
 
 def cmp_sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:

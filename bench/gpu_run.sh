@@ -55,6 +55,13 @@ bench)
   timeout 560 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --budget-s 500 "${@:2}" 2>&1 \
       | tee "$OUT/bench.log" | tail -80
   ;;
+final2)
+  timeout 230 python3 -m conformance run --impl nsa_impl:triton --device cuda --no-mutants \
+      --report "$OUT/conf_triton" 2>&1 | tail -58
+  rm -f "$OUT/conf_triton/junit.xml"
+  timeout 330 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --dims "${2:-128/128}" \
+      --cmp-sweep 65536 --budget-s 290 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" | tail -45
+  ;;
 final)
   timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error" | head -40
