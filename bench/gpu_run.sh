@@ -62,6 +62,15 @@ final2)
   timeout 330 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --dims "${2:-128/128}" \
       --cmp-sweep 65536 --budget-s 290 2>&1 | tee "$OUT/bench.log" | grep -E "^\|" | tail -45
   ;;
+final3)
+  timeout 200 python3 -m conformance run --impl nsa_impl:triton --device cuda --no-mutants \
+      --report "$OUT/conf_triton" 2>&1 | grep -E "FAIL|pass,"
+  rm -f "$OUT/conf_triton/junit.xml"
+  timeout 100 python3 bench/gpu_bench.py --out "$OUT/decode64k" --T 65536 --dims 128/128 \
+      --parts decode --budget-s 80 2>&1 | grep -E "^\|" | tail -3
+  timeout 200 python3 bench/gpu_bench.py --out "$OUT/dims192" --T 16384,65536 --dims 192/128 \
+      --parts sel,nsa,decode --budget-s 170 2>&1 | tee "$OUT/dims192.log" | grep -E "^\|" | tail -16
+  ;;
 final)
   timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error" | head -40

@@ -30,7 +30,10 @@ def attend(q, k, v, scale: float, valid: torch.Tensor | None = None):
     callers never pass an empty or all-invalid key set except the compressed branch, which
     handles ``n = 0`` itself.
     """
-    logits = (q @ k.transpose(-1, -2)) * scale
+    if q.dtype == torch.float32:  # formed in float64, rounded once: see `nsa_impl.branches`
+        logits = torch.matmul(q.double() * scale, k.double().transpose(-1, -2)).float()
+    else:
+        logits = (q @ k.transpose(-1, -2)) * scale
     if valid is not None:
         logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
     probs = torch.softmax(logits, dim=-1)
@@ -279,6 +282,7 @@ class NSACache:
             branch_kv=branch_kv,
             return_aux=True,
             validate=validate,
+            _scores=False,  # only the block indices are read here
         )
         self._ensure_buffers(pairs, dims, dims.T)
         self._append(pairs, 0)
