@@ -1,7 +1,11 @@
 """GPU kernels behind the ``triton`` and ``flash`` routing paths.
 
 * `nsa_impl.kernels.triton_sel`: Triton selection attention (forward + backward), spec I.6.
-* `nsa_impl.kernels.flash`: the sliding-window branch through FlashAttention-2, spec I.7.
+* `nsa_impl.kernels.flash`: the sliding-window branch through FlashAttention-2, spec I.7, and
+  the causal FA-2 call (with its log-sum-exp) that the compressed branch uses.
+* `nsa_impl.kernels.flash_cmp`: the compressed branch (FA-2 over query groups) with the
+  selection scores and top-n as Triton kernels (`_cmp_kernels`), spec I.3-I.5.
+* `nsa_impl.kernels._loader`: loads a kernel file compiled or interpreted (``TRITON_INTERPRET``).
 * `nsa_impl.kernels.naive`: plain-PyTorch twins of both (tests, low-precision criterion).
 
 Importing this package imports neither triton nor CUDA; each module loads what it needs lazily.
