@@ -99,26 +99,18 @@ def top_n(scores: torch.Tensor, b: torch.Tensor, cfg: NSAConfig) -> torch.Tensor
     """Eq. 11 (spec I.5): ``scores [..., c, S]`` with current blocks ``b [c]`` -> ``[..., c, n]``.
 
     Candidates are blocks ``0..b``; forced blocks (``j < sel_init_blocks`` or
-    ``j > b - sel_local_blocks``) rank first, then higher score, then lower index. Returns int64
-    indices ascending, ``-1`` padded, ``min(n, b+1)`` valid.
-
-    No sort over ``S``: the ``n``-th largest key is found with ``topk`` (whose tie order does
-    not matter for a value), every block above it is taken, and the blocks equal to it are
-    taken lowest index first until ``n`` are chosen. That is the tie-break of spec I.5 exactly.
+    ``j > b - sel_local_blocks``) rank first, then higher score, then lower index (a stable
+    descending sort). Returns int64 indices ascending, ``-1`` padded, ``min(n, b+1)`` valid.
     """
     S, n = scores.shape[-1], cfg.sel_top_n
-    keep = min(n, S)
     j = torch.arange(S, device=scores.device)
     cand = j <= b[:, None]  # [c, S]
     forced = cand & ((j < cfg.sel_init_blocks) | (j > b[:, None] - cfg.sel_local_blocks))
     key = scores.masked_fill(forced, float("inf")).masked_fill(~cand, float("-inf"))
-    kth = key.topk(keep, dim=-1).values[..., -1:]
-    above = key > kth
-    tied = (key == kth) & cand
-    room = keep - above.sum(-1, keepdim=True)
-    chosen = above | (tied & (tied.cumsum(-1) <= room))  # at most `keep` blocks, all candidates
-    # ascending indices of the chosen blocks; S (not chosen) sorts last and becomes -1
-    order = torch.where(chosen, j, S).topk(keep, dim=-1, largest=False).values
+    keep = min(n, S)
+    ranked, order = torch.sort(key, dim=-1, descending=True, stable=True)
+    order = order[..., :keep].masked_fill(ranked[..., :keep] == float("-inf"), S)
+    order = order.sort(dim=-1).values  # ascending; S (not a candidate) sorts last
     order = order.masked_fill(order == S, -1)
     if keep < n:
         order = F.pad(order, (0, n - keep), value=-1)
