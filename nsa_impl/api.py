@@ -54,7 +54,6 @@ def nsa_attention(
     cu_seqlens: torch.Tensor | None = None,
     return_aux: bool = False,
     validate: bool = True,
-    _scores: bool = True,
 ):
     """Native Sparse Attention (Eq. 5 over Eqs. 7-12 and the sliding window), fast paths.
 
@@ -63,10 +62,6 @@ def nsa_attention(
     here every branch runs on the path `nsa_impl.routing` picks and gradients flow to ``q``,
     ``k``, ``v``, ``gates`` and whatever ``phi_k``/``phi_v`` close over. ``phi`` receives all
     compressed blocks at once, shaped ``[B, G, N, l, D]``.
-
-    ``_scores=False`` (internal, with ``return_aux``: `nsa_impl.NSACache.prefill`) leaves
-    ``aux.p_slc``/``aux.p_cmp`` as ``None``: those are ``[T, T/l']`` and ``[T, T/d]`` per head,
-    tens of GB at T=65536, while the block indices and branch outputs cost nothing extra.
 
     Raises:
         ValueError / TypeError: bad inputs (spec I.11), naming the argument.
@@ -112,8 +107,7 @@ def nsa_attention(
         select = scoring.compressed_and_select
         if path["cmp"] == "flash":  # imported lazily: it needs triton
             from .kernels.flash_cmp import compressed_and_select as select
-        want = return_aux and _scores
-        scores = select(q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=want)
+        scores = select(q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=return_aux)
         o_cmp, block_indices = scores.o_cmp, scores.block_indices
         p_slc, p_cmp = scores.p_slc, scores.p_cmp
 

@@ -270,7 +270,8 @@ class NSACache:
         if self.length:
             raise ValueError(f"prefill needs an empty cache, this one holds {self.length} tokens")
         dims, pairs = self._check(q, k, v, gates, branch_kv, validate, T=None)
-        o, aux = _prefill_attention()(
+        # No return_aux: its p_cmp/p_slc are [T, T/d] and [T, T/l'] per head (64 GB at T=64k).
+        o = _prefill_attention()(
             q,
             k,
             v,
@@ -280,19 +281,14 @@ class NSACache:
             phi_k=self.phi_k,
             phi_v=self.phi_v,
             branch_kv=branch_kv,
-            return_aux=True,
             validate=validate,
-            _scores=False,  # only the block indices are read here
         )
         self._ensure_buffers(pairs, dims, dims.T)
         self._append(pairs, 0)
         self._emit(0, dims.T - 1)
         self.length, last = dims.T, dims.T - 1
-        self._reads = {
-            "cmp": self.cfg.num_cmp(last),
-            "sel": selected_key_count(aux.block_indices[:, -1], last, self.cfg.sel_block),
-            "win": min(self.cfg.window, dims.T),
-        }
+        # The last position once more through the decode path: it sets `reads` (spec I.9).
+        self._attend_row(q[:, last:], gates[:, last:], dims, last)
         return o
 
     def _attend_row(self, q_t, gates_t, dims, p: int) -> torch.Tensor:
