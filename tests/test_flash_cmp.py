@@ -132,6 +132,26 @@ def test_top_n_kernel_equals_the_torch_rule_with_ties(init, local, n, S):
     assert torch.equal(got, want)
 
 
+def test_nonfinite_attention_falls_back_to_the_masked_path(monkeypatch, caplog):
+    """NaN from the attention kernel on finite inputs: the masked path's result, logged once."""
+    import logging
+
+    from nsa_impl.kernels import flash
+
+    def nan_attention(qp, kp, vp, cu, scale):
+        o, lse = real(qp, kp, vp, cu, scale)
+        return o * float("nan"), lse
+
+    real = flash_cmp._causal_math
+    monkeypatch.setattr(flash_cmp, "_causal_math", nan_attention)
+    monkeypatch.setattr(flash, "_WARNED", set())
+    q, k, v, gates = _inputs(1, 40, 4, 2, 16, seed=9)
+    with caplog.at_level(logging.WARNING, logger=flash.__name__):
+        for _ in range(2):
+            _check(q, k, v, gates, PAPER_LIKE)  # equals nsa_ref: the masked result
+    assert sum("not finite" in r.message for r in caplog.records) == 1
+
+
 def test_supports_declines_what_it_cannot_run():
     """Float64, mismatched dtypes and head dims over 256 are declined with a reason."""
     q, k, v, _ = _inputs(1, 8, 2, 1, 16, seed=0)

@@ -249,14 +249,22 @@ def window_attention(
     left = int(window) - 1 if int(window) - 1 < max_len else -1
     o = _kernel(qp.contiguous(), kp.contiguous(), vp.contiguous(), cu, max_len, left, scale)
     o = o[..., :Dv].reshape(B, T, H, Dv)
-    if check_finite and not bool(torch.isfinite(o).all()):
-        inputs_finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v))
-        if inputs_finite:
-            warn_once(
-                "nonfinite",
-                "FlashAttention window output is not finite for finite inputs; "
-                "recomputing with the masked path (logged once)",
-            )
-            fb = fallback or _masked_fallback
-            return fb(q, k, v, window, scale, cu_seqlens)
+    if check_finite and nonfinite_output(o, (q, k, v), "window"):
+        return (fallback or _masked_fallback)(q, k, v, window, scale, cu_seqlens)
     return o
+
+
+def nonfinite_output(out: torch.Tensor, inputs, what: str) -> bool:
+    """True when ``out`` holds NaN/Inf although every tensor of ``inputs`` is finite.
+
+    The finiteness check of the FlashAttention paths (one device sync): the caller then
+    recomputes with the masked path; that is logged once per ``what``.
+    """
+    if bool(torch.isfinite(out).all()) or not all(bool(torch.isfinite(t).all()) for t in inputs):
+        return False
+    warn_once(
+        f"nonfinite-{what}",
+        f"FlashAttention {what} output is not finite for finite inputs; recomputing with the "
+        "masked path (logged once)",
+    )
+    return True

@@ -20,7 +20,9 @@ I.3-I.5, Eqs. 8-11) and returns the same `nsa_impl.scoring.Scores`, in two steps
 
 On CPU tensors (tests, under ``TRITON_INTERPRET=1``) and for float32 the attention of step 1
 runs as plain PyTorch math over the same packed layout (float64 logits for float32 inputs), so
-the packing is tested without a GPU. ``p_cmp`` is materialised only for ``want_aux``.
+the packing is tested without a GPU. An ``o_cmp`` with NaN/Inf from finite inputs is recomputed
+by the masked path (`nsa_impl.kernels.flash.nonfinite_output`, logged once; one device sync).
+``p_cmp`` is materialised only for ``want_aux``.
 """
 
 from __future__ import annotations
@@ -339,6 +341,10 @@ def compressed_and_select(
         )
     packing = QueryPacking.build(cfg, layout, cmp_layout)
     o_cmp, lse = cmp_attention(q, k_cmp, v_cmp, cfg, packing, scale)
+    if flash.nonfinite_output(o_cmp, (q, k_cmp, v_cmp), "compressed"):  # NaN/Inf: masked path
+        return scoring.compressed_and_select(
+            q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=want_aux
+        )
     S = cfg.num_sel_blocks(T)
     block = (layout.pos // cfg.sel_block).to(q.device, non_blocking=True)  # b(p)
     block_indices = torch.empty(B, T, G, cfg.sel_top_n, dtype=torch.long, device=q.device)
