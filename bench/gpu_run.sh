@@ -2,6 +2,7 @@
 # One device-machine call: environment line, GPU tests, benchmarks; logs under $OUT.
 #   bash bench/gpu_run.sh cmp     # GPU tests + full NSA at 16k/64k with a profile breakdown
 #   bash bench/gpu_run.sh matrix  # nox -s gpu_matrix (carried nox wheels), forced-path conformance
+#   bash bench/gpu_run.sh verify  # GPU tests, decode conformance clauses, full NSA at 64k
 #   bash bench/gpu_run.sh check   # GPU tests + selection sweep/timings + a full-NSA scout
 #   bash bench/gpu_run.sh bench   # the full benchmark table (bench/gpu_bench.py)
 # Each step has its own timeout so one slow step cannot eat the others' time.
@@ -70,6 +71,17 @@ final3)
       --parts decode --budget-s 80 2>&1 | grep -E "^\|" | tail -3
   timeout 200 python3 bench/gpu_bench.py --out "$OUT/dims192" --T 16384,65536 --dims 192/128 \
       --parts sel,nsa,decode --budget-s 170 2>&1 | tee "$OUT/dims192.log" | grep -E "^\|" | tail -16
+  ;;
+verify)
+  # after the last changes: GPU tests, the decode clauses, full NSA at 64k
+  timeout 120 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|ERROR|passed|failed" | head -20
+  for c in NSA-P5-DECODE-PREFILL NSA-I9-READS NSA-LONG-INDEX-BOUNDS-64K; do
+    timeout 100 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants \
+        --clause "$c" --report "$OUT/conf_$c" 2>&1 | grep -E "FAIL|pass,"
+  done
+  (cd "$OUT" && tar czf conformance.tgz conf_* && rm -rf conf_*)
+  timeout 120 python3 bench/gpu_bench.py --out "$OUT/nsa64k" --T 65536 --dims 128/128 \
+      --parts nsa,decode --budget-s 100 2>&1 | grep -E "^\|" | tail -4
   ;;
 final)
   timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
