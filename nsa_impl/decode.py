@@ -15,9 +15,11 @@ import math
 import torch
 
 from nsa_ref.config import NSAConfig
+from nsa_ref.reference import gate
 from nsa_ref.validate import BRANCHES, check_inputs
 
-from .scoring import overlap_scores, score_dtype, top_n
+from .numerics import compute_dtype
+from .scoring import overlap_scores, top_n
 
 #: Tokens a fresh cache holds before its first doubling (when no ``max_len`` is given).
 INITIAL_CAPACITY = 256
@@ -26,14 +28,11 @@ INITIAL_CAPACITY = 256
 def attend(q, k, v, scale: float, valid: torch.Tensor | None = None):
     """Eq. 2 per group: ``q [B, G, h, Dk]``, ``k [B, G, n, Dk]``, ``v [B, G, n, Dv]``.
 
-    ``valid [B, G, n]`` excludes keys exactly (``-inf``). Returns ``(o [B, G, h, Dv], probs)``;
-    callers never pass an empty or all-invalid key set except the compressed branch, which
-    handles ``n = 0`` itself.
+    All in one dtype (the caller's `compute_dtype`). ``valid [B, G, n]`` excludes keys exactly
+    (``-inf``). Returns ``(o [B, G, h, Dv], probs)``; callers never pass an empty or all-invalid
+    key set except the compressed branch, which handles ``n = 0`` itself.
     """
-    if q.dtype == torch.float32:  # formed in float64, rounded once: see `nsa_impl.branches`
-        logits = torch.matmul(q.double() * scale, k.double().transpose(-1, -2)).float()
-    else:
-        logits = (q @ k.transpose(-1, -2)) * scale
+    logits = (q * scale) @ k.transpose(-1, -2)
     if valid is not None:
         logits = logits.masked_fill(~valid[:, :, None, :], -math.inf)
     probs = torch.softmax(logits, dim=-1)
@@ -96,8 +95,10 @@ class NSACache:
             tokens and double when full.
 
     Buffers live on the device and dtype of the first step's tensors; later steps must match
-    (``ValueError`` for a device, ``TypeError`` for a dtype). Softmaxes and block scores run in
-    float64 for float64 inputs and in float32 otherwise. Decoding is inference only: a step
+    (``ValueError`` for a device, ``TypeError`` for a dtype). Attention and block scores run in
+    `nsa_impl.numerics.compute_dtype` (float64 for float32/float64 inputs, float32 for half);
+    each branch output is rounded to the input dtype and gated by `nsa_ref.reference.gate`,
+    as in the prefill. Decoding is inference only: a step
     whose inputs require grad (with grad mode on) raises ``ValueError``; run it under
     ``torch.no_grad()``. `prefill` fills an empty cache from a prompt in one call.
 
@@ -295,7 +296,7 @@ class NSACache:
         """The three branches and Eq. 5 for position ``p`` of every sequence."""
         cfg = self.cfg
         B, G, h, H = dims.B, dims.G, dims.h, dims.H
-        acc = score_dtype(q_t.dtype)  # softmax dtype too: float32 unless float64
+        acc = compute_dtype(q_t.dtype)
         scale = 1.0 / math.sqrt(dims.Dk) if self.scale is None else float(self.scale)
         q = q_t[:, 0].reshape(B, G, h, dims.Dk).to(acc)
 
@@ -328,9 +329,9 @@ class NSACache:
         o_win, _ = attend(q, kw, vw, scale)
 
         self._reads = {"cmp": M, "sel": selected_key_count(blocks, p, ls), "win": p + 1 - start}
-        g = gates_t[:, 0].reshape(B, G, h, 3).to(acc)
-        o = g[..., 0:1] * o_cmp + g[..., 1:2] * o_sel + g[..., 2:3] * o_win  # Eq. 5
-        return o.reshape(B, 1, H, dims.Dv).to(q_t.dtype)
+        # Each branch rounded once to the input dtype, then Eq. 5 exactly as the prefill does.
+        rows = (o.reshape(B, 1, H, dims.Dv).to(q_t.dtype) for o in (o_cmp, o_sel, o_win))
+        return gate(*rows, gates_t)
 
 
 def _prefill_attention():

@@ -11,8 +11,8 @@ Data path, top to bottom:
    (`overlap_scores`), Eq. 10 (sum over the heads of a group) and the top-n of Eq. 11
    (`top_n`), writing ``block_indices`` for those rows.
 
-Scores are computed in float32 for float32/float16/bfloat16 inputs and in float64 for float64
-inputs. Nothing ``[T, T]`` or ``[T, T/d]`` exists at once: a chunk of ``c`` rows keeps at most
+Scores are computed in the dtype of the compressed softmax (`nsa_impl.numerics.compute_dtype`:
+float64 for float32/float64 inputs, float32 for float16/bfloat16). Nothing ``[T, T]`` or ``[T, T/d]`` exists at once: a chunk of ``c`` rows keeps at most
 ``BYTES_PER_ELEM * B * H * c * N`` bytes of softmax tiles alive, with ``c`` chosen from ``B * H``,
 the compressed-key span ``N`` and the byte budget (`nsa_impl.branches`), plus
 ``O(B * G * c * T / l')`` for the block scores and their sort. The chunk loop reads only
@@ -30,11 +30,6 @@ from nsa_ref.config import NSAConfig
 
 from .branches.compressed import CmpLayout, compressed_attention
 from .varlen import PackedLayout
-
-
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of selection scores: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def compress(x: torch.Tensor, cfg: NSAConfig, cmp_layout: CmpLayout, phi=None, *, name="phi"):

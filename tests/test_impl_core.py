@@ -17,6 +17,7 @@ from nsa_impl import nsa_attention, routing, scoring
 from nsa_impl.branches import BYTES_PER_ELEM, RowRanges, range_attention
 from nsa_impl.branches.compressed import CmpLayout, num_cmp
 from nsa_impl.branches.sliding import window_attention, window_ranges
+from nsa_impl.numerics import compute_dtype
 from nsa_impl.tolerances import (
     EXACT_ATOL,
     FP32_GRAD_ATOL,
@@ -177,11 +178,11 @@ def test_top_n_matches_rules_with_ties(init, local, n):
         assert got[row].tolist() == want + [-1] * (n - len(want))
 
 
-def test_score_dtype_is_float32_for_low_precision():
-    assert scoring.score_dtype(torch.bfloat16) == torch.float32
-    assert scoring.score_dtype(torch.float16) == torch.float32
-    assert scoring.score_dtype(torch.float32) == torch.float32
-    assert scoring.score_dtype(torch.float64) == torch.float64
+def test_compute_dtype_is_float32_for_low_precision():
+    assert compute_dtype(torch.bfloat16) == torch.float32
+    assert compute_dtype(torch.float16) == torch.float32
+    assert compute_dtype(torch.float32) == torch.float64
+    assert compute_dtype(torch.float64) == torch.float64
     seen = []
     q, k, v, _ = _inputs(1, 9, 1, 2, 4, 4, dtype=torch.bfloat16)
     ranges = window_ranges(NSAConfig(window=3), PackedLayout.build(9))

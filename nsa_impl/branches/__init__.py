@@ -15,11 +15,9 @@ CPU where small cache-resident tiles are fastest, 512 MiB on CUDA where fewer la
 Only when a single row already exceeds the budget (``B * H * span`` huge) does a chunk of one
 row go over it.
 
-Numerics: the softmax runs in float32 (float64 for float64 inputs). For float32 inputs the
-``(q * scale) k^T`` product is formed in float64 and rounded once: a float32 GEMM's logit rounding
-(about one ulp of the logit) is the dominant output error, and halving it keeps this path within
-the `fp32` parity class of spec I.10 against the reference at ``w = 512`` (measured 5e-7 instead
-of 1e-6). float16/bfloat16 multiply in their own dtype (tensor cores) and upcast the logits.
+Numerics follow `nsa_impl.numerics`: float32/float64 inputs compute logits, softmax and
+``p @ v`` in float64 and round the output once; float16/bfloat16 multiply ``(q * scale) @ k^T``
+and ``p @ v`` in their own dtype (tensor cores) with a float32 softmax.
 
 Empty rows (``lo == hi``) give exact zeros forward and backward, never NaN.
 """
@@ -32,12 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..numerics import compute_dtype, product_dtype
+
 #: Default byte budget of one chunk's live tiles, per device type (see the module docstring).
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
-#: Bytes alive per element of a chunk's ``[B, H, c, span]`` tile, at most: e.g. for float32
-#: inputs the float64 logits (8), the float32 probabilities (4) and the hook's or the backward's
-#: float32 working tile (4).
-BYTES_PER_ELEM = 16
+#: Bytes alive per element of a chunk's ``[B, H, c, span]`` tile, at most: for float32 inputs the
+#: float64 logits (8), the float64 probabilities (8) and the hook's or the backward's float64
+#: working tile (8).
+BYTES_PER_ELEM = 24
 
 
 def default_budget(device: torch.device) -> int:
@@ -152,11 +152,6 @@ class _Plan:
         return (self.hi[r0:r1] == self.lo[r0:r1])[None, None, None, :, None]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax / accumulation dtype: float64 stays, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _probs(plan: _Plan, chunk: int, qc, kc, scale: float, acc) -> torch.Tensor:
     """Softmax probabilities ``[B, G, h, c, span]`` (``acc`` dtype) of one chunk.
 
@@ -167,10 +162,8 @@ def _probs(plan: _Plan, chunk: int, qc, kc, scale: float, acc) -> torch.Tensor:
     r0, r1, s0, s1 = plan.chunks[chunk]
     B, G, hc, _ = qc.shape
     shape = (B, G, hc // (r1 - r0), r1 - r0, s1 - s0)
-    if qc.dtype in (torch.float32, torch.float64):  # float32: one rounding of the f64 product
-        s = torch.matmul(qc.double() * scale, kc.double().transpose(-1, -2)).view(shape).to(acc)
-    else:  # half precision: tensor-core product, float32 softmax
-        s = torch.matmul(qc, kc.transpose(-1, -2)).view(shape).to(acc).mul_(scale)
+    mm = product_dtype(qc.dtype)  # scaled before the product: a finite logit never overflows
+    s = torch.matmul(qc.to(mm) * scale, kc.to(mm).transpose(-1, -2)).view(shape).to(acc)
     p = torch.softmax(s.masked_fill_(~plan.allowed(r0, r1, s0, s1), float("-inf")), dim=-1)
     if plan.has_empty[chunk]:
         p.masked_fill_(plan.empty(r0, r1), 0.0)
@@ -180,7 +173,7 @@ def _probs(plan: _Plan, chunk: int, qc, kc, scale: float, acc) -> torch.Tensor:
 def _forward(q, k, v, plan: _Plan, scale: float, on_probs: ProbsHook | None):
     B, T, H, _ = q.shape
     G, h, Dv = plan.G, H // plan.G, v.shape[-1]
-    acc = _acc_dtype(q.dtype)
+    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
     o = q.new_zeros(B, T, H, Dv)
     for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
         c, span = r1 - r0, s1 - s0
@@ -191,8 +184,8 @@ def _forward(q, k, v, plan: _Plan, scale: float, on_probs: ProbsHook | None):
         p = _probs(plan, i, _rows(q, r0, r1, G), _keys(k, s0, s1), scale, acc)
         if on_probs is not None:
             on_probs(r0, r1, s0, p)
-        oc = torch.matmul(p.view(B, G, h * c, span).to(v.dtype), _keys(v, s0, s1))
-        o[:, r0:r1] = _unrows(oc, c)
+        oc = torch.matmul(p.view(B, G, h * c, span).to(mm), _keys(v, s0, s1).to(mm))
+        o[:, r0:r1] = _unrows(oc, c)  # the one rounding to q's dtype
     return o
 
 
@@ -213,7 +206,7 @@ class _RangeAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         B, T, H, _ = q.shape
         G, h = plan.G, H // plan.G
-        acc = _acc_dtype(q.dtype)
+        acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         # dq rows are written once (chunks own disjoint rows); dk/dv accumulate across chunks.
         dq = torch.zeros_like(q) if need_q else None
@@ -225,20 +218,20 @@ class _RangeAttention(torch.autograd.Function):
             if span == 0:
                 continue
             qc, kc, vc = _rows(q, r0, r1, G), _keys(k, s0, s1), _keys(v, s0, s1)
-            doc = _rows(do, r0, r1, G)
+            doc = _rows(do, r0, r1, G).to(mm)
             p = _probs(plan, i, qc, kc, scale, acc)
             if need_v:
-                pt = p.view(B, G, h * c, span).transpose(-1, -2).to(v.dtype)
+                pt = p.view(B, G, h * c, span).transpose(-1, -2).to(mm)
                 dv[:, s0:s1] += torch.matmul(pt, doc).permute(0, 2, 1, 3)
             if not (need_q or need_k):
                 continue
-            dp = torch.matmul(doc, vc.transpose(-1, -2)).view(p.shape).to(acc)
+            dp = torch.matmul(doc, vc.to(mm).transpose(-1, -2)).view(p.shape).to(acc)
             delta = (doc.to(acc) * _rows(o, r0, r1, G).to(acc)).sum(-1).view(B, G, h, c, 1)
-            ds = p.mul_(dp.sub_(delta)).view(B, G, h * c, span).to(q.dtype)  # dS = P (dP - D)
+            ds = p.mul_(dp.sub_(delta)).view(B, G, h * c, span).to(mm)  # dS = P (dP - D)
             if need_q:
-                dq[:, r0:r1] = _unrows(torch.matmul(ds, kc).to(acc).mul_(scale), c).to(q.dtype)
+                dq[:, r0:r1] = _unrows(torch.matmul(ds, kc.to(mm)).to(acc).mul_(scale), c)
             if need_k:
-                dk_c = torch.matmul(ds.transpose(-1, -2), qc).to(acc).mul_(scale)
+                dk_c = torch.matmul(ds.transpose(-1, -2), qc.to(mm)).to(acc).mul_(scale)
                 dk[:, s0:s1] += dk_c.permute(0, 2, 1, 3)
         return _cast(dq, q), _cast(dk, k), _cast(dv, v), None, None, None
 
@@ -254,17 +247,18 @@ def causal_attention(
 
     The fast path for rows whose key set is every key ``0..p`` of their sequence: the selection
     rows before the first unselected block, and the window rows ``p < w``. PyTorch's fused SDPA,
-    differentiable.
+    differentiable, in `product_dtype` (float64 for float32 inputs, rounded once).
     """
+    mm = product_dtype(q.dtype)
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
+        q.transpose(1, 2).to(mm),
+        k.transpose(1, 2).to(mm),
+        v.transpose(1, 2).to(mm),
         is_causal=True,
         scale=scale,
         enable_gqa=True,
     )
-    return o.transpose(1, 2)
+    return o.transpose(1, 2).to(q.dtype)
 
 
 def range_attention(

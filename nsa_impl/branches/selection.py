@@ -66,6 +66,7 @@ from torch.autograd.function import once_differentiable
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import check_cu_seqlens
 
+from ..numerics import compute_dtype, product_dtype
 from . import causal_attention
 
 #: Paths `selection_attention` accepts.
@@ -300,11 +301,6 @@ def _dense_index(rows: _Rows, c: _Chunk):
 # --------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax / gradient accumulation dtype: float64 stays, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _probs(qc, kc, valid, scale):
     """Row softmax of ``scale * q.k`` over valid slots, ``[N, h, W]``; exactly 0 elsewhere and
     for rows without a valid slot."""
@@ -390,15 +386,20 @@ def _chunk_forward(q_rows, k_flat, v_flat, plan: _Plan, c: _Chunk) -> torch.Tens
     idx, valid = _dense_index(rows, c)
     kc, vc = k_flat[idx], v_flat[idx]
     if c.kind == "gather":  # explicit masked softmax in the compute dtype
-        cdt = _compute_dtype(qc.dtype)
+        cdt = compute_dtype(qc.dtype)
         p = _probs(qc.to(cdt), kc.to(cdt), valid, plan.scale)
         o = torch.matmul(p, vc.to(cdt))
         return torch.where(valid.any(dim=1)[:, None, None], o, 0.0).to(qc.dtype)
     mask = None if valid is None else valid[:, None, None, :]
+    mm = product_dtype(qc.dtype)
     o = F.scaled_dot_product_attention(
-        qc.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1), attn_mask=mask, scale=plan.scale
+        qc.unsqueeze(1).to(mm),
+        kc.unsqueeze(1).to(mm),
+        vc.unsqueeze(1).to(mm),
+        attn_mask=mask,
+        scale=plan.scale,
     )
-    return o.squeeze(1)
+    return o.squeeze(1).to(qc.dtype)
 
 
 class _SelectionAttention(torch.autograd.Function):
@@ -426,7 +427,7 @@ class _SelectionAttention(torch.autograd.Function):
         B, T, H, Dk = q.shape
         G, Dv = k.shape[2], v.shape[-1]
         R, h, scale = B * T * G, H // G, plan.scale
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype(q.dtype)
         q_rows = q.reshape(R, h, Dk)
         k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
         do_rows, o_rows = do.reshape(R, h, Dv), o.reshape(R, h, Dv)
