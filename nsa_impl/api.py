@@ -77,6 +77,8 @@ def nsa_attention(
         scale=scale,
         branch_kv=branch_kv,
         cu_seqlens=cu_seqlens,
+        phi_k=phi_k,
+        phi_v=phi_v,
         validate_gates=validate,
     )
     scale = 1.0 / math.sqrt(dims.Dk) if scale is None else float(scale)

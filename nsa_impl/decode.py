@@ -16,7 +16,8 @@ import torch
 
 from nsa_ref.config import NSAConfig
 from nsa_ref.reference import gate
-from nsa_ref.validate import BRANCHES, check_inputs
+from nsa_ref.scalars import as_int, as_positive_float
+from nsa_ref.validate import BRANCHES, check_inputs, check_phi, check_phi_output
 
 from .numerics import compute_dtype
 from .scoring import overlap_scores, top_n
@@ -121,19 +122,11 @@ class NSACache:
     ):
         if not isinstance(cfg, NSAConfig):
             raise TypeError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
-        if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, int | float):
-                raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-            if not 0 < scale < math.inf:
-                raise ValueError(f"scale must be a positive finite float, got {scale}")
-        for name, phi in (("phi_k", phi_k), ("phi_v", phi_v)):
-            if phi is not None and not callable(phi):
-                raise TypeError(f"{name} must be callable or None, got {type(phi).__name__}")
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        scale = None if scale is None else as_positive_float("scale", scale)
+        check_phi("phi_k", phi_k)
+        check_phi("phi_v", phi_v)
+        batch_size = None if batch_size is None else as_int("batch_size", batch_size, minimum=1)
+        max_len = None if max_len is None else as_int("max_len", max_len, minimum=1)
         self.cfg, self.scale, self.phi_k, self.phi_v = cfg, scale, phi_k, phi_v
         self.batch_size, self.max_len = batch_size, max_len
         self.reset()
@@ -221,12 +214,8 @@ class NSACache:
 
     @staticmethod
     def _pool(raw: torch.Tensor, phi, label: str) -> torch.Tensor:
-        """``phi`` over ``[..., l, D]`` blocks (mean when ``None``); checks the output shape."""
-        out = raw.mean(dim=-2) if phi is None else phi(raw)
-        expected = raw.shape[:-2] + raw.shape[-1:]
-        if out.shape != expected:
-            raise ValueError(f"{label} must map [..., l, D] to [..., D]; got {tuple(out.shape)}")
-        return out
+        """``phi`` over ``[..., l, D]`` blocks (mean when ``None``); checks its result."""
+        return raw.mean(dim=-2) if phi is None else check_phi_output(label, phi(raw), raw)
 
     def _emit(self, first: int, last: int) -> None:
         """Compress the blocks that complete at positions ``first .. last`` (``i*d + l = p + 1``).

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_ref.config import NSAConfig
+from nsa_ref.scalars import as_int
 from nsa_ref.validate import BRANCHES, check_cu_seqlens
 
 from .api import nsa_attention
@@ -125,21 +126,13 @@ class NSAAttention(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        sizes = dict(
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            v_head_dim=v_head_dim,
-        )
+        hidden_size = as_int("hidden_size", hidden_size, minimum=1)
+        num_heads = as_int("num_heads", num_heads, minimum=1)
+        num_kv_heads = as_int("num_kv_heads", num_kv_heads, minimum=1)
+        head_dim = as_int("head_dim", head_dim, minimum=1)
+        v_head_dim = head_dim if v_head_dim is None else as_int("v_head_dim", v_head_dim, minimum=1)
         if gate_hidden is not None:
-            sizes["gate_hidden"] = gate_hidden
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            gate_hidden = as_int("gate_hidden", gate_hidden, minimum=1)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nsa_ref.config import NSAConfig
+from nsa_ref.validate import check_phi_output
 
 from .branches.compressed import CmpLayout, compressed_attention
 from .varlen import PackedLayout
@@ -53,13 +54,7 @@ def compress(x: torch.Tensor, cfg: NSAConfig, cmp_layout: CmpLayout, phi=None, *
         if phi is None:
             return gathered.mean(dim=2)
         blocks = gathered.permute(0, 3, 1, 2, 4)
-    out = phi(blocks)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (B, G, N, D):
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"{name} must map blocks [B, G, N, l, D] to [B={B}, G={G}, N={N}, D={D}], got {got}"
-        )
-    return out.permute(0, 2, 1, 3)
+    return check_phi_output(name, phi(blocks), blocks).permute(0, 2, 1, 3)
 
 
 def overlap_band(cfg: NSAConfig) -> list[int]:

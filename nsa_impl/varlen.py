@@ -14,33 +14,35 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nsa_ref.scalars import as_int
 from nsa_ref.validate import check_cu_seqlens
 
 
-def _check_lengths(lengths: object) -> list[int]:
-    """Lengths as a list of positive ints; ``ValueError``/``TypeError`` naming ``lengths``."""
-    if isinstance(lengths, torch.Tensor):
-        if lengths.dim() != 1:
-            raise ValueError(f"lengths must be 1-D, got shape {list(lengths.shape)}")
-        if lengths.is_floating_point() or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
-        values = [int(x) for x in lengths.tolist()]
-    elif isinstance(lengths, Sequence) and not isinstance(lengths, str | bytes):
-        values = []
-        for x in lengths:
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise TypeError(f"lengths must hold ints, got {type(x).__name__}")
-            values.append(x)
-    else:
+def _positive_ints(name: str, values: object) -> list[int]:
+    """``values`` (a sequence of ints or a 1-D integer tensor) as a non-empty list of positive
+    ints; ``ValueError``/``TypeError`` naming ``name``. numpy integers are accepted."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(values.shape)}")
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {values.dtype}")
+        values = values.tolist()
+    elif not isinstance(values, Sequence) or isinstance(values, str | bytes):
         raise TypeError(
-            f"lengths must be a sequence of ints or a 1-D tensor, got {type(lengths).__name__}"
+            f"{name} must be a sequence of ints or a 1-D tensor, got {type(values).__name__}"
         )
-    if not values:
-        raise ValueError("lengths must hold at least one sequence length")
-    bad = [x for x in values if x <= 0]
+    out = [as_int(f"{name}[{i}]", x) for i, x in enumerate(values)]
+    if not out:
+        raise ValueError(f"{name} must hold at least one value")
+    bad = [x for x in out if x <= 0]
     if bad:
-        raise ValueError(f"lengths must be positive, got {bad[:5]}")
-    return values
+        raise ValueError(f"{name} must be positive, got {bad[:5]}")
+    return out
+
+
+def _check_lengths(lengths: object) -> list[int]:
+    """Sequence lengths as a list of positive ints (`_positive_ints` naming ``lengths``)."""
+    return _positive_ints("lengths", lengths)
 
 
 def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -95,8 +97,8 @@ def bucket_by_length(lengths, edges: Sequence[int] | None = None) -> list[Bucket
             if e >= longest:
                 break
             e *= 2
-    edges = [int(e) for e in edges]
-    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or edges[0] <= 0:
+    edges = _positive_ints("edges", edges)
+    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise ValueError(f"edges must be positive and strictly increasing, got {edges}")
     if longest > edges[-1]:
         raise ValueError(
@@ -139,7 +141,7 @@ def pad(x: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int | None = None, v
         raise ValueError(f"cu_seqlens must end at x's total length {x.shape[1]}, got {bounds[-1]}")
     lens = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     longest = max(lens)
-    max_len = longest if max_len is None else int(max_len)
+    max_len = longest if max_len is None else as_int("max_len", max_len)
     if max_len < longest:
         raise ValueError(f"max_len must be >= the longest sequence {longest}, got {max_len}")
     out = x.new_full((len(lens), max_len, *x.shape[2:]), value)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .scalars import as_int
+
 
 @dataclass(frozen=True)
 class NSAConfig:
@@ -23,7 +25,8 @@ class NSAConfig:
             always selected.
         window: ``w``, sliding-window length: a query at ``p`` sees keys ``p-w < s <= p``.
 
-    Invalid values raise ``ValueError`` naming the field; nothing is clamped.
+    Invalid values raise ``ValueError`` (``TypeError`` for a non-integer) naming the field;
+    nothing is clamped. numpy integers are accepted and stored as ``int``.
     """
 
     cmp_block: int = 32
@@ -35,18 +38,10 @@ class NSAConfig:
     window: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("cmp_block", "cmp_stride", "sel_block", "sel_top_n", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"NSAConfig.{name} must be an int, got {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"NSAConfig.{name} must be positive, got {value}")
-        for name in ("sel_init_blocks", "sel_local_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"NSAConfig.{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"NSAConfig.{name} must be >= 0, got {value}")
+        minimum = dict.fromkeys(("sel_init_blocks", "sel_local_blocks"), 0)
+        for name in self.__dataclass_fields__:
+            value = as_int(f"NSAConfig.{name}", getattr(self, name), minimum=minimum.get(name, 1))
+            object.__setattr__(self, name, value)  # frozen: store the plain int
         if self.cmp_block % self.cmp_stride:
             raise ValueError(
                 f"NSAConfig.cmp_stride (d={self.cmp_stride}) must divide "

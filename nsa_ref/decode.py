@@ -9,7 +9,8 @@ import torch
 from . import rules
 from .config import NSAConfig
 from .reference import SequenceKV, gate, nsa_row
-from .validate import BRANCHES, check_inputs
+from .scalars import as_positive_float
+from .validate import BRANCHES, check_inputs, check_phi
 
 
 class NSARefCache:
@@ -29,6 +30,9 @@ class NSARefCache:
     def __init__(self, cfg: NSAConfig, *, scale: float | None = None, phi_k=None, phi_v=None):
         if not isinstance(cfg, NSAConfig):
             raise TypeError(f"cfg must be an NSAConfig, got {type(cfg).__name__}")
+        scale = None if scale is None else as_positive_float("scale", scale)
+        check_phi("phi_k", phi_k)
+        check_phi("phi_v", phi_v)
         self.cfg, self.scale, self.phi_k, self.phi_v = cfg, scale, phi_k, phi_v
         self.length = 0
         self.reads = {"cmp": 0, "sel": 0, "win": 0}
@@ -86,8 +90,8 @@ class NSARefCache:
             seq.cmp_k = k.new_zeros(0, k.shape[1], k.shape[2])
             seq.cmp_v = v.new_zeros(0, v.shape[1], v.shape[2])
         start = p + 1 - cfg.cmp_block
-        if start >= 0 and start % cfg.cmp_stride == 0:
-            new_k = (seq.phi_k or rules.mean_pool)(k[start:].permute(1, 0, 2)[:, None])[:, 0]
-            new_v = (seq.phi_v or rules.mean_pool)(v[start:].permute(1, 0, 2)[:, None])[:, 0]
-            seq.cmp_k = torch.cat([seq.cmp_k, new_k[None]])
-            seq.cmp_v = torch.cat([seq.cmp_v, new_v[None]])
+        if start >= 0 and start % cfg.cmp_stride == 0:  # one block: the newest l keys
+            new_k = rules.compress(k[start:], 1, cfg, seq.phi_k, name="phi_k")
+            new_v = rules.compress(v[start:], 1, cfg, seq.phi_v, name="phi_v")
+            seq.cmp_k = torch.cat([seq.cmp_k, new_k])
+            seq.cmp_v = torch.cat([seq.cmp_v, new_v])

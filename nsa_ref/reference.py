@@ -72,8 +72,8 @@ class SequenceKV:
         """Eq. 7 over the whole sequence: every block that ends inside it."""
         k, v = self.raw["cmp"]
         num_blocks = rules.visible_cmp_blocks(k.shape[0] - 1, self.cfg)
-        self.cmp_k = rules.compress(k, num_blocks, self.cfg, self.phi_k)
-        self.cmp_v = rules.compress(v, num_blocks, self.cfg, self.phi_v)
+        self.cmp_k = rules.compress(k, num_blocks, self.cfg, self.phi_k, name="phi_k")
+        self.cmp_v = rules.compress(v, num_blocks, self.cfg, self.phi_v, name="phi_v")
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[n, G, D] -> [n, H, D]``: query head ``i`` reads group ``i // h``."""
@@ -202,6 +202,8 @@ def nsa_attention(
         scale=scale,
         branch_kv=branch_kv,
         cu_seqlens=cu_seqlens,
+        phi_k=phi_k,
+        phi_v=phi_v,
         validate_gates=validate,
     )
     scale = 1.0 / math.sqrt(dims.Dk) if scale is None else float(scale)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .config import NSAConfig
+from .validate import check_phi_output
 
 Phi = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,13 +27,19 @@ def mean_pool(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.mean(dim=-2)
 
 
-def compress(x: torch.Tensor, num_blocks: int, cfg: NSAConfig, phi: Phi | None) -> torch.Tensor:
-    """Eq. 7: ``x [T, G, D] -> [num_blocks, G, D]``, block ``i`` = ``phi(x[i*d : i*d + l])``."""
+def compress(
+    x: torch.Tensor, num_blocks: int, cfg: NSAConfig, phi: Phi | None, *, name: str = "phi"
+) -> torch.Tensor:
+    """Eq. 7: ``x [T, G, D] -> [num_blocks, G, D]``, block ``i`` = ``phi(x[i*d : i*d + l])``.
+
+    ``phi``'s result is checked (`validate.check_phi_output`, errors name ``name``).
+    """
     l, d = cfg.cmp_block, cfg.cmp_stride
     if num_blocks == 0:
         return x.new_zeros(0, x.shape[1], x.shape[2])
     blocks = torch.stack([x[i * d : i * d + l] for i in range(num_blocks)])  # [N, l, G, D]
-    pooled = (phi or mean_pool)(blocks.permute(2, 0, 1, 3))  # [G, N, l, D] -> [G, N, D]
+    blocks = blocks.permute(2, 0, 1, 3)  # [G, N, l, D]
+    pooled = check_phi_output(name, (phi or mean_pool)(blocks), blocks)  # [G, N, D]
     return pooled.permute(1, 0, 2)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import NSAConfig
+from .scalars import as_positive_float
 
 BRANCHES = ("cmp", "sel", "win")
 
@@ -103,6 +104,8 @@ def check_inputs(
     scale: float | None = None,
     branch_kv: dict | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    phi_k=None,
+    phi_v=None,
     validate_gates: bool = True,
 ) -> tuple[Dims, list[int] | None]:
     """Validate the arguments of ``nsa_attention`` (spec I.11); return dims and seq bounds."""
@@ -142,11 +145,37 @@ def check_inputs(
         if not bool(torch.isfinite(g).all()) or bool((g < 0).any()) or bool((g > 1).any()):
             raise ValueError("gates must be finite and in [0, 1] (pass validate=False to skip)")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, int | float):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not scale > 0 or scale == float("inf"):
-            raise ValueError(f"scale must be a positive finite float, got {scale}")
+        as_positive_float("scale", scale)
+    for name, phi in (("phi_k", phi_k), ("phi_v", phi_v)):
+        check_phi(name, phi)
     bounds = None
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, B, T, q.device)
     return Dims(B=B, T=T, H=H, G=G, h=H // G, Dk=Dk, Dv=Dv), bounds
+
+
+def check_phi(name: str, phi: object) -> None:
+    """``phi_k`` / ``phi_v`` must be ``None`` (mean pooling) or callable."""
+    if phi is not None and not callable(phi):
+        raise TypeError(f"{name} must be callable or None, got {type(phi).__name__}")
+
+
+def check_phi_output(name: str, out: object, blocks: torch.Tensor) -> torch.Tensor:
+    """What ``phi(blocks)`` returned, checked: ``blocks [..., l, D]`` must map to a tensor
+    ``[..., D]`` of the blocks' dtype and device (spec I.3). Never broadcast, never cast."""
+    expected = (*blocks.shape[:-2], blocks.shape[-1])
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"{name} must return a torch.Tensor of shape {list(expected)}, "
+            f"got {type(out).__name__}"
+        )
+    if tuple(out.shape) != expected:
+        raise ValueError(
+            f"{name} must map blocks {list(blocks.shape)} ([..., l, D]) to {list(expected)} "
+            f"([..., D]), got {list(out.shape)}"
+        )
+    if out.dtype != blocks.dtype:
+        raise TypeError(f"{name} returned dtype {out.dtype}, expected the blocks' {blocks.dtype}")
+    if out.device != blocks.device:
+        raise ValueError(f"{name} returned device {out.device}, expected {blocks.device}")
+    return out
