@@ -1,6 +1,6 @@
 """Repository-wide pytest configuration: the one place where hypothesis profiles live.
 
-Profiles (DESIGN.md "Habits"):
+Profiles:
 - ``dev``: the default on a workstation; random, a few examples per property.
 - ``ci``: derandomized (the same examples on every run), no example database; chosen when the
   environment has ``CI=true`` (GitHub Actions sets it).

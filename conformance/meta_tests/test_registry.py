@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,31 @@ def test_properties_p1_to_p29_are_covered():
 def test_unknown_clause_lookup_names_the_known_ids():
     with pytest.raises(KeyError, match="NSA-EQ9-OVERLAP"):
         clauses.get("NSA-NOPE")
+
+
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "spec" / "NSA-SPEC.md"
+
+
+def spec_sections(text: str) -> set[str]:
+    """The citable sections of the spec: ``I.n`` headings, ``**Pn`` properties, ``**An`` items."""
+    found = set(re.findall(r"^### (I\.\d+) ", text, flags=re.M))
+    found |= set(re.findall(r"^\* \*\*([PA]\d+)[ .*]", text, flags=re.M))
+    return found
+
+
+def cited(spec: str) -> list[str]:
+    """Section tokens of a clause's ``spec`` field: ``"I.1-I.8, P24"`` -> I.1 ... I.8, P24."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        m = re.fullmatch(r"I\.(\d+)-I\.(\d+)", part)
+        out += [f"I.{n}" for n in range(int(m[1]), int(m[2]) + 1)] if m else [part]
+    return out
+
+
+def test_every_cited_spec_section_exists():
+    if not SPEC.is_file():
+        pytest.skip(f"{SPEC} is not here (an installed package without the repository)")
+    sections = spec_sections(SPEC.read_text(encoding="utf-8"))
+    assert {"I.1", "I.11", "P1", "P29", "A1", "A17"} <= sections
+    missing = {c.id: s for c in clauses.CLAUSES for s in cited(c.spec) if s not in sections}
+    assert not missing, f"clauses cite sections that docs/spec/NSA-SPEC.md does not have: {missing}"
