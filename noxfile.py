@@ -242,8 +242,12 @@ def refresh_constraints(session: nox.Session) -> None:
     steps = [
         ("torch-deps", torch, f"what {torch} pulls", shlex.split(TORCH_SPEC)),
         ("triton", torch, f"{triton}, the triton paired with {torch}", [triton]),
-        ("tests", None, "the test extra (pytest, pytest-xdist, hypothesis, numpy) and what "
-         "it pulls", ["-e", ".[test]"]),
+        (
+            "tests",
+            None,
+            "the test extra (pytest, pytest-xdist, hypothesis, numpy) and what it pulls",
+            ["-e", ".[test]"],
+        ),
         ("lint", None, "the lint extra", project["optional-dependencies"]["lint"]),
     ]
     skip = {*pins.UNPINNED, pins.normalize(project["name"])}
@@ -256,7 +260,12 @@ def refresh_constraints(session: nox.Session) -> None:
                 first_seen.setdefault(pkg, name)
         before = after
     resolved = [
-        (name, bound, note, {p: before[p] for p, s in first_seen.items() if s == name and p in before})
+        (
+            name,
+            bound,
+            note,
+            {p: before[p] for p, s in first_seen.items() if s == name and p in before},
+        )
         for name, bound, note, _ in steps
     ]
     # The [tests] section first: it is what most readers come for.

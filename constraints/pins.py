@@ -51,6 +51,7 @@ class Section:
     name: str
     torch: str | None  # the torch requirement it is bound to, or None
     header: str
+    note: str = ""  # the header's text after the brackets
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -75,12 +76,14 @@ def parse(text: str, source: str = "constraints") -> tuple[list[str], list[Secti
         if match:
             if any(s.name == match["name"] for s in sections):
                 raise ValueError(f"{source}:{number}: a second section [{match['name']}]")
-            sections.append(Section(match["name"], match["torch"], line))
+            sections.append(Section(match["name"], match["torch"], line, match["note"].strip()))
             continue
         if line and not line.startswith("#"):
             pin = _PIN_RE.match(line)
             if pin is None:
-                raise ValueError(f"{source}:{number}: expected an exact pin name==version: {line!r}")
+                raise ValueError(
+                    f"{source}:{number}: expected an exact pin name==version: {line!r}"
+                )
             if not sections:
                 raise ValueError(f"{source}:{number}: pin {line!r} before the first # [section]")
             name = normalize(pin["name"])
@@ -203,6 +206,9 @@ def render_ci(
 
 def render_nox(python: str, pins: dict[str, str]) -> str:
     """A new nox.txt: its header and one section of pins."""
-    lines = _NOX_HEADER.format(python=python).splitlines() + ["", "# [nox] nox and its dependencies"]
+    lines = _NOX_HEADER.format(python=python).splitlines() + [
+        "",
+        "# [nox] nox and its dependencies",
+    ]
     lines += [f"{k}=={v}" for k, v in sorted(pins.items(), key=lambda kv: normalize(kv[0]))]
     return "\n".join(lines) + "\n"
