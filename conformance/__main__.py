@@ -128,7 +128,7 @@ def cmd_list(_args) -> int:
         needs = f" [needs {', '.join(c.needs)}]" if c.needs else ""
         print(f"{c.id:<{width}}  {c.paper:<32}  {c.title} ({c.tolerance}){needs}")
     print(f"\n{len(CLAUSES)} clauses")
-    return 0
+    return EXIT_OK
 
 
 def cmd_adapters(args) -> int:
@@ -152,7 +152,7 @@ def cmd_mutants(_args) -> int:
 
     for m in MUTANTS:
         print(f"{m.name:<28} {m.description}  (expected: {', '.join(m.expected)})")
-    return 0
+    return EXIT_OK
 
 
 def _adapter(impl: str | None):
@@ -193,7 +193,7 @@ def _check_clauses(ids: list[str]) -> None:
             )
 
 
-def _lanes(value: str | None, adapter, device: str) -> str | None:
+def _lanes(value: str | None, adapter) -> str | None:
     """The validated ``--lanes`` (or ``$NSA_CONFORMANCE_LANES``) value, or ``None``.
 
     Unknown dtypes are a `CliError`; so is a list of which the adapter declares none (no lane
@@ -295,7 +295,7 @@ def cmd_run(args) -> int:
             "be graded (--allow-empty runs anyway and reports every clause skipped)"
         )
     _check_clauses(args.clause)
-    lanes = _lanes(args.lanes, adapter, device)
+    lanes = _lanes(args.lanes, adapter)
     chosen = _mutants(args, impl)
     out = _report_dir(args.report)
     if args.threads:
