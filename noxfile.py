@@ -1,13 +1,26 @@
-"""Nox sessions: ``cpu_parity`` (the default), ``conformance``, ``lint``, ``gpu_matrix``, ``bench``.
+"""Nox sessions: ``cpu_parity`` (the default), ``conformance``, ``lint``, ``gpu_matrix``, ``bench``,
+``refresh_constraints``.
 
-    python -m pip install nox && python -m nox -s cpu_parity   # the tests (README, .ci/run)
+    python -m pip install -c constraints/nox.txt nox && python -m nox -s cpu_parity   # .ci/run
     python -m nox -s conformance -- nsa_impl                     # the conformance report
     python -m nox -s lint
     python -m nox -s gpu_matrix                                  # GPU machines; skips elsewhere
     python -m nox -s bench
+    python -m nox -s refresh_constraints                         # re-pin the test toolchain
 
 Every session reuses its virtualenv; arguments after ``--`` pass through (to pytest, to the
-conformance CLI, to ruff, to the benchmark). Environment knobs:
+conformance CLI, to ruff, to the benchmark).
+
+Pinned toolchain: every install runs under ``constraints/ci.txt`` (``pip install -c``; its
+header says what is pinned and how), so pytest, pytest-xdist, hypothesis, numpy, triton, ruff
+and what they pull resolve to the same versions on every machine; nox itself is pinned by
+``constraints/nox.txt`` (``.ci/run``). Sections of ci.txt bound to a torch requirement apply
+only when that torch is installed. After the installs a session checks that each pinned package
+is installed at its pin, and exports ``NSA_CONSTRAINTS`` (the file it installed under), which the
+conformance report records with a hash of the file. ``python -m nox -s refresh_constraints``
+re-resolves everything unpinned in a fresh virtualenv and rewrites both files.
+
+Environment knobs:
 
 - ``NSA_TORCH_SPEC`` (default ``torch==2.13.0``): the pip arguments installing torch, split like a
   shell line, e.g. ``"torch==2.13.0 --index-url <a CPU wheel index>"``. Installed before the
@@ -22,7 +35,9 @@ conformance CLI, to ruff, to the benchmark). Environment knobs:
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -40,8 +55,83 @@ from gpu_matrix.probe import nvidia_smi  # noqa: E402
 nox.options.sessions = ["cpu_parity"]
 nox.options.error_on_external_run = True
 
+
+def _load_pins():
+    """``constraints/pins.py``, loaded by path: it is a helper of this file, not a package."""
+    spec = importlib.util.spec_from_file_location("nsa_pins", ROOT / "constraints" / "pins.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pins = _load_pins()
+
 REPORTS = ROOT / "reports"
-TORCH_SPEC = os.environ.get("NSA_TORCH_SPEC", "torch==2.13.0")
+DEFAULT_TORCH_SPEC = "torch==2.13.0"
+TORCH_SPEC = os.environ.get("NSA_TORCH_SPEC", DEFAULT_TORCH_SPEC)
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # the sessions' (nox's own)
+
+
+def _torch_requirement(spec: str) -> str | None:
+    """The torch requirement among the pip arguments of a torch spec (``torch==2.13.0``)."""
+    for arg in shlex.split(spec):
+        if not arg.startswith("-") and pins.normalize(re.split(r"[<>=!~;\[ ]", arg)[0]) == "torch":
+            return arg
+    return None
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (how logs and reports name files)."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _constraints(session: nox.Session, torch: str | None) -> list[str]:
+    """The ``-c FILE`` arguments of this session's installs; the file is exported as
+    ``NSA_CONSTRAINTS`` for the conformance report.
+
+    ``torch`` is the torch requirement the session installs (``None``: a gpu_matrix pair).
+    The file is constraints/ci.txt, or a copy in the session's tmp folder without the sections
+    bound to another torch. On a Python other than the one the pins were resolved on there is
+    none (the pins may not exist for it): the session installs unpinned and says so.
+    """
+    text = pins.CI.read_text(encoding="utf-8")
+    resolved_on = pins.python_of(text)
+    if resolved_on != PYTHON:
+        why = f"constraints/ci.txt holds pins for Python {resolved_on}, this is Python {PYTHON}"
+        session.warn(f"{why}: installing unpinned")
+        session.env["NSA_CONSTRAINTS"] = f"none ({why})"
+        return []
+    bound = pins.torch_bound(text)
+    if "NSA_TORCH_SPEC" not in os.environ and torch not in bound:
+        session.error(
+            f"constraints/ci.txt was resolved for {', '.join(sorted(bound))}, but the noxfile's "
+            f"default torch is {torch}: run python -m nox -s refresh_constraints"
+        )
+    kept, dropped = pins.for_torch(text, torch)
+    path = pins.CI
+    if dropped:
+        path = Path(session.create_tmp()) / f"ci-without-{'-'.join(dropped)}.txt"
+        path.write_text(kept, encoding="utf-8")
+        session.log(
+            f"constraints: {_rel(path)}, i.e. constraints/ci.txt without [{'], ['.join(dropped)}] "
+            f"(bound to {', '.join(sorted(bound))}; this session installs {torch or 'its pair'})"
+        )
+    session.env["NSA_CONSTRAINTS"] = _rel(path)
+    return ["-c", str(path)]
+
+
+def _check_pins(session: nox.Session, pin: list[str]) -> None:
+    """Fail unless every pinned package that is installed has its pinned version."""
+    if not pin:
+        return
+    frozen = session.run("python", "-m", "pip", "freeze", "--all", silent=True)
+    bad = pins.mismatches(Path(pin[1]).read_text(encoding="utf-8"), pins.parse_freeze(frozen))
+    if bad:
+        session.error(f"installed versions differ from {_rel(Path(pin[1]))}: {'; '.join(bad)}")
 
 
 def _triton_spec() -> str | None:
@@ -53,20 +143,26 @@ def _triton_spec() -> str | None:
 
 
 def _install_project(session: nox.Session, extras: str = "test") -> None:
-    """torch (``NSA_TORCH_SPEC``), then triton when pip can get it, then the project, editable."""
+    """torch (``NSA_TORCH_SPEC``), then triton when pip can get it, then the project, editable;
+    all but torch under the constraints, then checked against them."""
+    pin = _constraints(session, _torch_requirement(TORCH_SPEC))
+    # torch alone, without the constraints: NSA_TORCH_SPEC may name an index of its own (the CPU
+    # wheels) that lacks the pinned versions of torch's dependencies; the project's install below
+    # resolves torch's dependencies again, under the constraints, and moves them to their pins.
     session.install(*shlex.split(TORCH_SPEC))
     triton = _triton_spec()
     if triton is None:
         session.log("NSA_TRITON_SPEC=none: no triton; the Triton interpreter tests will skip")
     else:
         try:
-            session.install(triton)
+            session.install(triton, *pin)
         except CommandFailed as exc:
             session.log(
                 f"continuing without triton: pip could not install {triton!r} ({exc.reason}); "
                 "the Triton interpreter tests will skip"
             )
-    session.install("-e", f".[{extras}]" if extras else ".")
+    session.install("-e", f".[{extras}]" if extras else ".", *pin)
+    _check_pins(session, pin)
 
 
 def _conformance(
@@ -110,7 +206,9 @@ def conformance(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check over the repository (ruff from the lint extra; no torch installed)."""
     project = nox.project.load_toml(str(ROOT / "pyproject.toml"))["project"]
-    session.install(*project["optional-dependencies"]["lint"])
+    pin = _constraints(session, _torch_requirement(TORCH_SPEC))
+    session.install(*project["optional-dependencies"]["lint"], *pin)
+    _check_pins(session, pin)
     session.run("ruff", "check", *(session.posargs or ["."]))
 
 
@@ -119,6 +217,71 @@ def bench(session: nox.Session) -> None:
     """The CPU benchmark bench/cpu_bench.py (arguments after ``--`` go to it)."""
     _install_project(session, extras="")
     session.run("python", "bench/cpu_bench.py", *session.posargs)
+
+
+@nox.session(reuse_venv=False)
+def refresh_constraints(session: nox.Session) -> None:
+    """Rewrite constraints/ci.txt and constraints/nox.txt from fresh, unpinned resolutions.
+
+    In this session's virtualenv (created anew every time), one step after another, unpinned:
+    ``NSA_TORCH_SPEC``, its triton, the project's test extra, the lint extra. Each package goes
+    to the section of the step that first added or changed it, at its final version (torch,
+    pip and the project are left out). nox.txt: ``pip install nox`` in a new stdlib venv. The
+    hand-written ``[peers]`` section is kept. Review ``git diff constraints/`` afterwards.
+    """
+    torch = _torch_requirement(TORCH_SPEC)
+    triton = _triton_spec()
+    if torch is None or triton is None:
+        session.error(f"cannot pin: NSA_TORCH_SPEC={TORCH_SPEC!r} names no torch, or no triton")
+
+    def freeze(python: str = "python") -> dict[str, str]:
+        args = ("-m", "pip", "freeze", "--all", "--exclude-editable")
+        return pins.parse_freeze(session.run(python, *args, silent=True, external=True))
+
+    project = nox.project.load_toml(str(ROOT / "pyproject.toml"))["project"]
+    steps = [
+        ("torch-deps", torch, f"what {torch} pulls", shlex.split(TORCH_SPEC)),
+        ("triton", torch, f"{triton}, the triton paired with {torch}", [triton]),
+        (
+            "tests",
+            None,
+            "the test extra (pytest, pytest-xdist, hypothesis, numpy) and what it pulls",
+            ["-e", ".[test]"],
+        ),
+        ("lint", None, "the lint extra", project["optional-dependencies"]["lint"]),
+    ]
+    skip = {*pins.UNPINNED, pins.normalize(project["name"])}
+    before, first_seen = freeze(), {}
+    for name, _, _, args in steps:
+        session.install(*args)
+        after = freeze()
+        for pkg, version in after.items():
+            if before.get(pkg) != version and pins.normalize(pkg) not in skip:
+                first_seen.setdefault(pkg, name)
+        before = after
+    resolved = [
+        (
+            name,
+            bound,
+            note,
+            {p: before[p] for p, s in first_seen.items() if s == name and p in before},
+        )
+        for name, bound, note, _ in steps
+    ]
+    # The [tests] section first: it is what most readers come for.
+    resolved.sort(key=lambda r: r[0] != "tests")
+    old = pins.CI.read_text(encoding="utf-8") if pins.CI.exists() else None
+    pins.CI.write_text(pins.render_ci(PYTHON, resolved, old), encoding="utf-8")
+
+    venv = Path(session.create_tmp()) / "nox-venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run("python", "-m", "venv", str(venv))
+    python = str(venv / "bin" / "python")
+    base = freeze(python)
+    session.run(python, "-m", "pip", "install", "nox", external=True)
+    added = {p: v for p, v in freeze(python).items() if base.get(p) != v and p != "pip"}
+    pins.NOX.write_text(pins.render_nox(PYTHON, added), encoding="utf-8")
+    session.log(f"wrote {_rel(pins.CI)} and {_rel(pins.NOX)}: review git diff constraints/")
 
 
 # --- gpu_matrix: one cell per row of gpu_matrix/matrix.toml, plus "installed" -----------------
@@ -173,17 +336,20 @@ def gpu_matrix_cell(session: nox.Session, pair) -> None:
         cell = "installed"
         python = _host_python(session)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env["NSA_CONSTRAINTS"] = f"none (the packages of {python} as they are)"
     else:
         cell = pair.cell_id
         python = "python"
+        pin = _constraints(session, None)  # the pair's own torch: no torch-bound section
         try:
-            session.install(*pair.requirements())
-            session.install("-e", ".[test]")
+            session.install(*pair.requirements(), *pin)
+            session.install("-e", ".[test]", *pin)
         except CommandFailed as exc:
             session.skip(
                 f"pip could not install {' '.join(pair.requirements())} ({exc.reason}; pip's "
                 "output above says why: no network, or no wheel for this Python or platform)"
             )
+        _check_pins(session, pin)
     _GPU_CELLS_RAN.append(cell)
     session.run(python, "-m", "gpu_matrix", "probe", env=env, external=True)
     session.run(python, "-m", "pytest", "-m", "gpu", *session.posargs, env=env, external=True)

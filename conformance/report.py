@@ -4,12 +4,16 @@
 records every clause test's outcome, skip reason, failure message and the worst error/tolerance
 the test recorded (``user_properties`` set by `conformance.checks.Subject.record`).
 `summarize` folds tests into clauses: a clause fails when any of its tests fails, is skipped
-only when all its tests skip (with their reasons), and passes otherwise.
+only when all its tests skip (with their reasons), and passes otherwise. `build` adds the run's
+verdict: ``pass``, ``fail``, or ``empty`` when no clause was graded (every test skipped or
+deselected), which never reads as a pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -166,24 +170,109 @@ def _ratio(t: TestResult) -> float:
     return t.worst_error / t.tolerance
 
 
+#: Set by the nox sessions to the constraints file they installed under (noxfile.py).
+ENV_CONSTRAINTS = "NSA_CONSTRAINTS"
+#: The toolchain whose versions the environment block records: (module, distribution).
+TOOLCHAIN = (("pytest", "pytest"), ("hypothesis", "hypothesis"), ("numpy", "numpy"))
+
+
+def _version(module: str, dist: str) -> str | None:
+    """The version of ``module`` as imported in this process; of its installed distribution
+    when it is not imported (nothing is imported here: triton must not be loaded just for
+    this); ``None`` when neither exists."""
+    version = getattr(sys.modules.get(module), "__version__", None)
+    if version is not None:
+        return str(version)
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def constraints_used() -> tuple[str | None, str | None]:
+    """``(file, sha256 prefix)`` of the constraints the environment was installed under.
+
+    From ``$NSA_CONSTRAINTS`` (set by nox): a path, relative to the working directory or
+    absolute, gives the first 12 hex digits of its sha256 (a path that cannot be read is named
+    with the OS's reason and no hash); ``none (why)`` (nox installed unpinned) is passed on;
+    unset gives ``(None, None)``: not known.
+    """
+    value = os.environ.get(ENV_CONSTRAINTS)
+    if not value:
+        return None, None
+    if value == "none" or value.startswith("none "):
+        return value, None  # installed unpinned, and why
+    try:
+        with open(value, "rb") as fh:
+            return value, hashlib.sha256(fh.read()).hexdigest()[:12]
+    except OSError as exc:
+        return f"{value} ({exc.strerror or type(exc).__name__})", None
+
+
 def environment(device: str) -> dict:
-    """Python, torch, triton (without importing it), device (and GPU name on CUDA)."""
+    """Python, torch, triton (without importing it), the test toolchain (pytest, hypothesis,
+    numpy), the constraints file it was installed under, device (and GPU name on CUDA)."""
     import torch
 
-    try:
-        triton = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton = None
+    constraints, digest = constraints_used()
     env = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton,
+        "torch": str(torch.__version__),
+        "triton": _version("triton", "triton"),
+        **{module: _version(module, dist) for module, dist in TOOLCHAIN},
+        "constraints": constraints,
+        "constraints_sha256": digest,
         "device": device,
         "platform": f"{platform.system()} {platform.machine()}",
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def graded(rows: list[ClauseResult]) -> int:
+    """How many clauses were graded: at least one of their tests ran and passed or failed."""
+    return sum(1 for r in rows if r.passed or r.failed)
+
+
+def empty_reason(rows: list[ClauseResult]) -> str:
+    """Why no clause was graded: the skip reason they share (or the first of several), else that
+    no clause test ran at all."""
+    reasons = list(dict.fromkeys(r.reason for r in rows if r.status == "skip" and r.reason))
+    if not reasons:
+        return "no clause test ran (none collected, or every one deselected)"
+    more = f" (and {len(reasons) - 1} other skip reasons)" if len(reasons) > 1 else ""
+    return f"every clause skipped: {reasons[0]}{more}"
+
+
+def verdict(
+    rows: list[ClauseResult],
+    mutants: list[dict] | None,
+    errors: list[str],
+    pytest_exit: int | None = None,
+) -> tuple[str, str | None]:
+    """``(verdict, reason)`` of a run: ``fail``, ``empty`` (no clause graded) or ``pass``.
+
+    ``fail``: a clause test failed, a test could not be collected, pytest itself stopped
+    (exit codes other than 0, 1, 5), a selected clause had no test run while others were
+    graded, or a mutant survived. ``empty`` is never a pass.
+    """
+    if errors:
+        return "fail", f"{len(errors)} collection error(s): {errors[0]}"
+    if pytest_exit not in (None, 0, 1, 5):
+        return "fail", f"pytest stopped with exit code {pytest_exit}"
+    failed = [r.clause.id for r in rows if r.failed]
+    if failed:
+        return "fail", f"{len(failed)} clause(s) failed: {', '.join(failed[:5])}"
+    if not graded(rows):
+        return "empty", f"0 clauses graded: {empty_reason(rows)}"
+    unrun = [r.clause.id for r in rows if r.status == "fail"]
+    if unrun:
+        return "fail", f"no test ran for {len(unrun)} clause(s): {', '.join(unrun[:5])}"
+    survivors = [m["name"] for m in mutants or [] if not m["killed"]]
+    if survivors:
+        return "fail", f"{len(survivors)} mutant(s) survived: {', '.join(survivors[:5])}"
+    return "pass", None
 
 
 def build(
@@ -194,15 +283,21 @@ def build(
     mutants: list[dict] | None,
     errors: list[str],
     seconds: float,
+    pytest_exit: int | None = None,
 ) -> dict:
-    """The ``conformance.json`` document."""
+    """The ``conformance.json`` document (``verdict``: see `verdict`)."""
     summary = {s: sum(r.status == s for r in rows) for s in ("pass", "fail", "skip")}
+    summary["graded"] = graded(rows)
     if mutants is not None:
         summary["mutants"] = len(mutants)
         summary["mutants_killed"] = sum(m["killed"] for m in mutants)
+    status, reason = verdict(rows, mutants, errors, pytest_exit)
     return {
         "implementation": impl,
         "description": description,
+        "verdict": status,
+        "verdict_reason": reason,
+        "pytest_exit": pytest_exit,
         "environment": env,
         "clauses": [r.to_json() for r in rows],
         "mutants": mutants if mutants is not None else [],
@@ -228,20 +323,47 @@ def _tol(row: dict) -> str:
     return _fmt(row["tolerance"])
 
 
+_VERDICT = {"pass": "PASS", "fail": "FAIL", "empty": "NOT GRADED"}
+
+
+def _headline(doc: dict) -> str:
+    """``VERDICT: reason`` (the verdict first, so an empty run cannot read as a pass)."""
+    reason = doc.get("verdict_reason")
+    return _VERDICT[doc["verdict"]] + (f": {reason}" if reason else "")
+
+
+def _toolchain(env: dict) -> str:
+    """The environment block as one sentence: versions, then the constraints file."""
+    tools = ", ".join(f"{m} {env.get(m) or 'not installed'}" for m, _ in TOOLCHAIN)
+    if env.get("constraints_sha256"):
+        pinned = f"installed under `{env['constraints']}` (sha256 {env['constraints_sha256']})"
+    elif env.get("constraints"):
+        pinned = f"constraints: {env['constraints']}"
+    else:
+        pinned = f"constraints: not recorded (${ENV_CONSTRAINTS} unset: not installed by nox)"
+    return (
+        f"Python {env['python']}, torch {env['torch']}, triton {env['triton'] or 'not installed'}"
+        + (f", {env['gpu']}" if env.get("gpu") else "")
+        + f"; {tools}; {pinned}."
+    )
+
+
 def markdown(doc: dict) -> str:
-    """``conformance.md``: a headline, the clause table, then the mutants."""
+    """``conformance.md``: the verdict, the clause table, then the mutants."""
     s, env = doc["summary"], doc["environment"]
     lines = [f"# NSA conformance: `{doc['implementation']}` on {env['device']}", ""]
-    head = f"**{s['pass']} pass, {s['fail']} fail, {s['skip']} skip**"
+    counts = (
+        f"{s['graded']} of {len(doc['clauses'])} clauses graded: "
+        f"{s['pass']} pass, {s['fail']} fail, {s['skip']} skip"
+    )
     if doc["mutants_run"]:
-        head += f"; mutants killed: **{s['mutants_killed']}/{s['mutants']}**"
+        counts += f"; mutants killed: {s['mutants_killed']}/{s['mutants']}"
     lines += [
-        head + f" ({doc['seconds']:.0f} s)",
+        f"**{_headline(doc)}**",
         "",
-        f"{doc['description']}. Python {env['python']}, torch {env['torch']}, "
-        f"triton {env['triton'] or 'not installed'}"
-        + (f", {env['gpu']}" if env.get("gpu") else "")
-        + ".",
+        counts + f" ({doc['seconds']:.0f} s)",
+        "",
+        f"{doc['description']}. {_toolchain(env)}",
         "",
     ]
     if doc["collection_errors"]:
@@ -297,10 +419,10 @@ def table(doc: dict) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     out.insert(1, "-" * len(out[0]))
     s = doc["summary"]
-    tail = f"{s['pass']} pass, {s['fail']} fail, {s['skip']} skip"
+    tail = f"{s['graded']} graded: {s['pass']} pass, {s['fail']} fail, {s['skip']} skip"
     if doc["mutants_run"]:
         tail += f"; mutants killed {s['mutants_killed']}/{s['mutants']}"
         survivors = [m["name"] for m in doc["mutants"] if not m["killed"]]
         if survivors:
             tail += f" (SURVIVED: {', '.join(survivors)})"
-    return "\n".join(out + ["", tail])
+    return "\n".join(out + ["", tail, f"verdict: {_headline(doc)}"])
