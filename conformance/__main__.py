@@ -1,11 +1,15 @@
-"""Command line: ``python -m conformance list | adapters | mutants | run``.
+"""Command line: ``python -m conformance list | adapters | mutants | run | summary``.
 
 ``run --impl NAME [--device cpu|cuda] --report DIR [--no-mutants]`` runs the clause tests through
 ``pytest.main`` (in this process), then, for ``nsa_ref``, once more per mutant (quietly, with a
 progress line each), and writes ``DIR/conformance.json``, ``DIR/conformance.md``,
 ``DIR/junit.xml`` (and ``DIR/pytest.log``, the main run's pytest output). It prints a short
 table, appends the markdown to ``$GITHUB_STEP_SUMMARY`` when set, and exits non-zero when a
-clause fails, a test cannot be collected, or a mutant survives.
+clause fails, a test cannot be collected, or a mutant survives. With ``--peer`` (grading a
+third-party implementation) failed clauses are its table, and the exit code is non-zero only when
+the adapter crashes, a test cannot be collected, the adapter cannot run or nothing was graded
+(`conformance.grading`). ``summary REPORT.json...`` prints the implementation x clause group
+table of committed reports.
 """
 
 from __future__ import annotations
@@ -72,12 +76,24 @@ def cmd_adapters(args) -> int:
 
     device = resolve_device(args.device)
     for name in REGISTRY.names():
+        caps, version = None, None
         try:
             adapter = REGISTRY.create(name)
+            importable, why_not = adapter.available()
             why = device_reason(adapter, device)
+            caps = adapter.capabilities.summary()
+            version = adapter.version() if hasattr(adapter, "version") else None
+            if why is None:
+                state = f"ok (runs on {device})"
+            elif importable:
+                state = f"importable; not on {device}: {why}"
+            else:
+                state = f"not importable: {why_not}"
         except Exception as exc:  # a broken third-party adapter is reported, not fatal
-            why = f"cannot be created: {type(exc).__name__}: {exc}"
-        print(f"{name:<18} {'ok' if why is None else 'unavailable: ' + why}")
+            state = f"cannot be created: {type(exc).__name__}: {exc}"
+        print(f"{name:<18} {state}" + (f" [version {version}]" if version else ""))
+        if caps:
+            print(f"{'':<18} {caps}")
     return 0
 
 
@@ -94,7 +110,7 @@ def cmd_run(args) -> int:
     """Run the suite (and the mutants for nsa_ref); write and print the reports."""
     import torch
 
-    from . import report
+    from . import grading, report
     from .adapters import get_adapter, resolve_device
     from .mutants import MUTANTS
     from .mutants import get as get_mutant
@@ -109,7 +125,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     print(f"conformance: {adapter.name} ({adapter.description}) on {device}", flush=True)
 
-    collector = report.Collector()
+    collector = grading.CrashCollector(adapter)
     main_args = _base_args(impl, device, args.clause, args.lanes) + [
         f"--junitxml={out / 'junit.xml'}",
         "-o",
@@ -174,7 +190,9 @@ def cmd_run(args) -> int:
         collector.errors,
         time.perf_counter() - start,
     )
-    md = report.markdown(doc)
+    doc["adapter"] = grading.adapter_info(adapter, device)
+    doc["adapter_crashes"] = collector.crashes
+    md = report.markdown(doc) + grading.adapter_markdown(doc)
     import json
 
     (out / "conformance.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -193,9 +211,22 @@ def cmd_run(args) -> int:
         f"({doc['seconds']:.1f} s)"
     )
 
+    if args.peer:
+        peer_code, why = grading.peer_exit_code(doc, code)
+        print(f"--peer: exit {peer_code}: {why}")
+        return peer_code
     failed = doc["summary"]["fail"] > 0 or bool(collector.errors) or code not in (0, 1, 5)
+    crashed = bool(collector.crashes)
     survived = mutant_rows is not None and not all(m["killed"] for m in mutant_rows)
-    return 1 if failed or survived or not rows else 0
+    return 1 if failed or crashed or survived or not rows else 0
+
+
+def cmd_summary(args) -> int:
+    """Print the implementation x clause group table of the given ``conformance.json`` files."""
+    from .grading import summary_table
+
+    print(summary_table(args.reports), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fast", action="store_true", help="stop each mutant run at its first failure")
     p.add_argument("-v", "--verbose", action="store_true", help="show the main run's pytest output")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="grading a third party: exit non-zero only when the adapter crashes or nothing ran",
+    )
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("summary", help="implementation x clause group table of reports")
+    p.add_argument("reports", nargs="+", help="conformance.json files")
+    p.set_defaults(func=cmd_summary)
     args = parser.parse_args(argv)
     return args.func(args)
 

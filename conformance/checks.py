@@ -246,6 +246,18 @@ class Subject:
             if why:
                 pytest.skip(f"{self.adapter.name} {why}")
 
+    def config(self, cfg, keep: tuple[str, ...] = ()):
+        """The configuration a test runs: ``cfg``, or the nearest one the adapter can run.
+
+        A test about a property that holds for every configuration passes ``keep=()``; one about
+        particular fields (e.g. ``l = d = 1``) names them in ``keep``, and skips with the
+        adapter's reason when the nearest runnable configuration would change them.
+        """
+        got = self.caps.adapt_config(cfg, keep)
+        if got is None:
+            pytest.skip(f"{self.adapter.name}: {self.caps.config_reason(cfg)}")
+        return got
+
     def require_shape(self, inp: Inputs) -> None:
         """Skip when the adapter does not declare this group size / head dims / length."""
         _, T, _, h, Dk, Dv = inp.shape
@@ -343,6 +355,13 @@ class Subject:
         )
         self.expect(not bad, f"selections differ beyond near-ties: {bad[:3]} ({len(bad)} rows)")
 
+    def scores_of(self, aux, inp: Inputs, cfg) -> torch.Tensor:
+        """The block scores that judge near-ties of ``aux.block_indices``: the implementation's
+        own ``p_slc`` when it reports them, else the dense oracle's (float64)."""
+        if getattr(aux, "p_slc", None) is not None:
+            return aux.p_slc
+        return self.dense(inp.to(torch.float64, "cpu"), cfg).p_slc
+
     def expect(self, ok: bool, what: str) -> None:
         """A structural check: fail with the clause context when ``ok`` is false."""
         assert ok, f"{self._context()}{what}"
@@ -358,7 +377,7 @@ class Subject:
 
     def run(self, x: Inputs, cfg, *, aux: bool = False, **kwargs):
         """Call the implementation on converted inputs ``x``; ``(o, aux or None)``."""
-        want_aux = aux and self.caps.aux
+        want_aux = aux and (self.caps.aux or self.caps.indices)
         out = self.adapter.attention(
             x.q, x.k, x.v, x.gates, cfg, return_aux=want_aux, **x.kwargs(), **kwargs
         )
@@ -420,11 +439,13 @@ class Subject:
         """
         if grads:
             self.require("backward")
-        if indices or any(f != "o" for f in fields):
+        if indices:
+            self.require("indices")
+        if any(f != "o" for f in fields):
             self.require("aux")
         self.require_shape(inp)
         x = inp.to(lane.dtype, self.device, requires_grad=grads)
-        o, aux = self.run(x, cfg, aux=self.caps.aux, **kwargs)
+        o, aux = self.run(x, cfg, aux=True, **kwargs)
         got = aux_fields(o, aux)
         w = output_weights(inp)
         if grads:

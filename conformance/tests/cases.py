@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance import dense
@@ -37,19 +38,33 @@ def fit(subject, case: Case) -> Case:
     caps = subject.caps
     lo = caps.min_head_dim
     Dk, Dv = max(case.Dk, lo), max(case.Dv, lo)
+    if caps.pow2_head_dims:
+        Dk, Dv = _next_pow2(Dk), _next_pow2(Dv)
     if case.Dk != case.Dv and Dk == Dv:
-        Dv += 8
+        Dv = 2 * Dv if caps.pow2_head_dims else Dv + 8
     if caps.max_head_dim is not None:
         Dk, Dv = min(Dk, caps.max_head_dim), min(Dv, caps.max_head_dim)
+    if caps.same_head_dims:
+        Dv = Dk
     h = max(case.h, caps.min_group_size)
+    if caps.pow2_group_size:
+        h = _next_pow2(h)
     if caps.max_group_size is not None:
         h = min(h, caps.max_group_size)
     return replace(case, Dk=Dk, Dv=Dv, h=h)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @st.composite
 def structures(draw, subject):
-    """A random (Case, NSAConfig) pair: sizes, a valid configuration and a seed."""
+    """A random (Case, NSAConfig) pair: sizes, a valid configuration and a seed.
+
+    The configuration is moved to the nearest one the adapter can run (`ConfigLimits.adapt`);
+    drawings with none are rejected.
+    """
     d = draw(st.sampled_from([1, 2, 4]))
     l = d * draw(st.integers(1, 3))
     ls = d * draw(st.integers(1, 4))
@@ -64,6 +79,8 @@ def structures(draw, subject):
         sel_local_blocks=local,
         window=draw(st.integers(1, 24)),
     )
+    cfg = subject.caps.adapt_config(cfg)
+    assume(cfg is not None)
     case = Case(
         B=draw(st.integers(1, 2)),
         T=draw(st.integers(1, 48)),
