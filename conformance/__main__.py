@@ -53,9 +53,12 @@ def _pytest(args: list[str], collector, *, quiet: bool, log: Path | None = None)
         return int(pytest.main(args, plugins=[collector]))
 
 
-def _base_args(impl: str, device: str, clauses: list[str], lanes: str | None) -> list[str]:
+def _base_args(
+    impl: str, device: str, clauses: list[str], lanes: str | None, examples: int | None = None
+) -> list[str]:
     args = [str(TESTS_DIR), f"--impl={impl}", f"--device={device}", "-p", "no:cacheprovider", "-q"]
-    return args + [f"--clause={c}" for c in clauses] + ([f"--lanes={lanes}"] if lanes else [])
+    args += [f"--clause={c}" for c in clauses] + ([f"--lanes={lanes}"] if lanes else [])
+    return args + ([f"--examples={examples}"] if examples else [])
 
 
 def cmd_list(_args) -> int:
@@ -126,7 +129,7 @@ def cmd_run(args) -> int:
     print(f"conformance: {adapter.name} ({adapter.description}) on {device}", flush=True)
 
     collector = grading.CrashCollector(adapter)
-    main_args = _base_args(impl, device, args.clause, args.lanes) + [
+    main_args = _base_args(impl, device, args.clause, args.lanes, args.examples) + [
         f"--junitxml={out / 'junit.xml'}",
         "-o",
         "junit_suite_name=nsa-conformance",
@@ -153,8 +156,11 @@ def cmd_run(args) -> int:
         for i, m in enumerate(chosen, 1):
             t0 = time.perf_counter()
             col = report.Collector()
+            # Each mutant is judged on the clause tests' own fixed cases in the float64 lane
+            # (what they were designed with): the drawn cases and other lanes add run time,
+            # not kills.
             _pytest(
-                _base_args(impl, device, args.clause, args.lanes)
+                _base_args(impl, device, args.clause, args.lanes or "float64", 1)
                 + [f"--mutant={m.name}", "-x" if args.fast else "-q"],
                 col,
                 quiet=True,
@@ -259,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--clause", action="append", default=[], help="only this clause id (repeatable)")
     p.add_argument("--lanes", default=None, help="comma-separated dtypes (pytest --lanes)")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="cases per numeric clause test (pytest --examples; default 3, deep profile 12)",
+    )
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = leave)"
     )

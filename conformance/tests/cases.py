@@ -8,6 +8,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance import dense
+from conformance.checks import VARIED_FIELDS
 from conformance.inputs import Case, Inputs, one_hot_gates
 from nsa_ref import NSAConfig
 
@@ -29,12 +30,15 @@ def fields(subject) -> tuple[str, ...]:
     return ALL_FIELDS if subject.has("aux") else ("o",)
 
 
-def fit(subject, case: Case) -> Case:
-    """``case`` with head dims and group size moved into the adapter's declared range.
+def fit(subject, case: Case, vary: tuple[str, ...] = VARIED_FIELDS) -> Case:
+    """``case`` (drawn: seed, batch, head dims, see `Subject.vary`) with head dims and group
+    size moved into the adapter's declared range.
 
-    Keeps ``Dk != Dv`` when the case had it, so kernels with a minimum head dim (e.g. 16) still
-    run the edge cases instead of skipping them.
+    ``vary`` names what a drawn case may change (``("seed",)`` keeps a shape that is the point
+    of the test). Keeps ``Dk != Dv`` when the case had it, so kernels with a minimum head dim
+    (e.g. 16) still run the edge cases instead of skipping them.
     """
+    case = subject.vary(case, vary)
     caps = subject.caps
     lo = caps.min_head_dim
     Dk, Dv = max(case.Dk, lo), max(case.Dv, lo)
