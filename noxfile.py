@@ -363,3 +363,27 @@ def gpu_matrix_cell(session: nox.Session, pair) -> None:
         env=env,
         external=True,
     )
+
+
+# --- peers: the public NSA implementations, graded on the CPU ---------------------------------
+
+#: Peers with a CPU path, and where their reports go (``docs/conformance/<dir>`` holds the
+#: committed copies; fla:parallel and flash_nsa need a GPU: see docs/conformance/README.md).
+CPU_PEERS = {"fla:naive": "fla_naive", "lucidrains": "lucidrains"}
+PEER_CONSTRAINTS = ROOT / "constraints" / "peers.txt"
+
+
+@nox.session(reuse_venv=True)
+def peers(session: nox.Session) -> None:
+    """Conformance reports of fla-core (fla:naive) and lucidrains on the CPU, in reports/peers/.
+
+    Installs the project, then the peers pinned by ``constraints/peers.txt``, and runs
+    ``python -m conformance run --impl NAME --peer`` for each (``-- NAME ...`` picks others):
+    a peer's failed clauses are its table and do not fail the session; an adapter crash, a
+    collection error, an adapter that cannot run or a run that graded nothing does.
+    """
+    _install_project(session)
+    session.install("-c", str(PEER_CONSTRAINTS), "fla-core", "native-sparse-attention-pytorch")
+    for impl in session.posargs or list(CPU_PEERS):
+        out = REPORTS / "peers" / CPU_PEERS.get(impl, impl.replace(":", "_"))
+        _conformance(session, impl, out, "--peer", env={"TRITON_INTERPRET": "1"})

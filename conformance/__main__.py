@@ -1,10 +1,11 @@
-"""Command line: ``python -m conformance list | adapters | mutants | run``.
+"""Command line: ``python -m conformance list | adapters | mutants | run | summary``.
 
 ``run --impl NAME [--device cpu|cuda] --report DIR [--no-mutants]`` runs the clause tests through
 ``pytest.main`` (in this process), then, for ``nsa_ref``, once more per mutant (quietly, with a
 progress line each), and writes ``DIR/conformance.json``, ``DIR/conformance.md``,
 ``DIR/junit.xml`` (and ``DIR/pytest.log``, the main run's pytest output). It prints a short
 table with the run's verdict and appends the markdown to ``$GITHUB_STEP_SUMMARY`` when set.
+``summary REPORT.json...`` prints the implementation x clause group table of committed reports.
 
 Every argument is checked before anything runs: an unknown ``--impl`` (the registered adapters
 are listed), ``--clause`` (the valid ids are listed), ``--lanes`` dtype or ``--mutant``,
@@ -17,10 +18,14 @@ Exit codes:
 
 * 0: the run passed: at least one clause graded, none failed, every mutant killed (with
   ``--allow-empty``, also a run that graded nothing);
-* 1: the run did not pass: a clause failed, a test could not be collected, a mutant survived,
-  pytest stopped, or no clause was graded;
+* 1: the run did not pass: a clause failed, the adapter crashed, a test could not be collected,
+  a mutant survived, pytest stopped, or no clause was graded;
 * 2: usage error: a bad argument or environment variable, ``--device cuda`` without CUDA, an
   unusable ``--report`` directory, a pytest argument pytest rejects; nothing was graded.
+
+With ``--peer`` (grading a third-party implementation) failed clauses are its table, and the exit
+code is 1 only when the adapter crashes, a test cannot be collected, the adapter cannot run or
+nothing was graded (`conformance.grading`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """Raise instead of printing the usage and exiting (`main` prints the line)."""
         raise CliError(f"{message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    """``--examples``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -99,9 +115,12 @@ def _pytest(args: list[str], collector, *, quiet: bool, log: Path | None = None)
         return int(pytest.main(args, plugins=[collector]))
 
 
-def _base_args(impl: str, device: str, clauses: list[str], lanes: str | None) -> list[str]:
+def _base_args(
+    impl: str, device: str, clauses: list[str], lanes: str | None, examples: int | None = None
+) -> list[str]:
     args = [str(TESTS_DIR), f"--impl={impl}", f"--device={device}", "-p", "no:cacheprovider", "-q"]
-    return args + [f"--clause={c}" for c in clauses] + ([f"--lanes={lanes}"] if lanes else [])
+    args += [f"--clause={c}" for c in clauses] + ([f"--lanes={lanes}"] if lanes else [])
+    return args + ([f"--examples={examples}"] if examples else [])
 
 
 def _source(flag: str, value, env: str) -> str:
@@ -137,12 +156,24 @@ def cmd_adapters(args) -> int:
 
     device = _resolve_device(args.device)
     for name in REGISTRY.names():
+        caps, version = None, None
         try:
             adapter = REGISTRY.create(name)
+            importable, why_not = adapter.available()
             why = device_reason(adapter, device)
+            caps = adapter.capabilities.summary()
+            version = adapter.version() if hasattr(adapter, "version") else None
+            if why is None:
+                state = f"ok (runs on {device})"
+            elif importable:
+                state = f"importable; not on {device}: {why}"
+            else:
+                state = f"not importable: {why_not}"
         except Exception as exc:  # a broken third-party adapter is reported, not fatal
-            why = f"cannot be created: {type(exc).__name__}: {exc}"
-        print(f"{name:<18} {'ok' if why is None else 'unavailable: ' + why}")
+            state = f"cannot be created: {type(exc).__name__}: {exc}"
+        print(f"{name:<18} {state}" + (f" [version {version}]" if version else ""))
+        if caps:
+            print(f"{'':<18} {caps}")
     return EXIT_OK
 
 
@@ -282,7 +313,7 @@ def cmd_run(args) -> int:
     """Check the arguments, run the suite (and the mutants for nsa_ref), write the reports."""
     import torch
 
-    from . import report
+    from . import grading, report
     from .adapters import device_reason
 
     # Everything is checked before pytest starts: a typo must not cost a run, nor hide in a log.
@@ -306,9 +337,9 @@ def cmd_run(args) -> int:
     if unavailable:
         print(f"conformance: every clause test will skip: {unavailable}", flush=True)
 
-    collector = report.Collector()
+    collector = grading.CrashCollector(adapter)
     log = out / "pytest.log"
-    main_args = _base_args(impl, device, args.clause, lanes) + [
+    main_args = _base_args(impl, device, args.clause, lanes, args.examples) + [
         f"--junitxml={out / 'junit.xml'}",
         "-o",
         "junit_suite_name=nsa-conformance",
@@ -345,7 +376,9 @@ def cmd_run(args) -> int:
         time.perf_counter() - start,
         pytest_exit=code,
     )
-    md = report.markdown(doc)
+    doc["adapter"] = grading.adapter_info(adapter, device)
+    doc["adapter_crashes"] = collector.crashes
+    md = report.markdown(doc) + grading.adapter_markdown(doc)
     _write(out / "conformance.json", json.dumps(doc, indent=2) + "\n")
     _write(out / "conformance.md", md)
     summary_path = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -362,6 +395,12 @@ def cmd_run(args) -> int:
         flush=True,
     )
 
+    if args.peer:
+        peer_code, why = grading.peer_exit_code(doc, code)
+        print(f"--peer: exit {peer_code}: {why}")
+        return peer_code
+    if collector.crashes:
+        raise CliError(f"{len(collector.crashes)} adapter crash(es): see {log}", EXIT_FAILED)
     if doc["verdict"] == "pass":
         return EXIT_OK
     if doc["verdict"] == "empty" and args.allow_empty:
@@ -371,7 +410,11 @@ def cmd_run(args) -> int:
 
 
 def _run_mutants(chosen, impl: str, device: str, args, lanes: str | None) -> list[dict]:
-    """Run the clause tests once per mutant (quietly); one row per mutant for the report."""
+    """Run the clause tests once per mutant (quietly); one row per mutant for the report.
+
+    Each mutant is judged on the clause tests' own fixed cases in the float64 lane (what they
+    were designed with): the drawn cases and other lanes add run time, not kills.
+    """
     from . import report
 
     rows = []
@@ -379,7 +422,7 @@ def _run_mutants(chosen, impl: str, device: str, args, lanes: str | None) -> lis
         t0 = time.perf_counter()
         col = report.Collector()
         _pytest(
-            _base_args(impl, device, args.clause, lanes)
+            _base_args(impl, device, args.clause, lanes or "float64", 1)
             + [f"--mutant={m.name}", "-x" if args.fast else "-q"],
             col,
             quiet=True,
@@ -406,6 +449,14 @@ def _run_mutants(chosen, impl: str, device: str, args, lanes: str | None) -> lis
             flush=True,
         )
     return rows
+
+
+def cmd_summary(args) -> int:
+    """Print the implementation x clause group table of the given ``conformance.json`` files."""
+    from .grading import summary_table
+
+    print(summary_table(args.reports), end="")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,7 +497,14 @@ def main(argv: list[str] | None = None) -> int:
         "--lanes",
         default=None,
         help="comma-separated dtypes (float64, float32, bfloat16, float16); default "
-        "$NSA_CONFORMANCE_LANES or the adapter's best full precision (+ bf16/fp16 on a GPU)",
+        "$NSA_CONFORMANCE_LANES or the adapter's float64, float32 and bfloat16 (+ float16 on a "
+        "GPU) where declared",
+    )
+    p.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=None,
+        help="cases per numeric clause test (pytest --examples; default 3, deep profile 12)",
     )
     p.add_argument(
         "--threads",
@@ -462,8 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine without one, instead of failing",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show the main run's pytest output")
+    p.add_argument(
+        "--peer",
+        action="store_true",
+        help="grading a third party: exit non-zero only when the adapter crashes or nothing ran",
+    )
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("summary", help="implementation x clause group table of reports")
+    p.add_argument("reports", nargs="+", help="conformance.json files")
+    p.set_defaults(func=cmd_summary)
     try:
         args = parser.parse_args(argv)
         return args.func(args)

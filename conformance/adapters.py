@@ -10,6 +10,8 @@ cpu|cuda`` or ``NSA_CONFORMANCE_DEVICE`` (default ``cpu``). Built-in names:
   ``varlen``, ``triton``, ``flash``: the library inside ``nsa_impl.routing.force_path(<path>)``,
   with the capabilities of ``nsa_impl.routing.PATHS[<path>]``; an unavailable path (no triton,
   no GPU) makes every test skip with the path's own reason.
+* ``fla:naive``, ``fla:parallel``, ``flash_nsa``, ``lucidrains``: public NSA implementations
+  (`conformance.peers`), each with its declared capabilities and translation profile.
 
 Third-party adapters (point the suite at your own kernel)
 ---------------------------------------------------------
@@ -68,6 +70,41 @@ IMPL_PATHS = ("parity", "masked", "packed", "varlen", "triton", "flash")
 ALL_FLOATS = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 
+class ConfigLimits:
+    """The configurations an adapter can run; the default accepts every valid `NSAConfig`.
+
+    Peers with fixed conventions (e.g. one block size for l, d and l', or always-forced blocks)
+    subclass it. A clause whose configuration the adapter cannot run either skips with
+    `reason` or, when the clause is about a property that holds for every configuration, runs
+    with `adapt` (the nearest configuration the adapter can run, keeping the fields the test
+    names): the oracle then uses the same adapted configuration.
+    """
+
+    def reason(self, cfg) -> str | None:
+        """Why ``cfg`` cannot run, or ``None``."""
+        return None
+
+    def nearest(self, cfg, keep: tuple[str, ...] = ()):
+        """The nearest runnable configuration, preferring to keep the fields in ``keep``
+        (``None``: none). Called only when `reason` is set."""
+        return None
+
+    def adapt(self, cfg, keep: tuple[str, ...] = ()):
+        """``cfg`` itself when it runs, else `nearest` unless it changes a field in ``keep``."""
+        if self.reason(cfg) is None:
+            return cfg
+        new = self.nearest(cfg, keep)
+        if new is None or self.reason(new) is not None:
+            return None
+        if any(getattr(new, f) != getattr(cfg, f) for f in keep):
+            return None
+        return new
+
+    def describe(self) -> str:
+        """One line for listings."""
+        return "any valid configuration"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an adapter supports; the suite skips (with a reason) what is not declared.
@@ -78,15 +115,24 @@ class Capabilities:
         backward: autograd through ``attention``.
         varlen: ``cu_seqlens``.
         decode: ``new_cache`` with ``step``/``reads``/``length``.
-        aux: ``return_aux=True``.
+        aux: ``return_aux=True`` with every field (``block_indices``, ``p_slc``, ``p_cmp``,
+            ``o_cmp``, ``o_sel``, ``o_win``).
+        indices: ``return_aux=True`` gives at least ``block_indices`` (implied by ``aux``).
         branch_kv: per-branch ``(k, v)``.
         phi: custom ``phi_k``/``phi_v``.
         selection: ``selection(...)`` given block indices.
+        scale: accepts a softmax ``scale`` other than ``1/sqrt(Dk)``.
+        nsa_config: configured through `nsa_ref.NSAConfig` itself, so NSA-I2-CONFIG (the
+            configuration's own validation) is about this implementation.
         min_group_size, max_group_size: supported ``h = H / G`` (``None``: no bound).
+        pow2_group_size: ``h`` must be a power of two.
         min_head_dim, max_head_dim: supported ``Dk`` and ``Dv`` (``None``: no bound).
+        pow2_head_dims: ``Dk`` and ``Dv`` must be powers of two.
+        same_head_dims: ``Dk`` must equal ``Dv``.
         max_seqlen: longest sequence it can run in reasonable time (``None``: no bound).
         exact_causality: rows before a perturbation are bit-identical (spec P1 for the
             reference); otherwise they must agree within the class tolerance.
+        limits: the configurations it can run (`ConfigLimits`).
     """
 
     devices: frozenset[str] = frozenset(DEVICES)
@@ -95,15 +141,22 @@ class Capabilities:
     varlen: bool = True
     decode: bool = True
     aux: bool = True
+    indices: bool = False
     branch_kv: bool = True
     phi: bool = True
     selection: bool = False
+    scale: bool = True
+    nsa_config: bool = True
     min_group_size: int = 1
     max_group_size: int | None = None
+    pow2_group_size: bool = False
     min_head_dim: int = 1
     max_head_dim: int | None = None
+    pow2_head_dims: bool = False
+    same_head_dims: bool = False
     max_seqlen: int | None = None
     exact_causality: bool = False
+    limits: ConfigLimits = field(default_factory=ConfigLimits)
 
     def missing(self, need: str, device: str) -> str | None:
         """Why capability ``need`` (a clause's ``needs`` entry) is unavailable, or ``None``."""
@@ -112,6 +165,9 @@ class Capabilities:
         if need == "long_context":
             ok = self.max_seqlen is None or self.max_seqlen >= 65536
             return None if ok else f"declares max_seqlen={self.max_seqlen} (< 65536)"
+        if need == "indices":
+            ok = self.aux or self.indices
+            return None if ok else "returns no block_indices (capability 'indices')"
         if not hasattr(self, need):
             return f"unknown capability {need!r}"
         return None if getattr(self, need) else f"does not declare capability {need!r}"
@@ -120,28 +176,56 @@ class Capabilities:
         """Why a (group size, head dims, length) combination is unsupported, or ``None``."""
         if h < self.min_group_size or (self.max_group_size is not None and h > self.max_group_size):
             return f"group size h={h} outside [{self.min_group_size}, {self.max_group_size}]"
+        if self.pow2_group_size and h & (h - 1):
+            return f"group size h={h} is not a power of two"
         for label, dim in (("Dk", Dk), ("Dv", Dv)):
             if dim < self.min_head_dim or (
                 self.max_head_dim is not None and dim > self.max_head_dim
             ):
                 return f"{label}={dim} outside [{self.min_head_dim}, {self.max_head_dim}]"
+            if self.pow2_head_dims and dim & (dim - 1):
+                return f"{label}={dim} is not a power of two"
+        if self.same_head_dims and Dk != Dv:
+            return f"Dk={Dk} != Dv={Dv} (one head dim for keys and values)"
         if T is not None and self.max_seqlen is not None and T > self.max_seqlen:
             return f"T={T} above max_seqlen={self.max_seqlen}"
         return None
+
+    def config_reason(self, cfg) -> str | None:
+        """Why configuration ``cfg`` cannot run (`ConfigLimits.reason`), or ``None``."""
+        return self.limits.reason(cfg)
+
+    def adapt_config(self, cfg, keep: tuple[str, ...] = ()):
+        """``cfg``, or the nearest runnable configuration keeping ``keep`` (``None``: none)."""
+        return self.limits.adapt(cfg, keep)
 
     def summary(self) -> str:
         """One line for the pytest header."""
         flags = [
             n
-            for n in ("backward", "varlen", "decode", "aux", "branch_kv", "phi", "selection")
+            for n in (
+                "backward",
+                "varlen",
+                "decode",
+                "aux",
+                "indices",
+                "branch_kv",
+                "phi",
+                "selection",
+                "scale",
+            )
             if getattr(self, n)
         ]
         dts = sorted(str(d).replace("torch.", "") for d in self.dtypes)
+        h = f"h=[{self.min_group_size},{self.max_group_size}]" + (
+            " pow2" if self.pow2_group_size else ""
+        )
+        dims = f"D=[{self.min_head_dim},{self.max_head_dim}]" + (
+            " pow2" if self.pow2_head_dims else ""
+        ) + (" Dk=Dv" if self.same_head_dims else "")
         return (
-            f"devices={sorted(self.devices)} dtypes={dts} "
-            f"h=[{self.min_group_size},{self.max_group_size}] "
-            f"D=[{self.min_head_dim},{self.max_head_dim}] max_T={self.max_seqlen} "
-            f"+{','.join(flags)}"
+            f"devices={sorted(self.devices)} dtypes={dts} {h} {dims} max_T={self.max_seqlen} "
+            f"+{','.join(flags)}; configs: {self.limits.describe()}"
         )
 
 
@@ -151,6 +235,13 @@ class Adapter:
     name: str = "?"
     description: str = ""
     capabilities: Capabilities = Capabilities()
+    #: The conventions the adapter assumes to translate the spec's call (third-party adapters:
+    #: layout, gates, window, blocks, forced blocks, ...), shown in the report.
+    profile: dict[str, str] = {}
+
+    def version(self) -> str | None:
+        """The version of the implementation under test, for the report (``None``: unknown)."""
+        return None
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when it can run here, else ``(False, reason)``."""
@@ -374,6 +465,26 @@ def _entry_points() -> dict:
 REGISTRY = Registry({"nsa_ref": NsaRefAdapter, "nsa_impl": NsaImplAdapter})
 for _path in IMPL_PATHS:
     REGISTRY.factories[f"nsa_impl:{_path}"] = lambda p=_path: NsaImplAdapter(p)
+
+#: Public NSA implementations graded by the suite (`conformance.peers`, imported on first use;
+#: each peer package itself is imported only when its adapter runs).
+PEERS = {
+    "fla:naive": ("FlaAdapter", "naive"),
+    "fla:parallel": ("FlaAdapter", "parallel"),
+    "flash_nsa": ("FlashNsaAdapter",),
+    "lucidrains": ("LucidrainsAdapter",),
+}
+
+
+def _peer_factory(cls_name: str, *args) -> Callable[[], object]:
+    def make():
+        return getattr(importlib.import_module("conformance.peers"), cls_name)(*args)
+
+    return make
+
+
+for _name, (_cls, *_args) in PEERS.items():
+    REGISTRY.factories[_name] = _peer_factory(_cls, *_args)
 
 
 def get_adapter(name: str | None = None):

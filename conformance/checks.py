@@ -10,7 +10,7 @@ it:
   ``FP32_OUT_ATOL`` / ``FP32_GRAD_ATOL``; block indices equal except at near-ties
   (``NEAR_TIE_RTOL``), where the selected scores must match as a multiset and the outputs are
   then checked against the dense formulation given the implementation's own indices.
-* ``low-precision``: fp16/bf16 on a GPU, against the dense formulation in float32 on the same
+* ``low-precision``: bf16 (and fp16 on a GPU), against the dense formulation in float32 on the same
   rounded inputs: ``max|out - ref| <= lowp_bound(max|naive - ref|)`` where ``naive`` is the
   dense formulation run in the low dtype, both given the implementation's indices; the
   implementation's selection may lose at most ``lowp_bound`` of the naive selection's score.
@@ -20,6 +20,8 @@ Tolerances are imported from `nsa_impl.tolerances` (the one definition).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -49,6 +51,8 @@ def _load_tolerances():
 
 
 TOL = _load_tolerances()
+#: What `Subject.vary` draws by default in a drawn case.
+VARIED_FIELDS = ("seed", "B", "dims")
 LOWP = (torch.float16, torch.bfloat16)
 _AUX_FIELDS = ("o_cmp", "o_sel", "o_win", "p_cmp", "p_slc")
 
@@ -79,7 +83,8 @@ DTYPES = {
 
 
 def lanes_for(caps, device: str, names: list[str] | None = None) -> list[Lane]:
-    """An adapter's lanes on ``device``: its best full precision, plus fp16/bf16 on a GPU.
+    """An adapter's lanes on ``device``: float64, float32 and bfloat16 where it declares them,
+    plus float16 on a GPU.
 
     ``names`` (``--lanes``) picks dtypes explicitly instead, among those the adapter declares
     (e.g. ``float32,bfloat16`` to run a kernel's own precisions on a CPU interpreter).
@@ -90,13 +95,9 @@ def lanes_for(caps, device: str, names: list[str] | None = None) -> list[Lane]:
             raise ValueError(f"--lanes: unknown dtype(s) {unknown}; known: {', '.join(DTYPES)}")
         chosen = [DTYPES[n] for n in names if DTYPES[n] in caps.dtypes]
         return [Lane(dt, _CLASS_OF.get(dt, "low-precision")) for dt in chosen]
-    lanes = []
-    if torch.float64 in caps.dtypes:
-        lanes.append(Lane(torch.float64, "exact"))
-    elif torch.float32 in caps.dtypes:
-        lanes.append(Lane(torch.float32, "fp32"))
-    if device == "cuda" or not lanes:
-        lanes += [Lane(dt, "low-precision") for dt in LOWP[::-1] if dt in caps.dtypes]
+    lanes = [Lane(dt, _CLASS_OF[dt]) for dt in (torch.float64, torch.float32) if dt in caps.dtypes]
+    low = LOWP[::-1] if device == "cuda" or not lanes else (torch.bfloat16,)
+    lanes += [Lane(dt, "low-precision") for dt in low if dt in caps.dtypes]
     return lanes
 
 
@@ -227,11 +228,61 @@ class Subject:
     a message naming the clause when the tolerance is exceeded.
     """
 
-    def __init__(self, adapter, device: str, *, clauses=(), node=None, mutant: str | None = None):
+    def __init__(
+        self,
+        adapter,
+        device: str,
+        *,
+        clauses=(),
+        node=None,
+        mutant: str | None = None,
+        examples: int = 1,
+    ):
         self.adapter, self.device, self.node, self.mutant = adapter, device, node, mutant
         self.caps = adapter.capabilities
         self.clauses = tuple(clauses)
         self.worst: tuple[float, float, float, str] | None = None  # (ratio, err, tol, what)
+        self.examples = max(1, int(examples))  # the per-test case budget (``--examples``)
+        self.cases = 0  # cases this test ran (reported per clause)
+        self._data = None  # hypothesis ``st.data()`` while a drawn case runs
+
+    # --- drawn cases ---------------------------------------------------------------------------
+
+    def count_case(self) -> None:
+        """One more case run by this test (the report states the count per clause)."""
+        self.cases += 1
+        if self.node is not None:
+            props = [p for p in self.node.user_properties if p[0] != "cases"]
+            self.node.user_properties[:] = props + [("cases", self.cases)]
+
+    @contextlib.contextmanager
+    def drawing(self, data):
+        """Inside: `vary` draws the structure of every case from hypothesis ``data``."""
+        self._data = data
+        try:
+            yield
+        finally:
+            self._data = None
+
+    def vary(self, case, fields: tuple[str, ...] = VARIED_FIELDS):
+        """``case`` with ``fields`` drawn (seed, batch, head dims) while a drawn case runs.
+
+        Outside `drawing` (the test's own fixed case) ``case`` comes back unchanged. The rest
+        of the structure (T, G, h, configuration) is what the test is about and stays.
+        """
+        if self._data is None:
+            return case
+        from hypothesis import strategies as st
+
+        draw, changes = self._data.draw, {}
+        if "seed" in fields:
+            changes["seed"] = draw(st.integers(0, 2**31 - 1), label="seed")
+        if "B" in fields and case.cu_seqlens is None:
+            changes["B"] = draw(st.integers(1, 2), label="B")
+        if "dims" in fields:
+            changes["Dk"] = draw(st.sampled_from([4, 8, 16]), label="Dk")
+            changes["Dv"] = draw(st.sampled_from([4, 6, 8]), label="Dv")
+        return dataclasses.replace(case, **changes)
 
     # --- capability gates ---------------------------------------------------------------------
 
@@ -245,6 +296,18 @@ class Subject:
             why = self.caps.missing(need, self.device)
             if why:
                 pytest.skip(f"{self.adapter.name} {why}")
+
+    def config(self, cfg, keep: tuple[str, ...] = ()):
+        """The configuration a test runs: ``cfg``, or the nearest one the adapter can run.
+
+        A test about a property that holds for every configuration passes ``keep=()``; one about
+        particular fields (e.g. ``l = d = 1``) names them in ``keep``, and skips with the
+        adapter's reason when the nearest runnable configuration would change them.
+        """
+        got = self.caps.adapt_config(cfg, keep)
+        if got is None:
+            pytest.skip(f"{self.adapter.name}: {self.caps.config_reason(cfg)}")
+        return got
 
     def require_shape(self, inp: Inputs) -> None:
         """Skip when the adapter does not declare this group size / head dims / length."""
@@ -343,6 +406,13 @@ class Subject:
         )
         self.expect(not bad, f"selections differ beyond near-ties: {bad[:3]} ({len(bad)} rows)")
 
+    def scores_of(self, aux, inp: Inputs, cfg) -> torch.Tensor:
+        """The block scores that judge near-ties of ``aux.block_indices``: the implementation's
+        own ``p_slc`` when it reports them, else the dense oracle's (float64)."""
+        if getattr(aux, "p_slc", None) is not None:
+            return aux.p_slc
+        return self.dense(inp.to(torch.float64, "cpu"), cfg).p_slc
+
     def expect(self, ok: bool, what: str) -> None:
         """A structural check: fail with the clause context when ``ok`` is false."""
         assert ok, f"{self._context()}{what}"
@@ -358,29 +428,35 @@ class Subject:
 
     def run(self, x: Inputs, cfg, *, aux: bool = False, **kwargs):
         """Call the implementation on converted inputs ``x``; ``(o, aux or None)``."""
-        want_aux = aux and self.caps.aux
+        want_aux = aux and (self.caps.aux or self.caps.indices)
         out = self.adapter.attention(
             x.q, x.k, x.v, x.gates, cfg, return_aux=want_aux, **x.kwargs(), **kwargs
         )
         return out if want_aux else (out, None)
 
     def hypothesis_settings(self, max_examples: int):
-        """Local hypothesis settings: capped examples, no deadline; no shrinking for mutants.
+        """Local hypothesis settings for ``max_examples`` drawn cases (the ``--examples`` budget).
 
-        Nothing is registered globally (the root conftest owns the profiles): the cap is taken
-        against the active profile's ``max_examples`` (a ``deep`` profile raises it 4x).
+        Nothing is registered globally: derandomization and the example database come from the
+        profile the root conftest loaded (``ci`` is derandomized). No deadline (the reference
+        is row-by-row Python) and no shrinking: a failing case is reported as drawn, since a
+        shrink would rerun an implementation under test hundreds of times. Mutant runs keep no
+        example database.
         """
         from hypothesis import HealthCheck, Phase, settings
 
-        profile = settings.default.max_examples
-        cap = max_examples * 4 if profile > 100 else max_examples  # a "deep" profile
         kwargs = dict(
-            max_examples=max(1, min(profile, cap)),
+            max_examples=max(1, int(max_examples)),
             deadline=None,
-            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+            phases=(Phase.explicit, Phase.reuse, Phase.generate),
+            suppress_health_check=[
+                HealthCheck.function_scoped_fixture,
+                HealthCheck.too_slow,
+                HealthCheck.filter_too_much,
+            ],
         )
-        if self.mutant is not None:  # a mutant only needs to fail once: no shrinking, no database
-            kwargs.update(phases=(Phase.explicit, Phase.reuse, Phase.generate), database=None)
+        if self.mutant is not None:
+            kwargs["database"] = None
         return settings(**kwargs)
 
     # --- oracles -------------------------------------------------------------------------------
@@ -420,11 +496,13 @@ class Subject:
         """
         if grads:
             self.require("backward")
-        if indices or any(f != "o" for f in fields):
+        if indices:
+            self.require("indices")
+        if any(f != "o" for f in fields):
             self.require("aux")
         self.require_shape(inp)
         x = inp.to(lane.dtype, self.device, requires_grad=grads)
-        o, aux = self.run(x, cfg, aux=self.caps.aux, **kwargs)
+        o, aux = self.run(x, cfg, aux=True, **kwargs)
         got = aux_fields(o, aux)
         w = output_weights(inp)
         if grads:

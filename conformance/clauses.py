@@ -98,6 +98,7 @@ CLAUSES: tuple[Clause, ...] = (
         "I.1, A9",
         """A given softmax scale is used by every branch and by the scores of Eq. 8; the default is
        1/sqrt(Dk).""",
+        needs=("scale",),
     ),
     _c(
         "NSA-I8-BRANCH-KV",
@@ -214,7 +215,7 @@ CLAUSES: tuple[Clause, ...] = (
         """block_indices equal the oracle's exactly (exact class); in the fp32 class they may differ
        only at a near-tie (relative gap <= 1e-6), where the selected scores must match as a
        multiset.""",
-        needs=("aux",),
+        needs=("indices",),
         tolerance="exact",
     ),
     _c(
@@ -224,7 +225,7 @@ CLAUSES: tuple[Clause, ...] = (
         "I.5, P14, A15",
         """block_indices is int64 [B, T, G, n], ascending, -1 padded, holding min(n, b(p)+1)
        distinct blocks in [0, b(p)].""",
-        needs=("aux",),
+        needs=("indices",),
         tolerance="structural",
     ),
     _c(
@@ -234,7 +235,7 @@ CLAUSES: tuple[Clause, ...] = (
         "I.5, P15, A4",
         """The initial and local blocks (0..init-1 and b-local+1..b) are always selected and are
        counted in n.""",
-        needs=("aux",),
+        needs=("indices",),
         tolerance="structural",
     ),
     _c(
@@ -357,7 +358,7 @@ CLAUSES: tuple[Clause, ...] = (
         "Eq. 11",
         "P2",
         """block_indices[:t+1] depend only on inputs at positions <= t.""",
-        needs=("aux",),
+        needs=("indices",),
         tolerance="structural",
     ),
     _c(
@@ -467,6 +468,7 @@ CLAUSES: tuple[Clause, ...] = (
         """d not dividing l or l', n below the forced count and non-positive sizes raise ValueError
        naming the field.""",
         tolerance="structural",
+        needs=("nsa_config",),
     ),
     # --- long context (GPU) -----------------------------------------------------------------------
     _c(

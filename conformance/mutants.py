@@ -266,6 +266,54 @@ def _mean_per_head(original):
     return nsa_row
 
 
+def _gates_sigmoid(original):
+    """Eq. 5 with ``sigmoid(g)``: gates in [0, 1] handed to a combine that applies the sigmoid."""
+
+    def gate(o_cmp, o_sel, o_win, gates):
+        return original(o_cmp, o_sel, o_win, torch.sigmoid(gates))
+
+    return gate
+
+
+def _empty_cmp_mean_v(original):
+    """Rows with no visible compressed block return the mean of the values ``v[0..p]`` (what a
+    softmax over an all-masked row with a finite fill gives), instead of 0."""
+
+    def nsa_row(p, q_p, seq, scale, W):
+        row = original(p, q_p, seq, scale, W)
+        if _rules().visible_cmp_blocks(p, seq.cfg) > 0:
+            return row
+        v = seq.heads(seq.raw["cmp"][1][: p + 1])  # [p+1, H, Dv]
+        return dataclasses.replace(row, o_cmp=v.mean(dim=0).to(row.o_cmp.dtype))
+
+    return nsa_row
+
+
+def _window_scale_ignored(original):
+    """The window branch at 1/sqrt(Dk) whatever the given scale (a kernel called without it)."""
+
+    def nsa_row(p, q_p, seq, scale, W):
+        row = original(p, q_p, seq, scale, W)
+        rules = _rules()
+        k_win, v_win = seq.raw["win"]
+        keys = torch.tensor(rules.window_keys(p, seq.cfg), dtype=torch.long, device=q_p.device)
+        o_win, _ = rules.attend(
+            q_p, seq.heads(k_win[keys]), seq.heads(v_win[keys]), 1.0 / math.sqrt(q_p.shape[-1])
+        )
+        return dataclasses.replace(row, o_win=o_win)
+
+    return nsa_row
+
+
+def _cmp_visible_late(original):
+    """Compressed block i visible only from p = i*d + l (one token after its last key)."""
+
+    def visible_cmp_blocks(p, cfg):
+        return original(p - 1, cfg) if p > 0 else 0
+
+    return visible_cmp_blocks
+
+
 def _row_swaps(make):
     return (("nsa_ref.reference", "nsa_row", make), ("nsa_ref.decode", "nsa_row", make))
 
@@ -279,7 +327,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "window-w-plus-1",
-        "sliding window of w+1 keys (the paper's inclusive slice)",
+        "sliding window of w+1 keys (the paper's inclusive slice; FlashAttention's "
+        "window_size=(w, 0))",
         ("NSA-I7-WINDOW-KEYS",),
         lambda: _swap("nsa_ref.rules", "window_keys", _window_plus_one),
     ),
@@ -351,6 +400,33 @@ MUTANTS: tuple[Mutant, ...] = (
         "a given softmax scale is ignored (1/sqrt(Dk) always)",
         ("NSA-I1-SCALE",),
         lambda: _swap("nsa_ref.rules", "attend", _scale_ignored),
+    ),
+    Mutant(
+        "gates-sigmoid",
+        "gates passed through a sigmoid (a combine that expects logits given the gates)",
+        ("NSA-EQ5-GATE-LINEARITY",),
+        lambda: _swaps(
+            ("nsa_ref.reference", "gate", _gates_sigmoid),
+            ("nsa_ref.decode", "gate", _gates_sigmoid),
+        ),
+    ),
+    Mutant(
+        "empty-cmp-mean-v",
+        "rows with no visible compressed block return the mean of V instead of 0",
+        ("NSA-P21-EMPTY-CMP", "NSA-P22-FIRST-TOKEN"),
+        lambda: _swaps(*_row_swaps(_empty_cmp_mean_v)),
+    ),
+    Mutant(
+        "window-scale-ignored",
+        "the window branch ignores a given softmax scale (1/sqrt(Dk) always)",
+        ("NSA-I1-SCALE",),
+        lambda: _swaps(*_row_swaps(_window_scale_ignored)),
+    ),
+    Mutant(
+        "cmp-visible-late",
+        "compressed block visible one token after its last key",
+        ("NSA-P3-CMP-VISIBILITY",),
+        lambda: _swap("nsa_ref.rules", "visible_cmp_blocks", _cmp_visible_late),
     ),
     Mutant(
         "duplicates-counted",

@@ -6,8 +6,12 @@
 ``--device DEV``    ``cpu`` or ``cuda`` (default ``$NSA_CONFORMANCE_DEVICE`` or ``cpu``)
 ``--mutant NAME``   wrap the adapter with a broken reference variant (`conformance.mutants`)
 ``--clause ID``     run only the tests of this clause (repeatable)
-``--lanes LIST``    dtypes to run in, e.g. ``float32,bfloat16`` (default: best full precision, plus
-                    bf16/fp16 on a GPU; env ``NSA_CONFORMANCE_LANES``)
+``--lanes LIST``    dtypes to run in, e.g. ``float32,bfloat16`` (default: float64, float32 and
+                    bfloat16 where declared, plus float16 on a GPU; env ``NSA_CONFORMANCE_LANES``)
+``--examples N``    cases per numeric clause test: its own fixed case, then N-1 drawn by
+                    hypothesis (seed, batch, head dims; `conformance.checks.Subject.vary`);
+                    default 3, or 12 under the ``deep`` hypothesis profile; env
+                    ``NSA_CONFORMANCE_EXAMPLES``
 
 Every clause test carries ``@pytest.mark.clause("NSA-...")``. The ids are checked against
 `conformance.clauses` at collection, attached to each test's ``user_properties`` (so JUnit and
@@ -39,6 +43,7 @@ class SuiteState:
     mutant: str | None
     unavailable: str | None  # why nothing can run (skip reason), or None
     lanes: list = field(default_factory=list)  # precision lanes (`conformance.checks.Lane`)
+    examples: int = 1  # cases per numeric clause test (``--examples``)
 
 
 _STATE = pytest.StashKey[SuiteState]()
@@ -76,13 +81,25 @@ def pytest_addoption(parser):
         "--lanes",
         default=None,
         metavar="LIST",
-        help="comma-separated dtypes to run in (default: best full precision + bf16/fp16 on GPU)",
+        help="comma-separated dtypes to run in (default: float64, float32, bfloat16 where "
+        "declared, + float16 on GPU)",
+    )
+    group.addoption(
+        "--examples",
+        default=None,
+        type=int,
+        metavar="N",
+        help="cases per numeric clause test: its own + N-1 hypothesis-drawn (default 3; 12 "
+        "under the deep profile)",
     )
 
 
 def pytest_configure(config):
     """Resolve the adapter once; register the clause marker (harmless if pyproject has it)."""
     config.addinivalue_line("markers", "clause(id): the conformance clause a test checks")
+    config.addinivalue_line(
+        "markers", "draws_own_cases: the test draws its cases itself (no drawn-case wrapper)"
+    )
     try:
         adapter = adapters.get_adapter(config.getoption("--impl"))
         device = adapters.resolve_device(config.getoption("--device"))
@@ -96,9 +113,29 @@ def pytest_configure(config):
             if unavailable
             else lanes_for(adapter.capabilities, device, names.split(",") if names else None)
         )
+        examples = _examples(config.getoption("--examples"))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[_STATE] = SuiteState(adapter, device, name, unavailable, lanes)
+    config.stash[_STATE] = SuiteState(adapter, device, name, unavailable, lanes, examples)
+
+
+DEFAULT_EXAMPLES, DEEP_EXAMPLES = 3, 12
+
+
+def _examples(option: int | None) -> int:
+    """``--examples``, else ``$NSA_CONFORMANCE_EXAMPLES``, else 3 (12 under a deep profile)."""
+    raw = option if option is not None else os.environ.get("NSA_CONFORMANCE_EXAMPLES")
+    if raw is None:
+        from hypothesis import settings
+
+        return DEEP_EXAMPLES if settings.default.max_examples > 100 else DEFAULT_EXAMPLES
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"--examples must be an integer >= 1, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"--examples must be an integer >= 1, got {n}")
+    return n
 
 
 def state(config) -> SuiteState:
@@ -119,6 +156,7 @@ def pytest_report_header(config):
         lanes = ", ".join(str(lane) for lane in st.lanes) or "none"
 
         lines.append(f"nsa-conformance: lanes = {lanes}; {st.adapter.capabilities.summary()}")
+        lines.append(f"nsa-conformance: {st.examples} case(s) per numeric clause test")
     return lines
 
 
@@ -202,4 +240,45 @@ def subject(request) -> Subject:
         clauses=[clauses.BY_ID[c] for c in ids],
         node=request.node,
         mutant=st.mutant,
+        examples=st.examples,
     )
+
+
+def _numeric(item) -> bool:
+    return any(clauses.BY_ID[c].tolerance != "structural" for c in clause_ids(item))
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    """A numeric clause test runs its own fixed case, then ``examples - 1`` drawn cases.
+
+    The drawn cases rerun the test body with `Subject.drawing`: every `fit` in it draws the
+    seed, batch and head dims (`Subject.vary`) from hypothesis, derandomized under the ``ci``
+    profile. A drawn case that the adapter cannot run (a skip) is rejected, not counted.
+    Structural clauses and tests marked ``draws_own_cases`` run as written.
+    """
+    subject = pyfuncitem.funcargs.get("subject")
+    if not isinstance(subject, Subject) or not clause_ids(pyfuncitem):
+        return None
+    fn = pyfuncitem.obj
+    kwargs = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
+    if pyfuncitem.get_closest_marker("draws_own_cases"):
+        fn(**kwargs)
+        return True
+    subject.count_case()
+    fn(**kwargs)
+    if subject.examples > 1 and _numeric(pyfuncitem):
+        from hypothesis import given, reject
+        from hypothesis import strategies as hst
+
+        @given(hst.data())
+        @subject.hypothesis_settings(subject.examples - 1)
+        def drawn(data):
+            with subject.drawing(data):
+                try:
+                    fn(**kwargs)
+                except pytest.skip.Exception:
+                    reject()
+            subject.count_case()
+
+        drawn()
+    return True

@@ -34,6 +34,7 @@ class TestResult:
     worst_error: float | None = None
     tolerance: float | None = None
     check: str | None = None
+    cases: int = 1  # cases the test ran (fixed + drawn; `conformance.checks.Subject.count_case`)
 
 
 class Collector:
@@ -56,6 +57,8 @@ class Collector:
         res = self.tests.setdefault(
             report.nodeid, TestResult(report.nodeid, tuple(props["clause"].split(",")))
         )
+        if "cases" in props:
+            res.cases = int(props["cases"])
         if "worst_error" in props:
             res.worst_error, res.tolerance = float(props["worst_error"]), float(props["tolerance"])
             res.check = props.get("worst_check")
@@ -100,6 +103,7 @@ class ClauseResult:
     tolerance: float | None
     reason: str | None
     failures: list[str] = field(default_factory=list)
+    cases: int = 0  # cases run by the tests that were not skipped
 
     def to_json(self) -> dict:
         """The API.md clause object (plus extra fields)."""
@@ -111,6 +115,7 @@ class ClauseResult:
             "spec": c.spec,
             "status": self.status,
             "tests": self.tests,
+            "cases": self.cases,
             "worst_error": _num(self.worst_error),
             "tolerance": _num(self.tolerance),
             "reason": self.reason,
@@ -159,6 +164,7 @@ def summarize(collector: Collector, only: set[str] | None = None) -> list[Clause
                 None if worst is None else worst.tolerance,
                 reason,
                 [f"{t.nodeid}: {t.message}" for t in fails],
+                sum(t.cases for t in tests if t.outcome != "skip"),
             )
         )
     return rows
@@ -369,8 +375,8 @@ def markdown(doc: dict) -> str:
     if doc["collection_errors"]:
         lines += ["**Collection errors:** " + "; ".join(doc["collection_errors"]), ""]
     lines += [
-        "| clause | paper | status | tests | worst error | tolerance |",
-        "|---|---|---|---|---|---|",
+        "| clause | paper | status | tests | cases | worst error | tolerance |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in doc["clauses"]:
         status = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[r["status"]]
@@ -378,7 +384,7 @@ def markdown(doc: dict) -> str:
             status += f": {r['reason']}"
         lines.append(
             f"| `{r['id']}` {r['title']} | {r['paper']} | {status} | {r['tests']} | "
-            f"{_fmt(r['worst_error'])} | {_tol(r)} |"
+            f"{r.get('cases', '-')} | {_fmt(r['worst_error'])} | {_tol(r)} |"
         )
     failures = [f for r in doc["clauses"] for f in r["failures"]]
     if failures:
@@ -404,18 +410,19 @@ def markdown(doc: dict) -> str:
 
 def table(doc: dict) -> str:
     """A short fixed-width table for stdout."""
-    rows = [("clause", "status", "tests", "worst", "tol")]
+    rows = [("clause", "status", "tests", "cases", "worst", "tol")]
     for r in doc["clauses"]:
         rows.append(
             (
                 r["id"],
                 r["status"].upper() if r["status"] == "fail" else r["status"],
                 str(r["tests"]),
+                str(r.get("cases", "-")),
                 _fmt(r["worst_error"]),
                 _tol(r),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     out.insert(1, "-" * len(out[0]))
     s = doc["summary"]

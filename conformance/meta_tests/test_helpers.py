@@ -85,12 +85,18 @@ def test_selection_slack():
 
 def test_lanes():
     caps = adapters.Capabilities()
-    assert [str(x) for x in checks.lanes_for(caps, "cpu")] == ["float64[exact]"]
-    assert [x.klass for x in checks.lanes_for(caps, "cuda")] == [
-        "exact",
-        "low-precision",
-        "low-precision",
+    assert [str(x) for x in checks.lanes_for(caps, "cpu")] == [
+        "float64[exact]",
+        "float32[fp32]",
+        "bfloat16[low-precision]",
     ]
+    assert [str(x) for x in checks.lanes_for(caps, "cuda")] == [
+        "float64[exact]",
+        "float32[fp32]",
+        "bfloat16[low-precision]",
+        "float16[low-precision]",
+    ]
+    assert [str(x) for x in checks.lanes_for(caps, "cpu", ["float64"])] == ["float64[exact]"]
     f32 = adapters.Capabilities(dtypes=frozenset({torch.float32, torch.bfloat16}))
     assert [str(x) for x in checks.lanes_for(f32, "cuda")] == [
         "float32[fp32]",
@@ -191,3 +197,27 @@ def test_report_documents():
     md = report.markdown(doc)
     assert "| `NSA-EQ9-OVERLAP`" in md and "**NO**" in md
     assert "SURVIVED: m" in report.table(doc)
+
+
+def test_vary_draws_seed_batch_and_dims_only_while_drawing():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    subject = checks.Subject(adapters.NsaRefAdapter(), "cpu")
+    base = Case(B=1, T=33, G=2, h=3, Dk=5, Dv=7, seed=1)
+    assert subject.vary(base) is base  # the test's own case
+    seen = []
+
+    @settings(max_examples=20, derandomize=True, database=None)
+    @given(st.data())
+    def run(data):
+        with subject.drawing(data):
+            got = subject.vary(base)
+            kept = subject.vary(base, ("seed",))
+        assert (got.T, got.G, got.h) == (33, 2, 3) and got.Dk in (4, 8, 16)
+        assert (kept.B, kept.Dk, kept.Dv) == (1, 5, 7)
+        seen.append((got.seed, got.B))
+
+    run()
+    assert len({s for s, _ in seen}) > 5 and {b for _, b in seen} == {1, 2}
+    assert subject.vary(base) is base  # nothing left behind

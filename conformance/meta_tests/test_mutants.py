@@ -10,7 +10,13 @@ import nsa_ref.reference
 import nsa_ref.rules
 from conformance import adapters, clauses, mutants
 from conformance.checks import Lane, Subject
-from conformance.tests import test_scoring, test_selection, test_window
+from conformance.tests import (
+    test_compression,
+    test_parity,
+    test_scoring,
+    test_selection,
+    test_window,
+)
 
 EXACT = Lane(__import__("torch").float64, "exact")
 
@@ -40,6 +46,26 @@ CASES = [
         "finite-mask-sentinel",
         "NSA-I6-EXACT-EXCLUSION",
         lambda s: test_selection.test_masked_keys_get_exactly_zero_weight(s, EXACT, "sel"),
+    ),
+    (
+        "gates-sigmoid",
+        "NSA-EQ5-GATE-LINEARITY",
+        lambda s: test_parity.test_output_is_linear_in_the_gates(s, EXACT),
+    ),
+    (
+        "empty-cmp-mean-v",
+        "NSA-P21-EMPTY-CMP",
+        lambda s: test_compression.test_empty_compressed_rows_are_exact_zeros(s, EXACT),
+    ),
+    (
+        "window-scale-ignored",
+        "NSA-I1-SCALE",
+        lambda s: test_parity.test_given_scale_is_used_everywhere(s, EXACT, 0.5),
+    ),
+    (
+        "cmp-visible-late",
+        "NSA-P3-CMP-VISIBILITY",
+        lambda s: test_compression.test_visibility_boundary(s, EXACT),
     ),
 ]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from conformance import dense
+from conformance.checks import VARIED_FIELDS
 from conformance.inputs import Case, Inputs, one_hot_gates
 from nsa_ref import NSAConfig
 
@@ -28,28 +30,45 @@ def fields(subject) -> tuple[str, ...]:
     return ALL_FIELDS if subject.has("aux") else ("o",)
 
 
-def fit(subject, case: Case) -> Case:
-    """``case`` with head dims and group size moved into the adapter's declared range.
+def fit(subject, case: Case, vary: tuple[str, ...] = VARIED_FIELDS) -> Case:
+    """``case`` (drawn: seed, batch, head dims, see `Subject.vary`) with head dims and group
+    size moved into the adapter's declared range.
 
-    Keeps ``Dk != Dv`` when the case had it, so kernels with a minimum head dim (e.g. 16) still
-    run the edge cases instead of skipping them.
+    ``vary`` names what a drawn case may change (``("seed",)`` keeps a shape that is the point
+    of the test). Keeps ``Dk != Dv`` when the case had it, so kernels with a minimum head dim
+    (e.g. 16) still run the edge cases instead of skipping them.
     """
+    case = subject.vary(case, vary)
     caps = subject.caps
     lo = caps.min_head_dim
     Dk, Dv = max(case.Dk, lo), max(case.Dv, lo)
+    if caps.pow2_head_dims:
+        Dk, Dv = _next_pow2(Dk), _next_pow2(Dv)
     if case.Dk != case.Dv and Dk == Dv:
-        Dv += 8
+        Dv = 2 * Dv if caps.pow2_head_dims else Dv + 8
     if caps.max_head_dim is not None:
         Dk, Dv = min(Dk, caps.max_head_dim), min(Dv, caps.max_head_dim)
+    if caps.same_head_dims:
+        Dv = Dk
     h = max(case.h, caps.min_group_size)
+    if caps.pow2_group_size:
+        h = _next_pow2(h)
     if caps.max_group_size is not None:
         h = min(h, caps.max_group_size)
     return replace(case, Dk=Dk, Dv=Dv, h=h)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @st.composite
 def structures(draw, subject):
-    """A random (Case, NSAConfig) pair: sizes, a valid configuration and a seed."""
+    """A random (Case, NSAConfig) pair: sizes, a valid configuration and a seed.
+
+    The configuration is moved to the nearest one the adapter can run (`ConfigLimits.adapt`);
+    drawings with none are rejected.
+    """
     d = draw(st.sampled_from([1, 2, 4]))
     l = d * draw(st.integers(1, 3))
     ls = d * draw(st.integers(1, 4))
@@ -64,6 +83,8 @@ def structures(draw, subject):
         sel_local_blocks=local,
         window=draw(st.integers(1, 24)),
     )
+    cfg = subject.caps.adapt_config(cfg)
+    assume(cfg is not None)
     case = Case(
         B=draw(st.integers(1, 2)),
         T=draw(st.integers(1, 48)),

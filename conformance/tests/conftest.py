@@ -6,6 +6,7 @@ from conformance.plugin import (  # noqa: F401  (pytest finds hooks and fixtures
     pytest_collection_modifyitems,
     pytest_configure,
     pytest_generate_tests,
+    pytest_pyfunc_call,
     pytest_report_header,
     pytest_runtest_setup,
     subject,

@@ -71,7 +71,7 @@ BAD = {
 def test_bad_input_raises_naming_the_argument(subject, case):
     """ValueError/TypeError whose message names the offending argument; never a silent answer."""
     change, errors, name = BAD[case]
-    args = change({**_inputs(subject), "cfg": CFG_A}, subject.device)
+    args = change({**_inputs(subject), "cfg": subject.config(CFG_A)}, subject.device)
     if "cu_seqlens" in case:
         subject.require("varlen")
     with pytest.raises(errors) as info:
@@ -92,7 +92,9 @@ def test_device_mismatch_raises(subject):
     args = _inputs(subject)
     other = "cpu" if subject.device == "cuda" else "cuda"
     with pytest.raises((ValueError, TypeError), match=r"\bk\b"):
-        subject.adapter.attention(args["q"], args["k"].to(other), args["v"], args["gates"], CFG_A)
+        subject.adapter.attention(
+            args["q"], args["k"].to(other), args["v"], args["gates"], subject.config(CFG_A)
+        )
 
 
 INVALID_CONFIGS = {
@@ -108,6 +110,7 @@ INVALID_CONFIGS = {
 @pytest.mark.parametrize("case", list(INVALID_CONFIGS))
 def test_invalid_configuration_raises(subject, case):
     """NSAConfig raises ValueError naming the field; nothing is clamped."""
+    subject.require("nsa_config")
     fields, name = INVALID_CONFIGS[case]
     with pytest.raises(ValueError, match=name):
         NSAConfig(**fields)

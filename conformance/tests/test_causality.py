@@ -41,9 +41,10 @@ def _perturb_after(inp: Inputs, t: int, seed: int) -> Inputs:
 @pytest.mark.parametrize("t", CUTS)
 def test_outputs_ignore_the_future(subject, lane, t):
     """Changing everything after t leaves o[:t+1] unchanged."""
+    cfg = subject.config(CFG_B)
     inp = fit(subject, Case(T=48, G=2, h=2, seed=70)).make()
-    o1, _ = subject.run(inp.to(lane.dtype, subject.device), CFG_B)
-    o2, _ = subject.run(_perturb_after(inp, t, 71).to(lane.dtype, subject.device), CFG_B)
+    o1, _ = subject.run(inp.to(lane.dtype, subject.device), cfg)
+    o2, _ = subject.run(_perturb_after(inp, t, 71).to(lane.dtype, subject.device), cfg)
     subject.record(
         f"o[:t+1] change (t={t}, {lane})",
         max_err(o2[:, : t + 1], o1[:, : t + 1]),
@@ -57,7 +58,7 @@ def test_gradients_ignore_the_future(subject, lane, t):
     """d o[:t+1] / d (q, k, v, gates)[s] is exactly 0 for every s > t."""
     inp = fit(subject, Case(T=48, G=2, h=2, seed=72)).make()
     x = inp.to(lane.dtype, subject.device, requires_grad=True)
-    o, _ = subject.run(x, CFG_B)
+    o, _ = subject.run(x, subject.config(CFG_B))
     w = output_weights(inp).to(o.dtype).to(o.device)
     loss = (o[:, : t + 1] * w[:, : t + 1]).sum()
     leaves = x.leaves()
@@ -75,9 +76,10 @@ def test_gradients_ignore_the_future(subject, lane, t):
 @pytest.mark.parametrize("t", CUTS)
 def test_selection_ignores_the_future(subject, lane, t):
     """block_indices[:t+1] are unchanged when inputs after t change."""
+    cfg = subject.config(CFG_B)
     inp = fit(subject, Case(T=48, G=2, h=2, seed=73)).make()
-    _, a1 = subject.run(inp.to(lane.dtype, subject.device), CFG_B, aux=True)
-    _, a2 = subject.run(_perturb_after(inp, t, 74).to(lane.dtype, subject.device), CFG_B, aux=True)
+    _, a1 = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
+    _, a2 = subject.run(_perturb_after(inp, t, 74).to(lane.dtype, subject.device), cfg, aux=True)
     subject.expect_indices_equal(a2.block_indices[:, : t + 1], a1.block_indices[:, : t + 1])
 
 
@@ -87,17 +89,19 @@ def test_prefix_invariance(subject, lane, prefix):
     """Outputs and indices of a prefix do not depend on how much input follows."""
     inp = fit(subject, Case(T=60, G=2, h=2, seed=75)).make()
     cut = Inputs(inp.q[:, :prefix], inp.k[:, :prefix], inp.v[:, :prefix], inp.gates[:, :prefix])
-    aux = subject.has("aux")
-    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), CFG_A, aux=aux)
-    o2, a2 = subject.run(cut.to(lane.dtype, subject.device), CFG_A, aux=aux)
+    cfg = subject.config(CFG_A)
+    aux = subject.has("indices")
+    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=aux)
+    o2, a2 = subject.run(cut.to(lane.dtype, subject.device), cfg, aux=aux)
     subject.record(
         f"o[:{prefix}] long vs short ({lane})",
         max_err(o2, o1[:, :prefix]),
-        subject.invariance_tol(lane, inp, CFG_A),
+        subject.invariance_tol(lane, inp, cfg),
     )
     if aux:
+        scores = subject.scores_of(a1, inp, cfg)[:, :prefix]
         subject.expect_same_selection(
-            a2.block_indices, a1.block_indices[:, :prefix], a1.p_slc[:, :prefix], CFG_A, inp, lane
+            a2.block_indices, a1.block_indices[:, :prefix], scores, cfg, inp, lane
         )
 
 
@@ -108,17 +112,18 @@ def test_permuting_heads_within_a_group(subject, lane):
     h = inp.shape[3]
     perm = torch.cat([g * h + torch.roll(torch.arange(h), 1) for g in range(inp.shape[2])])
     moved = inp.with_(q=inp.q[:, :, perm], gates=inp.gates[:, :, perm])
-    aux = subject.has("aux")
-    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), CFG_B, aux=aux)
-    o2, a2 = subject.run(moved.to(lane.dtype, subject.device), CFG_B, aux=aux)
+    cfg = subject.config(CFG_B)
+    aux = subject.has("indices")
+    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=aux)
+    o2, a2 = subject.run(moved.to(lane.dtype, subject.device), cfg, aux=aux)
     subject.record(
         f"o(permuted heads) vs permuted o ({lane})",
         max_err(o2, o1[:, :, perm.to(o1.device)]),
-        subject.invariance_tol(lane, inp, CFG_B),
+        subject.invariance_tol(lane, inp, cfg),
     )
     if aux:
         subject.expect_same_selection(
-            a2.block_indices, a1.block_indices, a1.p_slc, CFG_B, inp, lane
+            a2.block_indices, a1.block_indices, subject.scores_of(a1, inp, cfg), cfg, inp, lane
         )
 
 
@@ -132,9 +137,10 @@ def test_groups_are_independent(subject, lane):
     q[:, :, h:] = torch.randn(q[:, :, h:].shape, generator=gen, dtype=q.dtype)
     k[:, :, 1:] = torch.randn(k[:, :, 1:].shape, generator=gen, dtype=k.dtype)
     v[:, :, 1:] = torch.randn(v[:, :, 1:].shape, generator=gen, dtype=v.dtype)
-    aux = subject.has("aux")
-    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), CFG_B, aux=aux)
-    o2, a2 = subject.run(inp.with_(q=q, k=k, v=v).to(lane.dtype, subject.device), CFG_B, aux=aux)
+    cfg = subject.config(CFG_B)
+    aux = subject.has("indices")
+    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=aux)
+    o2, a2 = subject.run(inp.with_(q=q, k=k, v=v).to(lane.dtype, subject.device), cfg, aux=aux)
     subject.record(
         f"group 0 outputs ({lane})", max_err(o2[:, :, :h], o1[:, :, :h]), _row_tol(subject, lane)
     )

@@ -20,7 +20,7 @@ GRAD_CASES = {
 def test_gradients_match_the_oracle(subject, lane, name):
     """d sum(o * w) / d (q, k, v, gates) equal the oracle's."""
     cfg, case = GRAD_CASES[name]
-    subject.check_parity(fit(subject, case).make(), cfg, lane, grads=True)
+    subject.check_parity(fit(subject, case).make(), subject.config(cfg), lane, grads=True)
 
 
 @pytest.mark.clause("NSA-GRAD-PARITY", "NSA-I8-BRANCH-KV")
@@ -28,5 +28,8 @@ def test_gradients_with_branch_kv(subject, lane):
     """Each branch's own (k, v) receives its own gradient."""
     subject.require("branch_kv")
     subject.check_parity(
-        fit(subject, Case(T=40, G=2, h=2, seed=83, branch_kv=True)).make(), CFG_B, lane, grads=True
+        fit(subject, Case(T=40, G=2, h=2, seed=83, branch_kv=True)).make(),
+        subject.config(CFG_B),
+        lane,
+        grads=True,
     )

@@ -31,6 +31,7 @@ def _scores_from_pcmp(p_cmp: torch.Tensor, cfg, num_sel: int, h: int) -> torch.T
 def test_block_scores_are_overlap_weighted(subject, lane, name):
     """p_slc equals the oracle's overlap-weighted, group-summed scores."""
     cfg, case = SCORE_CASES[name]
+    cfg = subject.config(cfg, keep=("cmp_block", "cmp_stride", "sel_block"))
     subject.check_parity(fit(subject, case).make(), cfg, lane, fields=("p_slc",))
 
 
@@ -38,8 +39,9 @@ def test_block_scores_are_overlap_weighted(subject, lane, name):
 def test_identity_configuration(subject, lane):
     """l = l' = d: p_slc[j] is the group sum of p_cmp[j] (blocks coincide)."""
     subject.require("aux")
+    cfg = subject.config(CFG_ID, keep=("cmp_block", "cmp_stride", "sel_block"))
     inp = fit(subject, Case(T=30, G=2, h=2, seed=33)).make()
-    par = subject.check_parity(inp, CFG_ID, lane, fields=("p_slc", "p_cmp"))
+    par = subject.check_parity(inp, cfg, lane, fields=("p_slc", "p_cmp"))
 
     def violation(p_cmp, p_slc):
         B, T, H, C = p_cmp.shape
@@ -51,7 +53,7 @@ def test_identity_configuration(subject, lane):
         )
 
     def naive():
-        d = subject.dense(inp.to(lane.dtype, subject.device), CFG_ID)
+        d = subject.dense(inp.to(lane.dtype, subject.device), cfg)
         return violation(d.p_cmp, d.p_slc)
 
     subject.record_identity(
@@ -68,6 +70,7 @@ def test_score_mass(subject, lane, name):
     """sum_j p_slc[p, g, j] = h*l/d where num_cmp(p) >= 1, else 0."""
     subject.require("aux")
     cfg, case = SCORE_CASES[name]
+    cfg = subject.config(cfg)
     inp = fit(subject, case).make()
     _, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
     T, h = inp.q.shape[1], inp.shape[3]
@@ -92,6 +95,7 @@ def test_score_support(subject, lane, name):
     """p_slc >= 0, and exactly 0 past the current block or past the last visible compressed key."""
     subject.require("aux")
     cfg, case = SCORE_CASES[name]
+    cfg = subject.config(cfg)
     inp = fit(subject, case).make()
     _, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
     P = aux.p_slc
@@ -110,18 +114,19 @@ def test_score_support(subject, lane, name):
 def test_group_score_is_the_sum_over_heads(subject, lane):
     """p_slc equals Eqs. 9-10 applied to the implementation's own per-head p_cmp (sum, not mean)."""
     subject.require("aux")
+    cfg = subject.config(CFG_A)
     inp = fit(subject, Case(T=70, G=2, h=4, seed=34)).make()
     h = inp.shape[3]
-    _, aux = subject.run(inp.to(lane.dtype, subject.device), CFG_A, aux=True)
+    _, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
 
     def violation(p_cmp, p_slc):
-        return max_err(p_slc, _scores_from_pcmp(p_cmp, CFG_A, p_slc.shape[-1], h))
+        return max_err(p_slc, _scores_from_pcmp(p_cmp, cfg, p_slc.shape[-1], h))
 
     def naive():
-        d = subject.dense(inp.to(lane.dtype, subject.device), CFG_A)
+        d = subject.dense(inp.to(lane.dtype, subject.device), cfg)
         return violation(d.p_cmp, d.p_slc)
 
     subject.record_identity(
         f"p_slc - sum_heads(W p_cmp) ({lane})", lane, violation(aux.p_cmp, aux.p_slc), naive
     )
-    subject.check_parity(inp, CFG_A, lane, fields=("p_slc",))
+    subject.check_parity(inp, cfg, lane, fields=("p_slc",))

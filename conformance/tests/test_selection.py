@@ -34,9 +34,24 @@ TOPN_CASES = {
 }
 
 
-def _aux(subject, lane, name):
+#: The fields each case is about: an adapter that cannot run them skips that case (the others
+#: run with the nearest configuration the adapter can run).
+TOPN_KEEP = {
+    "l<l'": ("cmp_block", "cmp_stride", "sel_block"),
+    "l=l'": (),
+    "init2-local1": ("sel_init_blocks", "sel_local_blocks"),
+    "no-forced": ("sel_init_blocks", "sel_local_blocks"),
+}
+
+
+def _topn_case(subject, name):
     cfg, case = TOPN_CASES[name]
-    inp = fit(subject, case).make()
+    return subject.config(cfg, keep=TOPN_KEEP[name]), fit(subject, case)
+
+
+def _aux(subject, lane, name):
+    cfg, case = _topn_case(subject, name)
+    inp = case.make()
     _, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
     return inp, cfg, aux
 
@@ -45,8 +60,9 @@ def _aux(subject, lane, name):
 @pytest.mark.parametrize("name", list(TOPN_CASES))
 def test_block_indices_equal_the_oracle(subject, lane, name):
     """block_indices equal the oracle's (near-tie rule in the fp32 class)."""
-    cfg, case = TOPN_CASES[name]
-    subject.check_parity(fit(subject, case).make(), cfg, lane, fields=("o", "o_sel"), indices=True)
+    cfg, case = _topn_case(subject, name)
+    extra = ("o_sel",) if subject.has("aux") else ()
+    subject.check_parity(case.make(), cfg, lane, fields=("o", *extra), indices=True)
 
 
 @pytest.mark.clause("NSA-P14-CARDINALITY")
@@ -98,10 +114,10 @@ def test_selection_is_maximal(subject, lane, name):
 @pytest.mark.parametrize("h", [1, 2])
 def test_ties_go_to_the_lower_index(subject, lane, h):
     """Identical blocks tie exactly; the lower block index wins (indices and outputs)."""
-    cfg = CFG_ID
-    case = fit(subject, Case(T=32, G=2, h=h, seed=44))
+    cfg = subject.config(CFG_ID)
+    case = fit(subject, Case(T=8 * cfg.sel_block, G=2, h=h, seed=44))
     inp = one_hot_gates(tied_blocks(case, period=cfg.sel_block), "sel")
-    if subject.has("aux"):  # exact ties: no near-tie leniency, in any lane
+    if subject.has("indices"):  # exact ties: no near-tie leniency, in any lane
         x = inp.to(lane.dtype, subject.device)
         _, aux = subject.run(x, cfg, aux=True)
         subject.expect_indices_equal(aux.block_indices, subject.dense(x, cfg).block_indices)
@@ -111,12 +127,14 @@ def test_ties_go_to_the_lower_index(subject, lane, h):
 @pytest.mark.clause("NSA-P18-FEWER-THAN-N")
 def test_fewer_blocks_than_n(subject, lane):
     """b(p)+1 <= n: indices are 0..b(p) then -1, and o_sel is full causal attention."""
-    inp = fit(subject, Case(T=60, G=2, h=2, seed=45)).make()  # b(p) <= 3 < n = 4
-    expect_full_attention(subject, lane, inp, CFG_A, "sel")
-    if subject.has("aux"):
-        _, aux = subject.run(inp.to(lane.dtype, subject.device), CFG_A, aux=True)
-        T, n = inp.q.shape[1], CFG_A.sel_top_n
-        b = torch.arange(T).view(T, 1) // CFG_A.sel_block
+    cfg = subject.config(CFG_A)
+    T = cfg.sel_top_n * cfg.sel_block - 4  # b(p) <= n - 1
+    inp = fit(subject, Case(T=T, G=2, h=2, seed=45)).make()
+    expect_full_attention(subject, lane, inp, cfg, "sel")
+    if subject.has("indices"):
+        _, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=True)
+        n = cfg.sel_top_n
+        b = torch.arange(T).view(T, 1) // cfg.sel_block
         slot = torch.arange(n).view(1, n)
         want = torch.where(slot <= b, slot, torch.full_like(slot, -1)).view(1, T, 1, n)
         subject.expect_indices_equal(aux.block_indices, want.expand_as(aux.block_indices))
@@ -125,26 +143,28 @@ def test_fewer_blocks_than_n(subject, lane):
 @pytest.mark.clause("NSA-P11-SHARED-SELECTION")
 def test_heads_of_a_group_share_one_selection(subject, lane):
     """h = 4 with top-n excluding blocks: each head attends to its group's block_indices."""
+    cfg = subject.config(CFG_A)
     inp = one_hot_gates(fit(subject, Case(T=100, G=2, h=4, seed=46)).make(), "sel")
     x = inp.to(lane.dtype, subject.device)
-    o, aux = subject.run(x, CFG_A, aux=subject.has("aux"))
+    o, aux = subject.run(x, cfg, aux=subject.has("indices"))
     if aux is not None:  # every head against the group's reported selection
         subject.compare_to(
             f"o_sel vs the group's blocks ({lane})",
             o,
             inp,
             lane,
-            lambda y: subject.dense(y, CFG_A, block_indices=aux.block_indices).o,
+            lambda y: subject.dense(y, cfg, block_indices=aux.block_indices).o,
         )
-    subject.check_parity(inp, CFG_A, lane, indices=subject.has("aux"))
+    subject.check_parity(inp, cfg, lane, indices=subject.has("indices"))
 
 
 @pytest.mark.clause("NSA-P19-SEL-TOKEN-CAUSAL")
 @pytest.mark.parametrize("cfg", [CFG_A, CFG_B], ids=["l'=16", "l'=8"])
 def test_selection_reads_only_keys_up_to_p(subject, lane, cfg):
     """o_sel[p] is attention over the selected blocks' keys s <= p (partial current block)."""
+    cfg = subject.config(cfg, keep=("sel_block",))
     inp = one_hot_gates(fit(subject, Case(T=50, G=2, h=2, seed=47)).make(), "sel")
-    o, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=subject.has("aux"))
+    o, aux = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=subject.has("indices"))
     if aux is not None:  # Eq. 12 alone: the implementation's own blocks, keys <= p
         subject.compare_to(
             f"o_sel given its blocks ({lane})",
@@ -160,7 +180,7 @@ def test_selection_reads_only_keys_up_to_p(subject, lane, cfg):
 def test_duplicate_and_padding_indices_are_ignored(subject, lane):
     """Selection given indices with duplicates and -1 equals the deduplicated set's result."""
     subject.require("selection")
-    cfg = CFG_B
+    cfg = subject.config(CFG_B, keep=("sel_block",))
     inp = fit(subject, Case(T=40, G=2, h=2, seed=48)).make()
     B, T, G = inp.q.shape[0], inp.q.shape[1], inp.shape[2]
     gen = torch.Generator().manual_seed(48)
@@ -183,9 +203,10 @@ def test_duplicate_and_padding_indices_are_ignored(subject, lane):
 @pytest.mark.clause("NSA-P25-SEL-COVERS-ALL")
 def test_selection_covering_every_block_is_full_attention(subject, lane):
     """n >= ceil(T/l'): the selection branch is full causal attention."""
-    cfg = replace(CFG_B, sel_top_n=8)
+    cfg = subject.config(replace(CFG_B, sel_top_n=8))
+    T = min(60, cfg.sel_top_n * cfg.sel_block)
     expect_full_attention(
-        subject, lane, fit(subject, Case(T=60, G=2, h=2, seed=49)).make(), cfg, "sel"
+        subject, lane, fit(subject, Case(T=T, G=2, h=2, seed=49)).make(), cfg, "sel"
     )
 
 
@@ -196,7 +217,7 @@ def test_masked_keys_get_exactly_zero_weight(subject, lane, branch):
 
     l = l' = d keeps the (all tied) block scores exact, so the tie-break decides the selection.
     """
-    cfg = replace(CFG_ID, window=6)
+    cfg = subject.config(replace(CFG_ID, window=6))
     case = fit(subject, Case(T=48, G=2, h=2, Dk=16, Dv=8, seed=50))
     inp = one_hot_gates(large_negative_logits(case), branch)
-    subject.check_parity(inp, cfg, lane, indices=subject.has("aux"))
+    subject.check_parity(inp, cfg, lane, indices=subject.has("indices"))

@@ -23,19 +23,21 @@ def test_packed_equals_separate(subject, lane, split):
     """Each packed segment equals the same sequence run alone (outputs and indices)."""
     cu = SPLITS[split]
     inp = fit(subject, Case(T=cu[-1], G=2, h=2, seed=90, cu_seqlens=cu)).make()
-    aux = subject.has("aux")
-    o, a = subject.run(inp.to(lane.dtype, subject.device), CFG_B, aux=aux)
+    cfg = subject.config(CFG_B)
+    aux = subject.has("indices")
+    o, a = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=aux)
     for s, e in zip(cu, cu[1:], strict=False):
         alone = Inputs(inp.q[:, s:e], inp.k[:, s:e], inp.v[:, s:e], inp.gates[:, s:e])
-        o1, a1 = subject.run(alone.to(lane.dtype, subject.device), CFG_B, aux=aux)
+        o1, a1 = subject.run(alone.to(lane.dtype, subject.device), cfg, aux=aux)
         subject.record(
             f"segment [{s}, {e}) packed vs alone ({lane})",
             max_err(o[:, s:e], o1),
-            subject.invariance_tol(lane, alone, CFG_B),
+            subject.invariance_tol(lane, alone, cfg),
         )
         if aux:
+            scores = subject.scores_of(a1, alone, cfg)
             subject.expect_same_selection(
-                a.block_indices[:, s:e], a1.block_indices, a1.p_slc, CFG_B, alone, lane
+                a.block_indices[:, s:e], a1.block_indices, scores, cfg, alone, lane
             )
 
 
@@ -47,10 +49,10 @@ def test_packed_against_the_oracle(subject, lane, split):
     inp = fit(subject, Case(T=cu[-1], G=2, h=2, seed=91, cu_seqlens=cu)).make()
     subject.check_parity(
         inp,
-        CFG_A,
+        subject.config(CFG_A),
         lane,
         fields=fields(subject),
-        indices=subject.has("aux"),
+        indices=subject.has("indices"),
         grads=subject.has("backward"),
     )
 
@@ -65,8 +67,9 @@ def test_nothing_crosses_a_boundary(subject, lane):
     k, v = inp.k.clone(), inp.v.clone()
     k[:, s:e] = torch.randn(k[:, s:e].shape, generator=gen, dtype=k.dtype)
     v[:, s:e] = torch.randn(v[:, s:e].shape, generator=gen, dtype=v.dtype)
-    o1, _ = subject.run(inp.to(lane.dtype, subject.device), CFG_B)
-    o2, _ = subject.run(inp.with_(k=k, v=v).to(lane.dtype, subject.device), CFG_B)
+    cfg = subject.config(CFG_B)
+    o1, _ = subject.run(inp.to(lane.dtype, subject.device), cfg)
+    o2, _ = subject.run(inp.with_(k=k, v=v).to(lane.dtype, subject.device), cfg)
     keep = torch.ones(cu[-1], dtype=torch.bool)
     keep[s:e] = False
     keep = keep.to(o1.device)

@@ -13,8 +13,9 @@ from conformance.inputs import Case, one_hot_gates
 from .cases import CFG_B, expect_full_attention, fit
 
 
-def _cfg(window: int, top_n: int = 4):
-    return replace(CFG_B, window=window, sel_top_n=top_n)
+def _cfg(subject, window: int, top_n: int = 4):
+    """CFG_B with this window and n, moved into the adapter's limits (the window is kept)."""
+    return subject.config(replace(CFG_B, window=window, sel_top_n=top_n), keep=("window",))
 
 
 @pytest.mark.clause("NSA-I7-WINDOW-KEYS")
@@ -22,14 +23,18 @@ def _cfg(window: int, top_n: int = 4):
 def test_window_has_exactly_w_keys(subject, lane, window):
     """o_win[p] is attention over keys p-w < s <= p (w=1: the token itself)."""
     inp = one_hot_gates(fit(subject, Case(T=40, G=2, h=2, seed=60)).make(), "win")
-    subject.check_parity(inp, _cfg(window), lane)
+    subject.check_parity(inp, _cfg(subject, window), lane)
 
 
 @pytest.mark.clause("NSA-P26-WIN-COVERS-ALL")
 def test_window_covering_the_sequence_is_full_attention(subject, lane):
     """w >= T: the window branch is full causal attention."""
     expect_full_attention(
-        subject, lane, fit(subject, Case(T=40, G=2, h=2, seed=61)).make(), _cfg(window=40), "win"
+        subject,
+        lane,
+        fit(subject, Case(T=40, G=2, h=2, seed=61)).make(),
+        _cfg(subject, window=40),
+        "win",
     )
 
 
@@ -41,7 +46,11 @@ def test_full_attention_limit(subject, lane):
         inp.gates.shape[:-1], generator=torch.Generator().manual_seed(62), dtype=torch.float64
     )
     inp = inp.with_(gates=torch.stack([torch.zeros_like(a), a, 1 - a], dim=-1))
-    o, _ = subject.run(inp.to(lane.dtype, subject.device), _cfg(window=64, top_n=5))
+    cfg = _cfg(subject, window=64, top_n=5)
+    subject.expect(
+        cfg.sel_top_n * cfg.sel_block >= 40, f"{cfg} does not cover T=40 (test setup)"
+    )
+    o, _ = subject.run(inp.to(lane.dtype, subject.device), cfg)
 
     def full(x):  # the gates the lane used, applied to full attention
         g = x.gates
@@ -58,7 +67,7 @@ def test_first_token(subject, lane):
         h = base.shape[3]
         for branch in ("sel", "win"):
             inp = one_hot_gates(base, branch)
-            o, _ = subject.run(inp.to(lane.dtype, subject.device), _cfg(window=4))
+            o, _ = subject.run(inp.to(lane.dtype, subject.device), _cfg(subject, window=4))
             subject.compare_to(
                 f"o_{branch}[0] vs v_0 (T={T}, {lane})",
                 o[:, :1],
@@ -67,6 +76,6 @@ def test_first_token(subject, lane):
                 lambda x, h=h: x.v[:, :1].repeat_interleave(h, dim=2),
             )
         o, _ = subject.run(
-            one_hot_gates(base, "cmp").to(lane.dtype, subject.device), _cfg(window=4)
+            one_hot_gates(base, "cmp").to(lane.dtype, subject.device), _cfg(subject, window=4)
         )
         subject.record(f"|o_cmp[0]| (T={T}, {lane})", float(o[:, 0].abs().max()), 0.0)
