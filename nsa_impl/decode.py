@@ -17,6 +17,7 @@ import torch
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import BRANCHES, check_inputs
 
+from . import amp
 from .scoring import overlap_scores, score_dtype, top_n
 
 #: Tokens a fresh cache holds before its first doubling (when no ``max_len`` is given).
@@ -99,7 +100,8 @@ class NSACache:
     (``ValueError`` for a device, ``TypeError`` for a dtype). Softmaxes and block scores run in
     float64 for float64 inputs and in float32 otherwise. Decoding is inference only: a step
     whose inputs require grad (with grad mode on) raises ``ValueError``; run it under
-    ``torch.no_grad()``. `prefill` fills an empty cache from a prompt in one call.
+    ``torch.no_grad()``. `prefill` fills an empty cache from a prompt in one call. Under
+    ``torch.autocast`` both cast their inputs to the autocast dtype first (`nsa_impl.amp`).
 
     Attributes:
         length: tokens decoded so far (the next step's position ``p``).
@@ -221,7 +223,7 @@ class NSACache:
     @staticmethod
     def _pool(raw: torch.Tensor, phi, label: str) -> torch.Tensor:
         """``phi`` over ``[..., l, D]`` blocks (mean when ``None``); checks the output shape."""
-        out = raw.mean(dim=-2) if phi is None else phi(raw)
+        out = raw.mean(dim=-2) if phi is None else amp.user_fn(phi)(raw)
         expected = raw.shape[:-2] + raw.shape[-1:]
         if out.shape != expected:
             raise ValueError(f"{label} must map [..., l, D] to [..., D]; got {tuple(out.shape)}")
@@ -244,6 +246,7 @@ class NSACache:
 
     # ------------------------------------------------------------------ decoding
 
+    @amp.entry("q_t", "k_t", "v_t", "gates_t", "branch_kv")
     def step(self, q_t, k_t, v_t, gates_t, branch_kv: dict | None = None, *, validate=True):
         """Decode one position for every sequence: ``q_t [B, 1, H, Dk]`` -> ``o_t [B, 1, H, Dv]``.
 
@@ -260,6 +263,7 @@ class NSACache:
         self.length = p + 1
         return self._attend_row(q_t, gates_t, dims, p)
 
+    @amp.entry("q", "k", "v", "gates", "branch_kv")
     def prefill(self, q, k, v, gates, branch_kv: dict | None = None, *, validate=True):
         """Fill an empty cache from a prompt and return the prompt's output ``[B, T, H, Dv]``.
 

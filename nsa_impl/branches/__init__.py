@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..amp import autocast_off_backward
+
 #: Default byte budget of one chunk's live tiles, per device type (see the module docstring).
 DEFAULT_BUDGET_BYTES = {"cpu": 8 * 2**20, "cuda": 512 * 2**20}
 #: Bytes alive per element of a chunk's ``[B, H, c, span]`` tile, at most: e.g. for float32
@@ -208,6 +210,7 @@ class _RangeAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off_backward
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale

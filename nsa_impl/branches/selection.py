@@ -66,6 +66,7 @@ from torch.autograd.function import once_differentiable
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import check_cu_seqlens
 
+from ..amp import autocast_off_backward
 from . import causal_attention
 
 #: Paths `selection_attention` accepts.
@@ -420,6 +421,7 @@ class _SelectionAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off_backward
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         plan = ctx.plan
