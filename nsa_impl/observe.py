@@ -16,7 +16,8 @@ steps pay nothing, not even a host sync::
 
 Per layer and branch (``cmp``, ``sel``, ``win``), `summary` gives:
 
-* ``gate_mean`` / ``gate_std``: the branch's gate over every (token, head) (pad tokens included);
+* ``gate_mean`` / ``gate_std``: the branch's gate over every (token, head) (pad tokens included),
+  and ``gate_hist``: its distribution, counts in `GATE_BINS` equal bins over ``[0, 1]``;
 * ``contrib``: mean ``|g_c * o_c|`` over every output element, the branch's share of Eq. 5;
 * ``reads`` (``sel`` only): selected keys ``<= p`` per (query, KV group), averaged (spec I.9);
 * ``path/<name>``: calls that ran the branch on that path, and ``fallbacks``: calls whose route
@@ -39,6 +40,8 @@ import torch
 from torch import nn
 
 BRANCHES = ("cmp", "sel", "win")
+#: Bins of the gate histograms over [0, 1].
+GATE_BINS = 20
 
 #: The collector `nsa_attention` reports to, or ``None`` (the default: nothing is recorded).
 ACTIVE: Collector | None = None
@@ -60,6 +63,7 @@ class _LayerStats:
     def __init__(self, device: torch.device):
         # [3 branches]: sum g, sum g^2, sum |g * o|; float64 so long sums do not lose digits.
         self.sums = torch.zeros(3, 3, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(3, GATE_BINS, dtype=torch.float64, device=device)
         self.gate_count = 0  # (token, head) pairs per branch, known on the host from shapes
         self.out_count = 0  # output elements per branch
         self.reads = torch.zeros((), dtype=torch.float64, device=device)
@@ -169,12 +173,14 @@ class Collector:
                 ]
             )
             stats.sums += per_branch.double()
+            hist = [torch.histc(g[..., c], bins=GATE_BINS, min=0.0, max=1.0) for c in range(3)]
+            stats.hist += torch.stack(hist).double()
             stats.gate_count += g[..., 0].numel()
             stats.out_count += o_cmp.numel()
 
             # Selected keys <= p per (query, group): block j holds keys [j*l', (j+1)*l').
             idx = block_indices.detach()
-            p = positions.to(idx.device).view(1, -1, 1, 1)
+            p = positions.to(idx.device, non_blocking=True).view(1, -1, 1, 1)
             per_block = (p + 1 - idx * sel_block).clamp(0, sel_block).masked_fill(idx < 0, 0)
             stats.reads += per_block.sum(dtype=torch.float64)
             stats.read_rows += idx[..., 0].numel()
@@ -198,8 +204,9 @@ class Collector:
         self._layers.clear()
         self._marks = []
 
-    def summary(self) -> dict[str, float]:
-        """Flat ``{"<layer>/<branch>/<metric>": value}`` of everything recorded (see module doc).
+    def summary(self) -> dict[str, float | list[float]]:
+        """Flat ``{"<layer>/<branch>/<metric>": value}`` of everything recorded (see module doc);
+        values are floats, ``gate_hist`` a list of `GATE_BINS` counts.
 
         Reads the device once (one stacked copy) plus the timing events; call it on logging steps.
         """
@@ -207,6 +214,7 @@ class Collector:
             return {}
         names = list(self._layers)
         sums = torch.stack([self._layers[n].sums for n in names]).cpu()
+        hists = torch.stack([self._layers[n].hist for n in names]).cpu()
         reads = torch.stack([self._layers[n].reads for n in names]).cpu()
         events = [end for n in names for t in self._layers[n].times.values() for _, end in t]
         for event in events:
@@ -222,6 +230,7 @@ class Collector:
                     mean = s / st.gate_count
                     out[f"{key}/gate_mean"] = mean
                     out[f"{key}/gate_std"] = math.sqrt(max(sq / st.gate_count - mean * mean, 0.0))
+                    out[f"{key}/gate_hist"] = hists[i, b].tolist()
                 if st.out_count:
                     out[f"{key}/contrib"] = contrib / st.out_count
                 for path, calls in st.paths[branch].items():
