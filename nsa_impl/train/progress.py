@@ -1,4 +1,5 @@
-"""Progress display: tqdm when it is installed, else one plain line per logging step.
+"""Progress display: tqdm when it is installed and stderr is a terminal, else one plain line per
+logging step (readable in a log file).
 
 Neither path reads the device: the caller passes numbers it already read on a logging step.
 """
@@ -23,7 +24,7 @@ class Progress:
         self.total, self.step, self.enabled, self.desc = total, initial, enabled, desc
         self._bar = None
         self._t0 = time.perf_counter()
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
