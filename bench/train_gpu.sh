@@ -70,7 +70,7 @@ left=$((BUDGET - SECONDS))
 if ((left > 45)); then
   echo "=== GPU tests with ${left}s left" | tee -a "$LOG"
   timeout "$left" python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
-      tests/test_amp.py tests/test_observe.py > "$OUT/gpu_tests.log" 2>&1
+      tests/test_amp.py tests/test_observe.py tests/test_train.py > "$OUT/gpu_tests.log" 2>&1
   tail -3 "$OUT/gpu_tests.log" | tee -a "$LOG"
 else
   echo "=== GPU tests skipped: ${left}s left" | tee -a "$LOG"

@@ -130,6 +130,14 @@ def test_time_limit_stops_cleanly(tmp_path):
     assert _checkpoint(tmp_path / "run")["step"] == 1
 
 
+def test_deterministic_flag_is_scoped_to_the_run(tmp_path):
+    assert not torch.are_deterministic_algorithms_enabled()
+    a = train(tiny(tmp_path, "a", steps=3, train_bytes=5000, log_every=1, deterministic=True))
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    b = train(tiny(tmp_path, "b", steps=3, train_bytes=5000, log_every=1))
+    assert a.train_losses == b.train_losses  # on the CPU the flag changes nothing
+
+
 def test_cli_resume_takes_the_checkpoint_config(tmp_path, capsys):
     out = str(tmp_path / "cli")
     args = ["--out", out, "--layers", "1", "--hidden", "32", "--heads", "2", "--head-dim", "16",
@@ -243,3 +251,48 @@ def test_report_writes_csv_and_plots(tmp_path):
     assert code == 0
     for name in ("loss.png", "gates.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skip without one): a short bf16/fp16 run learns; deterministic mode reproduces a run.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: Pieces up to 2048 tokens: the Triton selection path (longest sequence >= 1024) is routed.
+GPU_TINY = dict(device="cuda", seq_len=2048, batch_tokens=4096, train_bytes=400_000)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cuda_short_run_learns(tmp_path, dtype):
+    cfg = tiny(tmp_path, steps=30, lr=1e-2, dtype=dtype, log_every=10, eval_every=30,
+               **GPU_TINY)  # fmt: skip
+    result = train(cfg)
+    assert result.eval_losses[-1][1] < result.eval_losses[0][1] - 1.5, result.eval_losses
+    last = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"][-1]
+    assert last["nsa/blocks.0.attn/sel/path/triton"] == 1.0
+    if dtype == "fp16":
+        assert last["grad_scale"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_deterministic_mode_reproduces_and_resumes(tmp_path):
+    """With --deterministic and the FA-2 paths off (docs/determinism.md), two runs and a
+    stopped-and-resumed run end with bit-identical parameters on the GPU."""
+    import os
+
+    from nsa_impl import routing
+
+    common = dict(steps=8, dtype="bf16", deterministic=True, log_every=2, eval_every=4, **GPU_TINY)
+    routing.reload_settings({**os.environ, "NSA_USE_FA2": "0"})
+    try:
+        train(tiny(tmp_path, "a", **common))
+        train(tiny(tmp_path, "b", **common))
+        train(tiny(tmp_path, "c", stop_at=3, **common))
+        train(tiny(tmp_path, "c", **common), resume=True)
+    finally:
+        routing.reload_settings()
+    a, b, c = (_checkpoint(tmp_path / n)["model"] for n in "abc")
+    for name in a:
+        assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--time-limit", type=float, help="seconds of training, then stop cleanly")
     _bool_flag(r, "progress", "progress bar (tqdm if installed)")
     _bool_flag(r, "tensorboard", "TensorBoard events in OUT/tb (default: when installed)")
+    r.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms where PyTorch has them (docs/determinism.md)",
+    )
     return p
 
 

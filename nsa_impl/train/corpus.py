@@ -86,6 +86,10 @@ def user_files(paths: list[str]) -> list[tuple[str, Path]]:
     return sorted(set(found))
 
 
+def _read(path: Path) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+
 def load_corpus(
     paths: list[str] | None = None,
     *,
@@ -109,29 +113,28 @@ def load_corpus(
         raise ValueError(f"max_train_bytes must be positive, got {max_train_bytes}")
     files = stdlib_files() if paths is None else user_files(paths)
     source = f"Python standard library sources ({stdlib_root()})" if paths is None else str(paths)
-    docs = []
-    for name, path in files:
-        data = path.read_bytes()
-        if data:  # an empty file has no token to predict
-            docs.append((name, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
-    if len(docs) < 2:
+    files = [(name, path) for name, path in files if path.stat().st_size > 0]  # no empty docs
+    if len(files) < 2:
         raise ValueError(
             f"the corpus ({source}) needs at least two non-empty files (one is held out for "
-            f"evaluation), found {len(docs)}"
+            f"evaluation), found {len(files)}"
         )
-    n_eval = min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))
-    ranked = sorted(range(len(docs)), key=lambda i: (zlib.crc32(docs[i][0].encode()), i))
+    # The split needs only the names, so a capped run reads only the files it uses.
+    n_eval = min(len(files) - 1, max(1, round(eval_fraction * len(files))))
+    ranked = sorted(range(len(files)), key=lambda i: (zlib.crc32(files[i][0].encode()), i))
     held_out = set(ranked[:n_eval])
-    train = [d for i, d in enumerate(docs) if i not in held_out]
-    evals = [d for i, d in enumerate(docs) if i in held_out]
-    if max_train_bytes is not None:
-        kept, total = [], 0
-        for name, doc in train:
-            if total >= max_train_bytes:
-                break
-            kept.append((name, doc[: max_train_bytes - total]))
-            total += kept[-1][1].numel()
-        train = kept
+    evals = [(n, _read(p)) for i, (n, p) in enumerate(files) if i in held_out]
+    train, total = [], 0
+    for i, (name, path) in enumerate(files):
+        if i in held_out:
+            continue
+        if max_train_bytes is not None and total >= max_train_bytes:
+            break
+        doc = _read(path)
+        if max_train_bytes is not None:
+            doc = doc[: max_train_bytes - total]
+        train.append((name, doc))
+        total += doc.numel()
     return Corpus(
         [d for _, d in train], [d for _, d in evals], [n for n, _ in train], [n for n, _ in evals],
         source,

@@ -83,7 +83,8 @@ class TrainConfig:
     ``log_every``, ``eval_every``, ``ckpt_every`` (default ``eval_every``), ``stop_at`` (stop
     after this step with a checkpoint, keeping the schedule of ``steps``: a job split into
     several), ``time_limit`` (seconds of training, then the same clean stop), ``threads``,
-    ``progress``, ``tensorboard``.
+    ``progress``, ``tensorboard``, ``deterministic`` (``torch.use_deterministic_algorithms``
+    for the run, warn-only, and cuBLAS's fixed workspace: docs/determinism.md).
     """
 
     attention: str = "nsa"
@@ -133,6 +134,7 @@ class TrainConfig:
     threads: int | None = None
     progress: bool = True
     tensorboard: bool | None = None
+    deterministic: bool = False
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError``/``TypeError`` naming the first bad field; return ``self``."""
@@ -458,6 +460,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     TensorBoard). Returns the `TrainResult`.
     """
     cfg.validate()
+    if not cfg.deterministic:
+        return _train(cfg, resume)
+    # cuBLAS needs a fixed workspace for reproducible GEMMs; read when CUDA starts its handle.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    torch.use_deterministic_algorithms(True, warn_only=True)  # FA-2's backward only warns
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
     state = None
