@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from nsa_ref.config import NSAConfig
 
-from .. import observe
+from .. import observe, routing
 from ..data import IGNORE_INDEX, PackedBatch, bucket_batches, length_histogram, split_document
 from ..model import NSAToyLM
 from ..model.block import ATTENTIONS
@@ -462,13 +463,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     cfg.validate()
     if not cfg.deterministic:
         return _train(cfg, resume)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     # cuBLAS needs a fixed workspace for reproducible GEMMs; read when CUDA starts its handle.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.device(cfg.device).type == "cuda" and routing.settings().use_fa2:
+        warnings.warn(
+            "--deterministic: NSA's FlashAttention-2 paths have a nondeterministic backward; "
+            "set NSA_USE_FA2=0 for a reproducible run (docs/determinism.md)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
-    torch.use_deterministic_algorithms(True, warn_only=True)  # FA-2's backward only warns
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(cfg, resume)
+        # SDPA's math backend (plain matmuls and softmax) instead of FlashAttention/cuDNN,
+        # whose backward accumulates with atomics: the dense baseline and NSA's SDPA calls.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return _train(cfg, resume)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
