@@ -64,6 +64,8 @@ def test_resume_continues_bit_for_bit(tmp_path, attention):
     straight = train(tiny(tmp_path, "straight", **common))
     first = train(tiny(tmp_path, "split", stop_at=5, **common))
     assert first.stopped_early and first.step == 5
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as f:  # logged after the checkpoint
+        f.write(json.dumps({"kind": "train", "step": 6, "loss": -1.0}) + "\n")  # by a crashed run
     resumed = train(tiny(tmp_path, "split", **common), resume=True)
     assert resumed.step == 14 and not resumed.stopped_early
 
@@ -112,10 +114,10 @@ def test_metrics_hold_the_observability_fields(tmp_path):
     assert summary["corpus"]["train_bytes"] == 20_000
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_autocast_runs_learn_on_the_cpu(tmp_path, dtype):
-    cfg = tiny(tmp_path, steps=12, lr=1e-2, train_bytes=50_000, dtype=dtype, log_every=6,
-               eval_every=12)  # fmt: skip
+@pytest.mark.parametrize("dtype,attention", [("bf16", "nsa"), ("fp16", "nsa"), ("bf16", "dense")])
+def test_autocast_runs_learn_on_the_cpu(tmp_path, dtype, attention):
+    cfg = tiny(tmp_path, attention=attention, steps=12, lr=1e-2, train_bytes=50_000,
+               dtype=dtype, log_every=6, eval_every=12)  # fmt: skip
     result = train(cfg)
     assert all(math.isfinite(v) for _, v in result.train_losses)
     assert result.eval_losses[-1][1] < result.eval_losses[0][1] - 0.5
@@ -169,6 +171,22 @@ def test_cli_rejects_bad_flags(argv, match, capsys):
         config_from_args(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_tensorboard_asked_for_but_missing_is_an_error(tmp_path):
+    from nsa_impl.train.metrics import MetricsWriter
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+            MetricsWriter(tmp_path, tensorboard=True)
+        assert not MetricsWriter(tmp_path).tensorboard  # auto: off without the package
+    else:
+        w = MetricsWriter(tmp_path, tensorboard=True)
+        w.write({"kind": "train", "step": 1, "loss": 1.0, "len_hist": {"8": 1}})
+        w.close()
+        assert any((tmp_path / "tb").iterdir())
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
