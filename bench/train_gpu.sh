@@ -22,7 +22,8 @@
 #   env.txt        GPU, driver, torch/triton versions
 #   train_gpu.log  both runs' progress lines and result JSON, the report's output
 #   loss.csv       per logged step and run: loss, eval loss, lr, grad norm, clip fraction, tokens/s
-#   summary.csv    per run: parameters, steps, final/best eval loss, eval vs NSA, tokens/s
+#   summary.csv    per run: parameters, steps, final/best eval loss, eval loss relative to dense
+#                  at the last common eval step, steady tokens/s
 #   loss.png       train loss, eval loss, tokens/s against the step, NSA and dense side by side
 #   gates.png      NSA gate mean +- std per layer and branch, and the final gate distribution
 #   runs.tgz       metrics.jsonl + summary.json of both runs (per-branch timing under
@@ -59,7 +60,8 @@ run() {  # run NAME TIME_LIMIT HARD_TIMEOUT [extra flags]
 NSA_DEBUG_TIMING=1 run nsa 200 250 --attention nsa
 run dense 140 180 --attention dense
 
-python3 -m nsa_impl.train.report "$RUNS/nsa" "$RUNS/dense" --labels nsa dense --out "$RUNS/report" \
+# dense first: summary.csv's eval_vs_first_run is then NSA's eval loss relative to dense
+python3 -m nsa_impl.train.report "$RUNS/dense" "$RUNS/nsa" --labels dense nsa --out "$RUNS/report" \
     2>&1 | tee -a "$LOG"
 cp "$RUNS"/report/{loss.csv,summary.csv,loss.png,gates.png} "$OUT"/ 2>/dev/null
 cat "$RUNS/report/summary.csv" 2>/dev/null | tee -a "$LOG"
