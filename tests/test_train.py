@@ -132,11 +132,15 @@ def test_time_limit_stops_cleanly(tmp_path):
     assert _checkpoint(tmp_path / "run")["step"] == 1
 
 
-def test_deterministic_flag_is_scoped_to_the_run(tmp_path):
+def test_deterministic_flag_and_threads_are_scoped_to_the_run(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
-    a = train(tiny(tmp_path, "a", steps=3, train_bytes=5000, log_every=1, deterministic=True))
+    threads = torch.get_num_threads()
+    cfg = tiny(tmp_path, "a", steps=3, train_bytes=5000, log_every=1, deterministic=True,
+               threads=threads + 1)  # fmt: skip
+    a = train(cfg)
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
-    b = train(tiny(tmp_path, "b", steps=3, train_bytes=5000, log_every=1))
+    assert torch.get_num_threads() == threads
+    b = train(tiny(tmp_path, "b", steps=3, train_bytes=5000, log_every=1, threads=threads + 1))
     assert a.train_losses == b.train_losses  # on the CPU the flag changes nothing
 
 

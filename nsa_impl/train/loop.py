@@ -461,8 +461,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     TensorBoard). Returns the `TrainResult`.
     """
     cfg.validate()
-    if not cfg.deterministic:
-        return _train(cfg, resume)
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
+    try:  # the process-wide settings a run changes are restored after it
+        with contextlib.ExitStack() as stack:
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            if cfg.deterministic:
+                stack.enter_context(_deterministic(cfg))
+            return _train(cfg, resume)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+@contextlib.contextmanager
+def _deterministic(cfg: TrainConfig):
+    """``--deterministic``: deterministic algorithms (warn-only), cuBLAS's fixed workspace and
+    SDPA's math backend (docs/determinism.md)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # cuBLAS needs a fixed workspace for reproducible GEMMs; read when CUDA starts its handle.
@@ -472,18 +489,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             "--deterministic: NSA's FlashAttention-2 paths have a nondeterministic backward; "
             "set NSA_USE_FA2=0 for a reproducible run (docs/determinism.md)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())  # fmt: skip
     torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        # SDPA's math backend (plain matmuls and softmax) instead of FlashAttention/cuDNN,
-        # whose backward accumulates with atomics: the dense baseline and NSA's SDPA calls.
-        with sdpa_kernel([SDPBackend.MATH]):
-            return _train(cfg, resume)
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    # SDPA's math backend (plain matmuls and softmax) instead of FlashAttention/cuDNN, whose
+    # backward accumulates with atomics: the dense baseline's and NSA's own SDPA calls.
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
@@ -493,8 +505,6 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     if resume:
         state = load_checkpoint(ckpt_path)
         check_resume_config(state["config"], cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     device = _device(cfg)
     ckpt_every = cfg.ckpt_every or cfg.eval_every
 
