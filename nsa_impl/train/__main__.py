@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("gate-hidden", "NSA gate MLP width (default: one linear layer)"),
     ]:
         default = getattr(d, name.replace("-", "_"))
-        m.add_argument(f"--{name}", type=int, help=f"{help_}; default {default}")
+        shown = "" if default is None else f"; default {default}"
+        m.add_argument(f"--{name}", type=int, help=help_ + shown)
     _bool_flag(m, "rope", f"rotary position embedding (default {'on' if d.rope else 'off'})")
     m.add_argument("--phi", choices=["mean", "mlp"], help=f"NSA compression; default {d.phi}")
     m.add_argument("--nsa-config", choices=sorted(NSA_CONFIGS), help=f"default {d.nsa_config}")
@@ -87,8 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help=f"run directory; default {d.out}")
     r.add_argument("--resume", action="store_true", default=False,
                    help="continue from OUT/checkpoint.pt")  # fmt: skip
-    for name in ("log-every", "eval-every", "ckpt-every", "threads"):
-        r.add_argument(f"--{name}", type=int)
+    for name, help_ in [
+        ("log-every", f"steps per logged record; default {d.log_every}"),
+        ("eval-every", f"steps between evaluations; default {d.eval_every}"),
+        ("ckpt-every", "steps between checkpoints; default: --eval-every"),
+        ("threads", "CPU threads (torch.set_num_threads); default: torch's"),
+    ]:
+        r.add_argument(f"--{name}", type=int, help=help_)
     r.add_argument(
         "--stop-at", type=int, help="stop after this step (checkpointed); --resume goes on"
     )
