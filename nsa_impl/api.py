@@ -17,7 +17,7 @@ from nsa_ref.config import NSAConfig
 from nsa_ref.reference import NSAAux, branch_pairs, gate
 from nsa_ref.validate import check_inputs
 
-from . import routing, scoring
+from . import amp, observe, routing, scoring
 from .branches import selection
 from .branches.compressed import CmpLayout
 from .branches.sliding import window_attention
@@ -40,6 +40,7 @@ class _ReferenceDelegate:
         return self._aux
 
 
+@amp.entry("q", "k", "v", "gates", "branch_kv")
 def nsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,6 +64,9 @@ def nsa_attention(
     ``k``, ``v``, ``gates`` and whatever ``phi_k``/``phi_v`` close over. ``phi`` receives all
     compressed blocks at once, shaped ``[B, G, N, l, D]``.
 
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype and the body runs with
+    autocast off (`nsa_impl.amp`): the router sees, and the output has, the autocast dtype.
+
     Raises:
         ValueError / TypeError: bad inputs (spec I.11), naming the argument.
         RuntimeError: a path forced by `routing.force_path` or a flag cannot run these inputs.
@@ -81,6 +85,7 @@ def nsa_attention(
         phi_v=phi_v,
         validate_gates=validate,
     )
+    phi_k, phi_v = amp.user_fn(phi_k), amp.user_fn(phi_v)  # under the caller's autocast
     scale = 1.0 / math.sqrt(dims.Dk) if scale is None else float(scale)
     kv = branch_pairs(k, v, branch_kv)
     layout = PackedLayout.build(dims.T, bounds)
@@ -93,6 +98,7 @@ def nsa_attention(
     )
     plan.raise_errors()
     path = plan.paths()
+    observe.mark("begin", q)
     ref = _ReferenceDelegate(
         (q, k, v, gates, cfg),
         dict(scale=scale, phi_k=phi_k, phi_v=phi_v, branch_kv=branch_kv, cu_seqlens=cu_seqlens),
@@ -112,6 +118,7 @@ def nsa_attention(
         scores = select(q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=return_aux)
         o_cmp, block_indices = scores.o_cmp, scores.block_indices
         p_slc, p_cmp = scores.p_slc, scores.p_cmp
+    observe.mark("cmp", q)
 
     # Selection branch (Eq. 12) over the selected blocks.
     if path["sel"] == "reference":
@@ -126,6 +133,7 @@ def nsa_attention(
             cu_seqlens=cu_seqlens,
             **_selection_options(path["sel"]),
         )
+    observe.mark("sel", q)
 
     # Sliding window (spec I.7).
     if path["win"] == "reference":
@@ -134,20 +142,27 @@ def nsa_attention(
         o_win = window_attention(
             q, *kv["win"], cfg, scale, layout, path=path["win"], cu_seqlens=cu_seqlens
         )
+    observe.mark("win", q)
 
     # Gate (Eq. 5).
     o = gate(o_cmp, o_sel, o_win, gates)
+    if observe.ACTIVE is not None:  # training-time statistics (nsa_impl.observe); off by default
+        observe.ACTIVE.record(
+            o_cmp=o_cmp, o_sel=o_sel, o_win=o_win, gates=gates, block_indices=block_indices,
+            sel_block=cfg.sel_block, positions=layout.pos, plan=plan,
+        )  # fmt: skip
     if not return_aux:
         return o
     return o, NSAAux(block_indices, p_slc, p_cmp, o_cmp, o_sel, o_win)
 
 
+@amp.entry("q", "k", "v")
 def selection_attention(q, k, v, block_indices, cfg, scale=None, *, cu_seqlens=None):
     """The selection branch alone (Eq. 12) given ``block_indices [B, T, G, n]``, routed.
 
     ``o_sel [B, T, H, Dv]``: attention over the selected keys ``<= p``; ``-1`` and duplicate
     indices are ignored. The router picks the path as in `nsa_attention` (the "reference" path
-    maps to the exact gather path, since `nsa_ref` computes its own indices).
+    maps to the exact gather path, since `nsa_ref` computes its own indices); autocast as there.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = routing.route(q, k, v, cu_seqlens=cu_seqlens, backward=_needs_grad(q, q, {"": (k, v)}))

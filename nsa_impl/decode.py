@@ -19,6 +19,7 @@ from nsa_ref.reference import gate
 from nsa_ref.scalars import as_int, as_positive_float
 from nsa_ref.validate import BRANCHES, check_inputs, check_phi, check_phi_output
 
+from . import amp
 from .numerics import compute_dtype
 from .scoring import overlap_scores, top_n
 
@@ -101,7 +102,8 @@ class NSACache:
     each branch output is rounded to the input dtype and gated by `nsa_ref.reference.gate`,
     as in the prefill. Decoding is inference only: a step
     whose inputs require grad (with grad mode on) raises ``ValueError``; run it under
-    ``torch.no_grad()``. `prefill` fills an empty cache from a prompt in one call.
+    ``torch.no_grad()``. `prefill` fills an empty cache from a prompt in one call. Under
+    ``torch.autocast`` both cast their inputs to the autocast dtype first (`nsa_impl.amp`).
 
     Attributes:
         length: tokens decoded so far (the next step's position ``p``).
@@ -215,7 +217,9 @@ class NSACache:
     @staticmethod
     def _pool(raw: torch.Tensor, phi, label: str) -> torch.Tensor:
         """``phi`` over ``[..., l, D]`` blocks (mean when ``None``); checks its result."""
-        return raw.mean(dim=-2) if phi is None else check_phi_output(label, phi(raw), raw)
+        if phi is None:
+            return raw.mean(dim=-2)
+        return check_phi_output(label, amp.user_fn(phi)(raw), raw)
 
     def _emit(self, first: int, last: int) -> None:
         """Compress the blocks that complete at positions ``first .. last`` (``i*d + l = p + 1``).
@@ -234,6 +238,7 @@ class NSACache:
 
     # ------------------------------------------------------------------ decoding
 
+    @amp.entry("q_t", "k_t", "v_t", "gates_t", "branch_kv")
     def step(self, q_t, k_t, v_t, gates_t, branch_kv: dict | None = None, *, validate=True):
         """Decode one position for every sequence: ``q_t [B, 1, H, Dk]`` -> ``o_t [B, 1, H, Dv]``.
 
@@ -250,6 +255,7 @@ class NSACache:
         self.length = p + 1
         return self._attend_row(q_t, gates_t, dims, p)
 
+    @amp.entry("q", "k", "v", "gates", "branch_kv")
     def prefill(self, q, k, v, gates, branch_kv: dict | None = None, *, validate=True):
         """Fill an empty cache from a prompt and return the prompt's output ``[B, T, H, Dv]``.
 

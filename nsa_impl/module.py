@@ -70,10 +70,14 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, N, D]`` by ``cos, sin [T, D/2]`` (rotate-half convention)."""
+    """Rotate ``x [B, T, N, D]`` by ``cos, sin [T, D/2]`` (rotate-half convention).
+
+    The result has ``x``'s dtype whatever the angles' (under autocast the projections come out
+    in bfloat16 while the angles stay float32: rotated in float32, rounded once).
+    """
     x1, x2 = x.chunk(2, dim=-1)
     c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 def sequence_positions(T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
@@ -199,7 +203,8 @@ class NSAAttention(nn.Module):
                 f"got {list(x.shape)}"
             )
         weight = self.q_proj.weight
-        if x.dtype != weight.dtype:
+        # Under autocast the projections take any float dtype (e.g. a bfloat16 norm output).
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x dtype {x.dtype} does not match the parameters' {weight.dtype}")
         if x.device != weight.device:
             raise ValueError(f"x device {x.device} does not match the parameters' {weight.device}")

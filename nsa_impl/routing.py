@@ -29,6 +29,8 @@ Flags (boolean values: 1/0, true/false, yes/no, on/off):
 ``NSA_USE_FA2``            1        FlashAttention-2 paths may be used when available
 ``NSA_USE_FA2_CMP``        =FA2     compressed branch may use "flash" (FA-2 + Triton scores)
 ``NSA_USE_FA2_WIN``        =FA2     window branch may use "flash"
+``NSA_DEBUG_TIMING``       0        an active `nsa_impl.observe.Collector` times each branch
+                                    (CUDA events on a GPU); not a routing choice
 =========================  =======  ==========================================================
 
 The compressed branch's "flash" path (`nsa_impl.kernels.flash_cmp`) runs Eq. 8 as one causal
@@ -88,6 +90,7 @@ FLAGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "NSA_USE_FA2": ("use_fa2", _parse_bool),
     "NSA_USE_FA2_CMP": ("use_fa2_cmp", _parse_bool),
     "NSA_USE_FA2_WIN": ("use_fa2_win", _parse_bool),
+    "NSA_DEBUG_TIMING": ("debug_timing", _parse_bool),
 }
 
 
@@ -111,6 +114,7 @@ class Settings:
     use_fa2: bool = True
     use_fa2_cmp: bool | None = None
     use_fa2_win: bool | None = None
+    debug_timing: bool = False
     triton_interpret: bool = False
     source: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -402,12 +406,16 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Decision:
-    """One branch's path, why it was chosen, and an error when a forced path cannot run."""
+    """One branch's path, why it was chosen, and an error when a forced path cannot run.
+
+    ``skipped`` lists the preferred ``(path, reason)`` pairs passed over before ``path``.
+    """
 
     branch: str
     path: str
     reason: str
     error: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 class Plan(dict):
@@ -501,19 +509,28 @@ def _choose(branch: str, inp: Inputs, s: Settings) -> Decision:
         return _forced(branch, "reference", inp, "NSA_FORCE_PARITY=1")
     if branch == "sel" and s.triton_sel_force:
         return _forced(branch, "triton", inp, "NSA_TRITON_SEL_FORCE=1", any_device=True)
-    skipped = []
+    skipped: list[tuple[str, str]] = []
     for name, flag in _preferences(branch, s):
         ok, reason = PATHS[name].supports(branch, inp)
         if ok and name == "triton":
             ok, reason = _triton_worth_it(inp)
+        listed = "; ".join(f"{n}: {r}" for n, r in skipped)
         if ok:
             why = f"{flag}; {PATHS[name].doc}"
             return Decision(
-                branch, name, why + (" [skipped " + "; ".join(skipped) + "]" if skipped else "")
+                branch,
+                name,
+                why + (" [skipped " + listed + "]" if skipped else ""),
+                skipped=tuple(skipped),
             )
-        skipped.append(f"{name}: {reason}")
+        skipped.append((name, reason))
+    listed = "; ".join(f"{n}: {r}" for n, r in skipped)
     return Decision(
-        branch, "reference", "", error="no path supports these inputs: " + "; ".join(skipped)
+        branch,
+        "reference",
+        "",
+        error="no path supports these inputs: " + listed,
+        skipped=tuple(skipped),
     )
 
 

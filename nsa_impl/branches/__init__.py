@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..amp import autocast_off_backward
 from ..numerics import compute_dtype, product_dtype
 
 #: Default byte budget of one chunk's live tiles, per device type (see the module docstring).
@@ -201,6 +202,7 @@ class _RangeAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off_backward
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale

@@ -66,6 +66,7 @@ from torch.autograd.function import once_differentiable
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import check_cu_seqlens
 
+from ..amp import autocast_off_backward
 from ..numerics import compute_dtype, product_dtype
 from . import causal_attention
 
@@ -421,6 +422,7 @@ class _SelectionAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off_backward
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         plan = ctx.plan

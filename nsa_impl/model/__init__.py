@@ -5,6 +5,7 @@ branch, the gates and a learnable phi), not as a production model.
 """
 
 from .block import MLP, NSADecoderBlock
+from .dense import DenseAttention
 from .toy import NSAToyLM, train_toy
 
-__all__ = ["MLP", "NSADecoderBlock", "NSAToyLM", "train_toy"]
+__all__ = ["MLP", "DenseAttention", "NSADecoderBlock", "NSAToyLM", "train_toy"]

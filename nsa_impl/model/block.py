@@ -10,6 +10,10 @@ from nsa_ref.config import NSAConfig
 
 from ..decode import NSACache
 from ..module import NSAAttention
+from .dense import DenseAttention
+
+#: ``attention=`` choices of `NSADecoderBlock`.
+ATTENTIONS = ("nsa", "dense")
 
 
 class MLP(nn.Module):
@@ -38,8 +42,10 @@ class NSADecoderBlock(nn.Module):
         hidden_size, num_heads, num_kv_heads, head_dim, config: as in `NSAAttention`.
         intermediate_size: MLP width (default ``4 * hidden_size``).
         eps: RMSNorm epsilon.
-        **attention_options: further keyword options of `NSAAttention` (``phi``, ``rope``,
-            ``separate_branch_kv``, ...).
+        attention: ``"nsa"`` (`NSAAttention`) or ``"dense"`` (`DenseAttention`: causal SDPA with
+            the same projections and RoPE, the baseline; ``config`` is then unused).
+        **attention_options: further keyword options of the attention module (``rope``, and for
+            NSA ``phi``, ``separate_branch_kv``, ...).
     """
 
     def __init__(
@@ -52,13 +58,21 @@ class NSADecoderBlock(nn.Module):
         *,
         intermediate_size: int | None = None,
         eps: float = 1e-6,
+        attention: str = "nsa",
         **attention_options,
     ):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.attn_norm = nn.RMSNorm(hidden_size, eps=eps)
-        self.attn = NSAAttention(
-            hidden_size, num_heads, num_kv_heads, head_dim, config, **attention_options
-        )
+        if attention == "nsa":
+            self.attn = NSAAttention(
+                hidden_size, num_heads, num_kv_heads, head_dim, config, **attention_options
+            )
+        else:
+            self.attn = DenseAttention(
+                hidden_size, num_heads, num_kv_heads, head_dim, **attention_options
+            )
         self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
         self.mlp = MLP(hidden_size, intermediate_size or 4 * hidden_size)
 
