@@ -306,5 +306,5 @@ def decode_rows(
         G, S, sp.cmp, sp.win, sp.sel,
         HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV,
         NSP=_next_pow2(max(sp.cmp, sp.win, sp.sel)), INC=lengths is not None, PRECISE=precise,
-        **_options(interpret, 2),
+        **_options(interpret, 4),
     )
