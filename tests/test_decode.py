@@ -554,7 +554,8 @@ def needle_block_scores(q_last, k, cfg, h):
     kc = k[0].double().unfold(0, l, d)[:N].mean(-1)  # [N, G, D]
     qh = q_last[0, 0].double().reshape(-1, h, k.shape[-1])  # [G, h, D]
     p_cmp = torch.softmax(torch.einsum("ghd,ngd->ghn", qh, kc) / math.sqrt(k.shape[-1]), -1)
-    i, j = torch.arange(N)[None, :], torch.arange(cfg.num_sel_blocks(T))[:, None]
+    i = torch.arange(N, device=k.device)[None, :]
+    j = torch.arange(cfg.num_sel_blocks(T), device=k.device)[:, None]
     overlap = (torch.minimum(i * d + l, (j + 1) * ls) - torch.maximum(i * d, j * ls)).clamp(min=0)
     return torch.einsum("ghn,sn->gs", p_cmp, overlap.double() / d)
 

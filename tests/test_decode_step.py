@@ -38,8 +38,12 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """CPU tensors go to the interpreter; one intra-op thread (the tensors are tiny)."""
+def _interpreter(monkeypatch, request):
+    """CPU tests: CPU tensors go to the interpreter; one intra-op thread (tiny tensors). GPU
+    tests keep the environment as it is."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -226,3 +230,156 @@ def test_auto_path_keeps_the_interpreter_for_tests():
     with torch.no_grad():
         cache.step(q, k, v, gates)
     assert cache.path == "torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (marker gpu): the paper's shapes, graphs, no host sync, the 64k needle
+# ---------------------------------------------------------------------------------------------
+
+PAPER = NSAConfig()
+
+
+def gpu(test):
+    """Marker ``gpu`` plus a skip with its reason where no CUDA GPU is present."""
+    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test)
+    return pytest.mark.gpu(test)
+
+
+def cuda_inputs(B, T, G, h, D, dtype, seed):
+    """Seeded ``q, k, v, gates`` on the GPU (drawn in float32, then cast)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    gates = torch.rand(B, T, G * h, 3, generator=gen, device="cuda").to(dtype)
+    return randn(B, T, G * h, D), randn(B, T, G, D), randn(B, T, G, D), gates
+
+
+def reference_decode_rows(cfg, q, k, v, gates, rows, dtype):
+    """nsa_ref's own prefill rows (`nsa_ref.reference.nsa_row` + `gate`) for ``rows`` =
+    ``[(b, p), ...]``, computed in ``dtype`` (float32: computed in float64, the truth; bf16:
+    the naive low-precision twin). Returns ``[len(rows), H, Dv]``."""
+    from nsa_ref import rules
+    from nsa_ref.reference import SequenceKV, gate, nsa_row
+
+    h = q.shape[2] // k.shape[2]
+    scale = 1.0 / q.shape[-1] ** 0.5
+    out, seqs = [], {}
+    for b, p in rows:
+        if b not in seqs:
+            seq = SequenceKV(cfg, h)
+            kb, vb = k[b].to(dtype), v[b].to(dtype)
+            seq.set_raw(dict.fromkeys(("cmp", "sel", "win"), (kb, vb)))
+            seq.compress_all()
+            W = rules.overlap_weights(cfg.num_sel_blocks(kb.shape[0]), seq.cmp_k.shape[0], cfg)
+            seqs[b] = (seq, W.to(q.device))
+        seq, W = seqs[b]
+        r = nsa_row(p, q[b, p].to(dtype), seq, scale, W)
+        out.append(gate(r.o_cmp, r.o_sel, r.o_win, gates[b, p].to(dtype)))
+    return torch.stack(out).float()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_decode_rows_equal_prefill_rows(dtype):
+    """Paper shapes (64 heads, 4 groups, D=128, paper config), 1088-token prompt then 12 steps
+    (top-n chooses among 18 blocks, the window is full): every decoded row equals nsa_ref's
+    prefill row: fp32 class in float32 (NSA-P5), the low-precision criterion in bf16."""
+    B, T0, steps = 2, 1088, 12
+    q, k, v, gates = cuda_inputs(B, T0 + steps, 4, 16, 128, dtype, seed=11)
+    cache = NSACache(PAPER, max_len=T0 + steps)
+    with torch.no_grad():
+        cache.prefill(q[:, :T0], k[:, :T0], v[:, :T0], gates[:, :T0], validate=False)
+        assert cache.path == "triton"
+        out = torch.cat([cache.step(row(q, p), row(k, p), row(v, p), row(gates, p),
+                                    validate=False) for p in range(T0, T0 + steps)], 1)
+    rows = [(b, p) for b in range(B) for p in range(T0, T0 + steps)]
+    got = out.reshape(B * steps, 64, 128).float()
+    truth = reference_decode_rows(PAPER, q, k, v, gates, rows, torch.float32)
+    naive = reference_decode_rows(PAPER, q, k, v, gates, rows, dtype)
+    err = assert_rows_close(got, truth, naive, dtype, "decode vs nsa_ref rows")
+    print(f"{dtype}: max |decode - ref| = {err:.3g}")
+
+
+@gpu
+def test_gpu_ragged_extend_and_graph_replay():
+    """bf16, paper shapes, four sequences at 17 / 70 / 1500 / 5000 tokens: a 5-token `extend`,
+    then 6 steps eagerly and the same through ``cuda_graph=True``: graph and eager outputs
+    and counters are identical, and equal nsa_ref's rows (low-precision criterion)."""
+    lengths, C, steps = [17, 70, 1500, 5000], 5, 6
+    B, Tmax = 4, 5000 + C + steps
+    q, k, v, gates = cuda_inputs(B, Tmax, 4, 16, 128, torch.bfloat16, seed=12)
+    b_idx = torch.arange(B, device="cuda")
+
+    def at(t, i):
+        return t[b_idx, torch.tensor([n + i for n in lengths], device="cuda")][:, None]
+
+    outs, caches = {}, {}
+    for name, graph in (("eager", False), ("graph", True)):
+        cache = NSACache(PAPER, max_len=Tmax, cuda_graph=graph)
+        with torch.no_grad():
+            cache.append(k, v, lengths=lengths)
+            rows = [cache.extend(*(torch.cat([at(t, i) for i in range(C)], 1)
+                                   for t in (q, k, v, gates)), validate=False)]
+            for i in range(C, C + steps):  # a graph step returns its static buffer: clone
+                rows.append(cache.step(at(q, i), at(k, i), at(v, i), at(gates, i),
+                                       validate=False).clone())
+            outs[name] = torch.cat(rows, 1)
+        caches[name] = cache
+    assert torch.equal(outs["eager"], outs["graph"])
+    assert caches["eager"].reads_per_sequence == caches["graph"].reads_per_sequence
+    assert caches["eager"].lengths == caches["graph"].lengths == [n + C + steps for n in lengths]
+    ref_rows = [(b, n + i) for b, n in enumerate(lengths) for i in range(C + steps)]
+    truth = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.float32)
+    naive = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.bfloat16)
+    got = outs["eager"].reshape(B * (C + steps), 64, 128).float()
+    assert_rows_close(got, truth, naive, torch.bfloat16, "ragged decode vs nsa_ref rows")
+
+
+@gpu
+def test_gpu_step_performs_no_host_sync():
+    """A Triton decode step (validate=False) never synchronises with the host."""
+    q, k, v, gates = cuda_inputs(2, 300, 4, 16, 128, torch.bfloat16, seed=13)
+    cache = NSACache(PAPER, max_len=300)
+    with torch.no_grad():
+        cache.append(k[:, :290], v[:, :290])
+        cache.step(row(q, 290), row(k, 290), row(v, 290), row(gates, 290), validate=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for p in range(291, 295):
+                cache.step(row(q, p), row(k, p), row(v, p), row(gates, p), validate=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.lengths == [295, 295]
+
+
+@gpu
+def test_gpu_needle_64k_paper_shapes():
+    """The 64k needle at the paper's shapes (64 heads, 4 groups, D=128, bf16) on the Triton path:
+    the needle's block is selected in every group, the output (gates 0/1/0) is its value, and
+    the last step reads 4095 + 1024 + 512 = 5631 tokens."""
+    q_last, k, v, _ = needle_context(65536, 4, 16, 128, torch.bfloat16, device="cuda")
+    cache = NSACache(PAPER, max_len=65536)
+    out, expected = check_needle(cache, q_last, k, v, PAPER, 16)
+    assert cache.path == "triton"
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=0)
+
+
+@gpu
+def test_gpu_generate_with_cuda_graph_equals_eager():
+    """`NSAToyLM.generate(cuda_graph=True)` (one whole model step captured and replayed) yields
+    the same greedy tokens as the eager loop on the same Triton decode path."""
+    from nsa_impl.model import NSAToyLM
+
+    torch.manual_seed(0)
+    model = NSAToyLM(97, 64, 4, 2, 16, num_layers=2, rope=True).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.normal_(0, 0.5)
+    prompt = torch.randint(0, 97, (2, 40), device="cuda")
+    eager = model.generate(prompt, 30)
+    graphed = model.generate(prompt, 30, cuda_graph=True)
+    assert torch.equal(eager, graphed)
