@@ -11,8 +11,10 @@ Two paths compute the rows, chosen once per cache (`NSACache.path`):
 
 * ``"triton"``: `nsa_impl.kernels.decode_step`, four launches per step whatever the batch;
   lengths live in a device tensor and nothing is read back, so a step never syncs the host and
-  with ``max_len`` (static buffers) it can be captured in a CUDA graph (``cuda_graph=True``, or
-  capture a whole model step yourself and call `NSACache.note_replay` after each replay).
+  with ``max_len`` (static buffers) it can be captured in a CUDA graph: `NSACache.capture`
+  returns a `DecodeGraph` (static inputs, ``replay()``), ``cuda_graph=True`` does that at the
+  first step, or capture a whole model step yourself and call `NSACache.note_replay` after
+  each replay.
   Mean pooling only; fp16, bf16 and float32; CUDA (CPU only under ``TRITON_INTERPRET=1``).
 * ``"torch"``: the reference and fallback path (any device, float64, a custom ``phi``): small
   PyTorch ops in `nsa_impl.numerics.compute_dtype`, one group of ops per distinct position.
@@ -172,7 +174,8 @@ class NSACache:
         self._seq: torch.Tensor | None = None  # int32 arange(B): row r of a step is sequence r
         self._workspaces: dict[int, decode_step.Workspace] = {}
         self._last = None  # (positions, sel counts [B, G], blocks [B, G, n]) of the last rows
-        self._graph = None  # (CUDAGraph, static inputs, static output, shared)
+        self._graph: DecodeGraph | None = None  # the step ``cuda_graph=True`` replays
+        self._captured = False  # a DecodeGraph holds these buffers' addresses
 
     # ------------------------------------------------------------------ state
 
@@ -377,7 +380,7 @@ class NSACache:
                 self._dev_len = torch.zeros(B, dtype=torch.int32, device=k0.device)
                 self._seq = torch.arange(B, dtype=torch.int32, device=k0.device)
         elif not shared and self._shared:
-            if self._graph is not None:
+            if self._captured:
                 raise ValueError("branch_kv appeared after the step was captured in a CUDA "
                                  "graph; give per-branch K/V from the first step")
             k, v = self._raw["cmp"]
@@ -488,7 +491,9 @@ class NSACache:
         positions = list(self._host_len)
         if self._kernel:
             if self.cuda_graph:
-                out = self._graph_step(q_t, gates_t, pairs)
+                if self._graph is None:
+                    self._graph = DecodeGraph(self, q_t, gates_t, pairs)
+                return self._graph.step(q_t, k_t, v_t, gates_t, branch_kv)
             else:
                 out = q_t.new_empty(B, 1, dims.H, dims.Dv)
                 self._kernel_step(q_t, gates_t, pairs, out)
@@ -579,6 +584,24 @@ class NSACache:
         self._last = ([c - 1 for c in counts], cnt, blocks)
         return o
 
+    def capture(self, q_t, k_t, v_t, gates_t, branch_kv: dict | None = None, *,
+                validate=True) -> DecodeGraph:
+        """Capture the next `step` in a CUDA graph and return it as a `DecodeGraph`.
+
+        The step is recorded with these inputs (copied into the graph's static input buffers)
+        but not run: ``graph.replay()`` runs it, ``graph.step(...)`` copies new inputs and
+        replays. Needs the Triton path on CUDA and ``max_len``. ``cuda_graph=True`` does this at
+        the first `step` and replays from then on.
+        """
+        if self.max_len is None:
+            raise ValueError("capture needs max_len (the graph keeps the buffers' addresses)")
+        dims, pairs = self._check(q_t, k_t, v_t, gates_t, branch_kv, validate, one_row=True)
+        self._prepare(pairs, dims.B, dims.H, [1] * dims.B)
+        if not (self._kernel and q_t.is_cuda):
+            raise ValueError("capture needs the Triton decode path on CUDA tensors, this cache "
+                             f"runs path={self.path!r} on {q_t.device.type}")
+        return DecodeGraph(self, q_t, gates_t, pairs)
+
     def reserve(self, steps: int) -> None:
         """Raise ``ValueError`` unless every sequence can take ``steps`` more tokens (call it
         before replaying a captured step that many times)."""
@@ -639,48 +662,6 @@ class NSACache:
             self._raw_tuple(), *self._cmp, self._workspace(B), self._cfg_ints(), self._scale(),
             new=new, lengths=self._dev_len,
         )
-
-    def _graph_step(self, q_t, gates_t, pairs):
-        """`step` through a CUDA graph: capture at the first call, then copy inputs + replay."""
-        first = pairs["cmp"]
-        shared = all(pairs[n][0] is first[0] and pairs[n][1] is first[1] for n in BRANCHES)
-        inputs = [q_t, gates_t] + [t for n in (("cmp",) if shared else BRANCHES) for t in pairs[n]]
-        if self._graph is None:
-            self._capture(inputs, shared)
-        graph, static, out, was_shared = self._graph
-        if shared != was_shared:
-            raise ValueError("the captured step had "
-                             f"{'shared' if was_shared else 'per-branch'} K/V; this step has "
-                             f"{'shared' if shared else 'per-branch'} K/V")
-        torch._foreach_copy_(static, inputs)
-        graph.replay()
-        return out
-
-    def _capture(self, inputs, shared: bool) -> None:
-        """Warm up (compile) and capture `_kernel_step` on static copies of ``inputs``.
-
-        The warm-up runs the step for real on a side stream and then restores the lengths: it
-        wrote only row ``p`` and the block completing at ``p``, from these same inputs, which
-        the replay that follows writes again.
-        """
-        static = [t.clone(memory_format=torch.contiguous_format) for t in inputs]
-        q_s, g_s = static[0], static[1]
-        kv = static[2:]
-        pairs = (dict.fromkeys(BRANCHES, (kv[0], kv[1])) if shared else
-                 {n: (kv[2 * i], kv[2 * i + 1]) for i, n in enumerate(BRANCHES)})
-        B, _, H, _ = q_s.shape
-        out = q_s.new_empty(B, 1, H, self._sig[3])
-        side = torch.cuda.Stream(device=q_s.device)
-        side.wait_stream(torch.cuda.current_stream(q_s.device))
-        with torch.cuda.stream(side):
-            saved = self._dev_len.clone()
-            self._kernel_step(q_s, g_s, pairs, out)
-            self._dev_len.copy_(saved)
-        torch.cuda.current_stream(q_s.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._kernel_step(q_s, g_s, pairs, out)
-        self._graph = (graph, static, out, shared)
 
     def _rows(self, q, gates, seqs: list[int], positions: list[int]):
         """Rows ``q [R, H, Dk]`` at ``positions`` of ``seqs`` over the cached K/V (already
@@ -794,6 +775,74 @@ class NSACache:
         for b, (s, c) in enumerate(zip(cu.tolist(), counts, strict=False)):
             o[b, :c] = o_packed[s : s + c]
         return o
+
+
+class DecodeGraph:
+    """A CUDA graph of one `NSACache.step` (the four Triton launches), replayed with static
+    inputs: build it with `NSACache.capture` (or ``NSACache(cuda_graph=True)``).
+
+    Attributes:
+        inputs: the static input buffers ``[q_t, gates_t, k_t, v_t]`` (and the ``sel``/``win``
+            pairs after them when the branches have their own K/V): write the next token's
+            inputs here, then `replay`.
+        output: the static ``[B, 1, H, Dv]`` output, overwritten by every replay.
+    """
+
+    def __init__(self, cache: NSACache, q_t, gates_t, pairs):
+        first = pairs["cmp"]
+        self.shared = all(pairs[n][0] is first[0] and pairs[n][1] is first[1] for n in BRANCHES)
+        names = ("cmp",) if self.shared else BRANCHES
+        inputs = [q_t, gates_t] + [t for n in names for t in pairs[n]]
+        self.inputs = [t.clone(memory_format=torch.contiguous_format) for t in inputs]
+        q_s, g_s, kv = self.inputs[0], self.inputs[1], self.inputs[2:]
+        static = (dict.fromkeys(BRANCHES, (kv[0], kv[1])) if self.shared else
+                  {n: (kv[2 * i], kv[2 * i + 1]) for i, n in enumerate(BRANCHES)})
+        B, _, H, _ = q_s.shape
+        self.output = q_s.new_empty(B, 1, H, cache._sig[3])
+        self._cache = cache
+        cache._captured = True
+        # The graph holds raw addresses: keep the buffers alive and notice a reset.
+        self._buffers = (cache._raw, cache._cmp, cache._dev_len, cache._workspace(B))
+        # Warm-up (compiles the kernels) for real on a side stream, then restore the lengths:
+        # it wrote only row p and the block completing at p, from these same inputs, which the
+        # first replay writes again.
+        device = q_s.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            saved = cache._dev_len.clone()
+            cache._kernel_step(q_s, g_s, static, self.output)
+            cache._dev_len.copy_(saved)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            cache._kernel_step(q_s, g_s, static, self.output)
+
+    def replay(self) -> torch.Tensor:
+        """Run the captured step on what `inputs` hold: every sequence advances by one token.
+        Raises ``ValueError`` first if a sequence is at ``max_len``."""
+        cache = self._cache
+        if cache._raw is not self._buffers[0] or cache._dev_len is not self._buffers[2]:
+            raise ValueError("the cache was reset or reallocated after this step was captured")
+        cache.reserve(1)
+        positions = list(cache._host_len)
+        self._graph.replay()
+        cache._host_len = [p + 1 for p in positions]
+        ws = cache._workspace(len(positions))
+        cache._last = (positions, ws.sel_cnt, ws.sel_idx)
+        return self.output
+
+    def step(self, q_t, k_t, v_t, gates_t, branch_kv: dict | None = None) -> torch.Tensor:
+        """Copy one step's inputs into `inputs` (one launch) and `replay`."""
+        pairs = {name: tuple((branch_kv or {}).get(name, (k_t, v_t))) for name in BRANCHES}
+        first = pairs["cmp"]
+        shared = all(pairs[n][0] is first[0] and pairs[n][1] is first[1] for n in BRANCHES)
+        if shared != self.shared:
+            raise ValueError(f"the captured step had {'shared' if self.shared else 'per-branch'}"
+                             f" K/V; this step has {'shared' if shared else 'per-branch'} K/V")
+        names = ("cmp",) if shared else BRANCHES
+        torch._foreach_copy_(self.inputs, [q_t, gates_t] + [t for n in names for t in pairs[n]])
+        return self.replay()
 
 
 def _rows_view(q: torch.Tensor) -> torch.Tensor:
