@@ -227,6 +227,14 @@ class NSACache:
         ]
 
     @property
+    def splits(self) -> decode_step.Splits | None:
+        """The Triton kernels' splits of a ``B``-row step (``None`` on the torch path or before
+        the first call)."""
+        if not self._kernel or self._heads is None:
+            return None
+        return self._workspace(len(self._host_len)).splits
+
+    @property
     def selected_blocks(self) -> torch.Tensor | None:
         """int64 ``[B, G, n]``: the blocks each sequence's last row selected (Eq. 11), ascending,
         ``-1`` padded; ``None`` before the first computed row."""
@@ -818,18 +826,19 @@ class DecodeGraph:
         with torch.cuda.graph(self._graph):
             cache._kernel_step(q_s, g_s, static, self.output)
 
-    def replay(self) -> torch.Tensor:
-        """Run the captured step on what `inputs` hold: every sequence advances by one token.
-        Raises ``ValueError`` first if a sequence is at ``max_len``."""
+    def replay(self, steps: int = 1) -> torch.Tensor:
+        """Run the captured step ``steps`` times on what `inputs` hold (every sequence advances
+        by ``steps`` tokens, all with these inputs: ``steps > 1`` is for benchmarks). Raises
+        ``ValueError`` first if that would pass ``max_len``."""
         cache = self._cache
         if cache._raw is not self._buffers[0] or cache._dev_len is not self._buffers[2]:
             raise ValueError("the cache was reset or reallocated after this step was captured")
-        cache.reserve(1)
-        positions = list(cache._host_len)
-        self._graph.replay()
-        cache._host_len = [p + 1 for p in positions]
-        ws = cache._workspace(len(positions))
-        cache._last = (positions, ws.sel_cnt, ws.sel_idx)
+        cache.reserve(steps)
+        for _ in range(steps):
+            self._graph.replay()
+        cache._host_len = [p + steps for p in cache._host_len]
+        ws = cache._workspace(len(cache._host_len))
+        cache._last = ([p - 1 for p in cache._host_len], ws.sel_cnt, ws.sel_idx)
         return self.output
 
     def step(self, q_t, k_t, v_t, gates_t, branch_kv: dict | None = None) -> torch.Tensor:

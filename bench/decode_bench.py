@@ -1,0 +1,292 @@
+"""Decode benchmark (issue 11): one NSA decode step against one-query dense attention.
+
+Setting: bf16, 64 query heads in 4 KV groups (h = 16), Dk = Dv = 128, the paper's config
+(l=32, d=16, l'=64, n=16, w=512). Cases (B, T): (1, 65536), (8, 65536), (32, 65536),
+(16, 16384), plus a ragged batch (B=8, lengths 8k, 16k, ..., 64k). The cache (``max_len = T``)
+is loaded with random tokens (`NSACache.append`) up to ``T - STEPS`` and the timed steps decode
+positions ``T - STEPS .. T - 1``, i.e. the last 0.4 % of the context.
+
+Columns, all measured in this run:
+
+* ``ours graph``: µs per step of the captured step (`NSACache.capture`, four Triton launches)
+  replayed back to back; ``ours eager``: `NSACache.step` called from Python (host overhead
+  included).
+* ``dense cudnn`` / ``dense flash``: one query over the ``T`` cached keys with PyTorch's SDPA
+  (GQA, ``enable_gqa=True``), eager as in the issue's table, and ``(graph)`` captured in a CUDA
+  graph (the launch overhead removed, as for ours).
+* ``kernels``: CUDA kernels per replayed step and ``µs per kernel`` (torch.profiler over the
+  replays); ``floor``: the step's compulsory bytes (compressed, selected and window K/V) at
+  4.3 TB/s; ``goal``: the issue's target.
+
+Prints the machine line (GPU, torch, triton) and a markdown table; writes ``<out>.csv`` and
+``<out>.md`` (and ``<out>.png`` when matplotlib is importable). Never asserts on time.
+
+    python bench/decode_bench.py --out bench/results/h200_decode [--cases 1x65536,8x65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from nsa_impl import NSACache, NSAConfig  # noqa: E402
+
+H, G, D = 64, 4, 128
+CASES = ((1, 65536), (8, 65536), (32, 65536), (16, 16384))
+GOAL_US = {(1, 65536): 35.0, (8, 65536): 50.0, (32, 65536): 150.0, (16, 16384): 40.0}
+HBM_BYTES_PER_S = 4.3e12
+#: Decode steps one case runs (warm-up, graph timing, eager timing, profiles).
+STEPS = 256
+
+
+def machine_line() -> str:
+    """GPU, torch, triton, CUDA, Python."""
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001 - report, never fail
+        tv = "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    cc = ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else "-"
+    return (f"GPU {gpu} (sm {cc}) | torch {torch.__version__} | triton {tv} | "
+            f"CUDA {torch.version.cuda} | Python {platform.python_version()}")
+
+
+def floor_us(cfg: NSAConfig, lengths: list[int]) -> float:
+    """Compulsory bytes of one step (compressed + selected + window K/V) at 4.3 TB/s."""
+    per_token = G * D * 2 * 2  # K and V, bf16
+    tokens = sum(cfg.num_cmp(n) + min(cfg.sel_top_n * cfg.sel_block, n + 1)
+                 + min(cfg.window, n + 1) for n in lengths)
+    return tokens * per_token / HBM_BYTES_PER_S * 1e6
+
+
+def events_us(fn, reps: int, inner: int = 1) -> float:
+    """Median over ``reps`` CUDA-event measurements of ``fn()`` (``inner`` steps each), in µs
+    per step."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / inner)
+    return statistics.median(times)
+
+
+def load_cache(cfg, lengths: list[int], max_len: int, gen) -> NSACache:
+    """A Triton-path cache holding ``lengths[b]`` random bf16 tokens per sequence."""
+    B = len(lengths)
+    cache = NSACache(cfg, max_len=max_len)
+    chunk = 8192  # append in slices: the random source never exceeds one slice
+    T = max(lengths)
+    for t0 in range(0, T, chunk):
+        C = min(chunk, T - t0)
+        k = torch.randn(B, C, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+        v = torch.randn(B, C, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+        cache.append(k, v, lengths=[max(0, min(C, n - t0)) for n in lengths])
+    return cache
+
+
+def step_inputs(B, gen):
+    q = torch.randn(B, 1, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, 1, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, 1, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    gates = torch.rand(B, 1, H, 3, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return q, k, v, gates
+
+
+def profile_kernels(fn, steps: int) -> tuple[float, dict[str, float]]:
+    """CUDA kernels per step and mean µs per kernel name over ``steps`` calls of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or not ev.name:
+            continue
+        if "Memcpy" in ev.name or "Memset" in ev.name:
+            continue
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        per_kernel.setdefault(ev.name, []).append(float(us))
+    count = sum(len(v) for v in per_kernel.values()) / steps
+    short = {name.split("(")[0].replace("_kernel", "").lstrip("_"): round(statistics.mean(v), 2)
+             for name, v in per_kernel.items()}
+    return count, short
+
+
+def ours(cfg, lengths: list[int], reps: int, gen) -> dict:
+    """Graph-replayed and eager step times, kernels per step, µs per kernel."""
+    B = len(lengths)
+    max_len = max(lengths) + 1
+    start = [max(1, n + 1 - STEPS) for n in lengths]
+    cache = load_cache(cfg, start, max_len, gen)
+    q, k, v, gates = step_inputs(B, gen)
+    with torch.no_grad():
+        graph = cache.capture(q, k, v, gates, validate=False)
+        graph.replay(5)  # warm
+        torch.cuda.synchronize()
+        inner = 10
+        t_graph = events_us(lambda: graph.replay(inner), reps=max(3, min(reps, 180) // inner),
+                            inner=inner)
+        t_eager = events_us(lambda: cache.step(q, k, v, gates, validate=False), reps=20)
+        kernels, _ = profile_kernels(lambda: graph.replay(1), steps=5)
+        eager_kernels, per_kernel = profile_kernels(
+            lambda: cache.step(q, k, v, gates, validate=False), steps=5)
+    splits = cache.splits
+    del cache, graph
+    torch.cuda.empty_cache()
+    return dict(graph_us=t_graph, eager_us=t_eager, kernels=kernels or eager_kernels,
+                per_kernel=per_kernel, splits=f"{splits.cmp}/{splits.win}/{splits.sel}")
+
+
+def dense(lengths: list[int], gen) -> dict:
+    """One-query SDPA over each sequence's keys (uniform lengths only), eager and graphed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T = len(lengths), max(lengths)
+    if len(set(lengths)) != 1:
+        return {}
+    q = torch.randn(B, H, 1, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, G, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, G, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def call(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+                out[f"{name}_us"] = events_us(call, reps=50)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    call()
+                graph.replay()
+                out[f"{name}_graph_us"] = events_us(
+                    lambda g=graph: [g.replay() for _ in range(10)], reps=10, inner=10)
+        except Exception as exc:  # noqa: BLE001 - a backend may not support this shape
+            out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    del q, k, v
+    torch.cuda.empty_cache()
+    return out
+
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/decode", help="path prefix for .csv/.md/.png")
+    ap.add_argument("--cases", default=",".join(f"{b}x{t}" for b, t in CASES),
+                    help="BxT list; 'ragged' adds B=8 at 8k..64k")
+    ap.add_argument("--ragged", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to measure")
+        return 1
+    print(machine_line(), flush=True)
+    cfg = NSAConfig()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",") if c]
+    runs = [(f"B={b} T={t}", [t - 1] * b, (b, t)) for b, t in cases]
+    if args.ragged:
+        runs.append(("B=8 ragged 8k..64k", [8192 * (i + 1) - 1 for i in range(8)], None))
+    rows = []
+    for label, lengths, key in runs:
+        started = time.time()
+        r = dict(case=label, B=len(lengths), T=max(lengths) + 1)
+        try:
+            r.update(ours(cfg, lengths, args.reps, gen))
+        except Exception as exc:  # noqa: BLE001 - report the cell, keep going
+            r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        r.update(dense([n + 1 for n in lengths], gen))
+        r["floor_us"] = floor_us(cfg, lengths)
+        r["goal_us"] = GOAL_US.get(key)
+        g = r.get("graph_us")
+        r["met"] = None if r["goal_us"] is None or g is None else g <= r["goal_us"]
+        r["seconds"] = time.time() - started
+        rows.append(r)
+        print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
+              flush=True)
+
+    head = ("| case | ours graph µs | ours eager µs | dense cuDNN µs (graph) | dense flash µs "
+            "(graph) | best dense / ours | kernels | µs per kernel | splits | floor µs | goal µs "
+            "| met |")
+    lines = [machine_line(), "", head, "|" + "---|" * 12]
+    for r in rows:
+        dense_best = min((r[k] for k in ("cudnn_graph_us", "flash_graph_us", "cudnn_us",
+                                        "flash_us") if r.get(k) is not None), default=None)
+        ratio = None if dense_best is None or r.get("graph_us") is None else dense_best / r["graph_us"]
+        per = ", ".join(f"{k} {v}" for k, v in r.get("per_kernel", {}).items())
+        lines.append(
+            f"| {r['case']} | {fmt(r.get('graph_us'))} | {fmt(r.get('eager_us'))} | "
+            f"{fmt(r.get('cudnn_us'))} ({fmt(r.get('cudnn_graph_us'))}) | "
+            f"{fmt(r.get('flash_us'))} ({fmt(r.get('flash_graph_us'))}) | {fmt(ratio, 2)} | "
+            f"{fmt(r.get('kernels'), 0)} | {per or r.get('error', '')} | {r.get('splits', '-')} | "
+            f"{fmt(r['floor_us'])} | {fmt(r['goal_us'], 0)} | "
+            f"{'-' if r['met'] is None else ('yes' if r['met'] else 'NO')} |")
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    fields = sorted({k for r in rows for k in r if k != "per_kernel"})
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields + ["per_kernel"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r.get(k) for k in fields}, "per_kernel": r.get("per_kernel")})
+    try:
+        plot(rows, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib not importable: no plot")
+    return 0
+
+
+def plot(rows, path: Path) -> None:
+    """Bars: ours (graph) and the dense backends per case, µs per step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["case"] for r in rows]
+    series = [("NSA (graph)", "graph_us"), ("dense cuDNN (graph)", "cudnn_graph_us"),
+              ("dense flash (graph)", "flash_graph_us"), ("dense cuDNN (eager)", "cudnn_us")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(series)
+    for i, (name, key) in enumerate(series):
+        vals = [r.get(key) or math.nan for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], vals, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, rotation=15)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per decode step")
+    ax.set_title("NSA decode step vs one-query dense attention (bf16, H=64, G=4, D=128)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
