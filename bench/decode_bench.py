@@ -59,7 +59,8 @@ def machine_line() -> str:
     except Exception:  # noqa: BLE001 - report, never fail
         tv = "none"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    cc = ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else "-"
+    cuda = torch.cuda.is_available()
+    cc = ".".join(map(str, torch.cuda.get_device_capability())) if cuda else "-"
     return (f"GPU {gpu} (sm {cc}) | torch {torch.__version__} | triton {tv} | "
             f"CUDA {torch.version.cuda} | Python {platform.python_version()}")
 
@@ -149,8 +150,6 @@ def ours(cfg, lengths: list[int], reps: int, gen) -> dict:
         eager_kernels, per_kernel = profile_kernels(
             lambda: cache.step(q, k, v, gates, validate=False), steps=5)
     splits = cache.splits
-    del cache, graph
-    torch.cuda.empty_cache()
     return dict(graph_us=t_graph, eager_us=t_eager, kernels=kernels or eager_kernels,
                 per_kernel=per_kernel, splits=f"{splits.cmp}/{splits.win}/{splits.sel}")
 
@@ -166,7 +165,8 @@ def dense(lengths: list[int], gen) -> dict:
     k = torch.randn(B, G, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     v = torch.randn(B, G, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     out = {}
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    backends = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
+    for name, backend in backends:
         def call(backend=backend):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -185,8 +185,6 @@ def dense(lengths: list[int], gen) -> dict:
                     lambda g=graph: [g.replay() for _ in range(10)], reps=10, inner=10)
         except Exception as exc:  # noqa: BLE001 - a backend may not support this shape
             out[f"{name}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-    del q, k, v
-    torch.cuda.empty_cache()
     return out
 
 
@@ -220,7 +218,9 @@ def main(argv=None):
             r.update(ours(cfg, lengths, args.reps, gen))
         except Exception as exc:  # noqa: BLE001 - report the cell, keep going
             r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        torch.cuda.empty_cache()
         r.update(dense([n + 1 for n in lengths], gen))
+        torch.cuda.empty_cache()
         r["floor_us"] = floor_us(cfg, lengths)
         r["goal_us"] = GOAL_US.get(key)
         g = r.get("graph_us")
@@ -237,7 +237,8 @@ def main(argv=None):
     for r in rows:
         dense_best = min((r[k] for k in ("cudnn_graph_us", "flash_graph_us", "cudnn_us",
                                         "flash_us") if r.get(k) is not None), default=None)
-        ratio = None if dense_best is None or r.get("graph_us") is None else dense_best / r["graph_us"]
+        ours_us = r.get("graph_us")
+        ratio = None if dense_best is None or ours_us is None else dense_best / ours_us
         per = ", ".join(f"{k} {v}" for k, v in r.get("per_kernel", {}).items())
         lines.append(
             f"| {r['case']} | {fmt(r.get('graph_us'))} | {fmt(r.get('eager_us'))} | "

@@ -375,7 +375,9 @@ class NSACache:
             cap = self.max_len if self.max_len is not None else max(
                 INITIAL_CAPACITY, _next_pow2(need))
             self._cap = cap
-            new = (lambda D: k0.new_zeros(B, G, cap, D))
+            def new(D: int) -> torch.Tensor:
+                return k0.new_zeros(B, G, cap, D)
+
             if shared:  # one buffer serves the three branches
                 self._raw = dict.fromkeys(BRANCHES, (new(Dk), new(Dv)))
             else:
@@ -459,9 +461,8 @@ class NSACache:
         """Compress the blocks that complete at positions ``starts[b] .. starts[b]+counts[b]-1``
         (``i*d + l = p + 1``), pooling only their own raw keys (one block per ``d`` steps)."""
         cfg = self.cfg
-        ranges = [
-            (cfg.num_cmp(s - 1), cfg.num_cmp(s + c - 1)) for s, c in zip(starts, counts, strict=True)
-        ]
+        pairs = zip(starts, counts, strict=True)
+        ranges = [(cfg.num_cmp(s - 1), cfg.num_cmp(s + c - 1)) for s, c in pairs]
         if len(set(ranges)) == 1:  # lock step: one pooling call for the whole batch
             self._emit_rows(slice(None), *ranges[0])
         else:

@@ -381,10 +381,9 @@ def test_ragged_batch_decodes_each_sequence_at_its_own_length(dtype):
         assert cache.lengths == lengths and cache.reads == {"cmp": 0, "sel": 0, "win": 0}
         for i in range(steps):
             rows = torch.tensor([n + i for n in lengths])
-            b = torch.arange(3)
 
-            def at(t):
-                return t[b, rows][:, None]
+            def at(t, rows=rows):
+                return t[torch.arange(3), rows][:, None]
 
             o = cache.step(at(q), at(k), at(v), at(gates),
                            {n: (at(kk), at(vv)) for n, (kk, vv) in bkv.items()})

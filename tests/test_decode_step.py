@@ -19,10 +19,6 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: the decode kernels cannot run", allow_module_level=True)
 
-import nsa_ref  # noqa: E402
-from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
-from nsa_impl.kernels import decode_step  # noqa: E402
-from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
 from test_decode import (  # noqa: E402
     CONFIGS,
     check_needle,
@@ -30,9 +26,12 @@ from test_decode import (  # noqa: E402
     make_inputs,
     needle_context,
     row,
-    row_kv,
-    spec_reads,
 )
+
+import nsa_ref  # noqa: E402
+from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
+from nsa_impl.kernels import decode_step  # noqa: E402
+from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -125,7 +124,9 @@ def test_steps_match_reference_and_torch_path(cfg_name, dtype):
             assert torch.equal(got, want), (p, got.tolist(), want.tolist())
             assert kc.reads == expected_reads(cfg, aux.block_indices, p) == tc.reads
             assert kc.length == p + 1
-    torch.testing.assert_close(kc._cmp[0], tc._cmp[0], atol=0, rtol=2**-7 if dtype != torch.float32 else 1e-6)
+    # K1's in-place emission against the torch path's pooling: one rounding apart at most.
+    rtol = 1e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(kc._cmp[0], tc._cmp[0], atol=0, rtol=rtol)
 
 
 def test_extend_equals_steps_and_ragged_branch_kv():

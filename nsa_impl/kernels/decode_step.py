@@ -176,7 +176,8 @@ class Workspace:
     @classmethod
     def allocate(cls, rows: int, G: int, h: int, Dv: int, cap_cmp: int, n_top: int,
                  splits: Splits, device) -> Workspace:
-        """Buffers for ``rows`` rows of ``G`` groups of ``h`` heads, ``cap_cmp`` compressed blocks."""
+        """Buffers for ``rows`` rows of ``G`` groups of ``h`` heads and ``cap_cmp`` compressed
+        blocks."""
         BH, BDV, NP = max(16, _next_pow2(h)), max(16, _next_pow2(Dv)), _next_pow2(n_top)
         f32 = dict(device=device, dtype=torch.float32)
         S = splits.total
