@@ -188,6 +188,37 @@ def dense(lengths: list[int], gen) -> dict:
     return out
 
 
+def prefill_times(cfg, T: int, chunk: int, gen) -> dict:
+    """B=1 prompt of ``T`` tokens: `nsa_attention` (the full forward), `NSACache.prefill` (the
+    same forward + the cache fill) and `NSACache.extend` in chunks of ``chunk`` (chunked
+    prefill into the cache), in ms."""
+    from nsa_impl import nsa_attention
+
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(1, T, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(1, T, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    gates = torch.rand(1, T, H, 3, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    def forward():
+        nsa_attention(q, k, v, gates, cfg, validate=False)
+
+    def prefill():
+        NSACache(cfg, max_len=T).prefill(q, k, v, gates, validate=False)
+
+    def chunked():
+        cache = NSACache(cfg, max_len=T)
+        for t0 in range(0, T, chunk):
+            sl = slice(t0, t0 + chunk)
+            cache.extend(q[:, sl], k[:, sl], v[:, sl], gates[:, sl], validate=False)
+
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("forward_ms", forward), ("prefill_ms", prefill), ("extend_ms", chunked)):
+            fn()  # compile / warm
+            out[name] = events_us(fn, reps=3) / 1000.0
+    return out
+
+
 def fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -199,6 +230,8 @@ def main(argv=None):
                     help="BxT list; 'ragged' adds B=8 at 8k..64k")
     ap.add_argument("--ragged", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--prefill", type=int, default=65536, help="T of the prefill row (0: none)")
+    ap.add_argument("--chunk", type=int, default=8192, help="extend chunk of the prefill row")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -247,6 +280,16 @@ def main(argv=None):
             f"{fmt(r.get('kernels'), 0)} | {per or r.get('error', '')} | {r.get('splits', '-')} | "
             f"{fmt(r['floor_us'])} | {fmt(r['goal_us'], 0)} | "
             f"{'-' if r['met'] is None else ('yes' if r['met'] else 'NO')} |")
+    if args.prefill:
+        try:
+            pre = prefill_times(cfg, args.prefill, args.chunk, gen)
+            lines += ["", f"Prefill of a B=1 prompt of T={args.prefill} (bf16, same shapes): "
+                      f"nsa_attention {pre['forward_ms']:.1f} ms, NSACache.prefill "
+                      f"{pre['prefill_ms']:.1f} ms, NSACache.extend in chunks of {args.chunk} "
+                      f"{pre['extend_ms']:.1f} ms"]
+            rows.append(dict(case=f"prefill T={args.prefill}", **pre))
+        except Exception as exc:  # noqa: BLE001 - report, keep the table
+            lines += ["", f"prefill row failed: {type(exc).__name__}: {str(exc)[:160]}"]
     table = "\n".join(lines)
     print("\n" + table, flush=True)
     out = Path(args.out)
@@ -259,7 +302,7 @@ def main(argv=None):
         for r in rows:
             w.writerow({**{k: r.get(k) for k in fields}, "per_kernel": r.get("per_kernel")})
     try:
-        plot(rows, out.with_suffix(".png"))
+        plot([r for r in rows if "graph_us" in r], out.with_suffix(".png"))
     except ImportError:
         print("matplotlib not importable: no plot")
     return 0

@@ -204,8 +204,8 @@ def test_needle_64k_kernel_path():
 
 
 def test_replay_bookkeeping_and_supports():
-    """`note_replay` advances the host lengths and refuses to pass max_len; `supports` says why
-    the kernels cannot run."""
+    """`note_replay` advances the host lengths and refuses to pass max_len; `capture` on CPU
+    tensors is a clear error (no silent fallback); `supports` says why the kernels cannot run."""
     cfg = CONFIGS["overlap"]
     q, k, v, gates, _ = make_inputs(1, 4, 1, 2, 4, 4, torch.float32, seed=0)
     cache = kernel_cache(cfg, max_len=6)
@@ -215,6 +215,9 @@ def test_replay_bookkeeping_and_supports():
     assert cache.lengths == [5] and cache.reads_per_sequence[0]["win"] == 5
     with pytest.raises(ValueError, match="max_len=6 exceeded"):
         cache.note_replay(2)
+    with torch.no_grad(), pytest.raises(ValueError, match="capture needs the Triton decode path "
+                                                          "on CUDA"):
+        kernel_cache(cfg, max_len=6).capture(row(q, 0), row(k, 0), row(v, 0), row(gates, 0))
     ok, why = decode_step.supports(torch.float64, torch.device("cpu"), 8, 8)
     assert not ok and "float64" in why
     ok, why = decode_step.supports(torch.float32, torch.device("cpu"), 8, 512)
