@@ -232,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--prefill", type=int, default=65536, help="T of the prefill row (0: none)")
     ap.add_argument("--chunk", type=int, default=8192, help="extend chunk of the prefill row")
+    ap.add_argument("--budget-s", type=float, default=125.0,
+                    help="start no case after this many seconds (the rest are listed as skipped)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -243,8 +245,14 @@ def main(argv=None):
     runs = [(f"B={b} T={t}", [t - 1] * b, (b, t)) for b, t in cases]
     if args.ragged:
         runs.append(("B=8 ragged 8k..64k", [8192 * (i + 1) - 1 for i in range(8)], None))
-    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    rows, notes = [], []
     for label, lengths, key in runs:
+        if time.monotonic() > deadline:
+            notes.append(f"{label}: skipped (time budget of {args.budget_s:.0f} s spent)")
+            continue
         started = time.time()
         r = dict(case=label, B=len(lengths), T=max(lengths) + 1)
         try:
@@ -262,12 +270,32 @@ def main(argv=None):
         rows.append(r)
         print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
               flush=True)
+        write_outputs(rows, notes, out, final=False)  # a timeout keeps what was measured
+    if args.prefill and time.monotonic() <= deadline:
+        try:
+            pre = prefill_times(cfg, args.prefill, args.chunk, gen)
+            notes.append(f"Prefill of a B=1 prompt of T={args.prefill} (bf16, same shapes): "
+                         f"nsa_attention {pre['forward_ms']:.1f} ms, NSACache.prefill "
+                         f"{pre['prefill_ms']:.1f} ms, NSACache.extend in chunks of "
+                         f"{args.chunk} {pre['extend_ms']:.1f} ms")
+            rows.append(dict(case=f"prefill T={args.prefill}", **pre))
+        except Exception as exc:  # noqa: BLE001 - report, keep the table
+            notes.append(f"prefill row failed: {type(exc).__name__}: {str(exc)[:160]}")
+    elif args.prefill:
+        notes.append("prefill row: skipped (time budget spent)")
+    write_outputs(rows, notes, out, final=True)
+    return 0
 
+
+def write_outputs(rows, notes, out: Path, *, final: bool) -> None:
+    """The markdown table (printed when ``final``), the CSV and the plot, from ``rows``."""
     head = ("| case | ours graph µs | ours eager µs | dense cuDNN µs (graph) | dense flash µs "
             "(graph) | best dense / ours | kernels | µs per kernel | splits | floor µs | goal µs "
             "| met |")
     lines = [machine_line(), "", head, "|" + "---|" * 12]
     for r in rows:
+        if "floor_us" not in r:  # the prefill row: in the notes
+            continue
         dense_best = min((r[k] for k in ("cudnn_graph_us", "flash_graph_us", "cudnn_us",
                                         "flash_us") if r.get(k) is not None), default=None)
         ours_us = r.get("graph_us")
@@ -280,20 +308,10 @@ def main(argv=None):
             f"{fmt(r.get('kernels'), 0)} | {per or r.get('error', '')} | {r.get('splits', '-')} | "
             f"{fmt(r['floor_us'])} | {fmt(r['goal_us'], 0)} | "
             f"{'-' if r['met'] is None else ('yes' if r['met'] else 'NO')} |")
-    if args.prefill:
-        try:
-            pre = prefill_times(cfg, args.prefill, args.chunk, gen)
-            lines += ["", f"Prefill of a B=1 prompt of T={args.prefill} (bf16, same shapes): "
-                      f"nsa_attention {pre['forward_ms']:.1f} ms, NSACache.prefill "
-                      f"{pre['prefill_ms']:.1f} ms, NSACache.extend in chunks of {args.chunk} "
-                      f"{pre['extend_ms']:.1f} ms"]
-            rows.append(dict(case=f"prefill T={args.prefill}", **pre))
-        except Exception as exc:  # noqa: BLE001 - report, keep the table
-            lines += ["", f"prefill row failed: {type(exc).__name__}: {str(exc)[:160]}"]
+    lines += [""] + notes if notes else []
     table = "\n".join(lines)
-    print("\n" + table, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if final:
+        print("\n" + table, flush=True)
     out.with_suffix(".md").write_text(table + "\n")
     fields = sorted({k for r in rows for k in r if k != "per_kernel"})
     with out.with_suffix(".csv").open("w", newline="") as f:
@@ -301,11 +319,11 @@ def main(argv=None):
         w.writeheader()
         for r in rows:
             w.writerow({**{k: r.get(k) for k in fields}, "per_kernel": r.get("per_kernel")})
-    try:
-        plot([r for r in rows if "graph_us" in r], out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib not importable: no plot")
-    return 0
+    if final:
+        try:
+            plot([r for r in rows if "graph_us" in r], out.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib not importable: no plot")
 
 
 def plot(rows, path: Path) -> None:

@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--n1", type=int, default=16)
     ap.add_argument("--n2", type=int, default=144)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--budget-s", type=float, default=85.0,
+                    help="start no cell after this many seconds (the rest are listed as skipped)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -149,26 +151,37 @@ def main(argv=None):
     print(machine_line(), flush=True)
     torch.manual_seed(0)
     model = NSAToyLM(config=NSAConfig(), **MODEL).cuda().to(torch.bfloat16).eval()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
     rows = []
     for ctx in (int(c) for c in args.contexts.split(",")):
         prompt = torch.randint(0, MODEL["vocab_size"], (args.batch, ctx - args.n2),
                                device="cuda")
         for variant in args.variants.split(","):
-            try:
-                run_once(model, variant, prompt, args.n1)  # compile / warm-up
-                t1 = run_once(model, variant, prompt, args.n1)
-                t2 = run_once(model, variant, prompt, args.n2)
-                per_token = (t2 - t1) / (args.n2 - args.n1)
-                row = dict(context=ctx, variant=variant, batch=args.batch,
-                           ms_per_token=per_token * 1e3,
-                           tokens_per_s=args.batch / per_token)
-            except Exception as exc:  # noqa: BLE001 - report the cell, keep going
-                row = dict(context=ctx, variant=variant, batch=args.batch,
-                           error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            row = dict(context=ctx, variant=variant, batch=args.batch)
+            if time.monotonic() > deadline:
+                row["error"] = f"skipped (time budget of {args.budget_s:.0f} s spent)"
+            else:
+                try:
+                    run_once(model, variant, prompt, args.n1)  # compile / warm-up
+                    t1 = run_once(model, variant, prompt, args.n1)
+                    t2 = run_once(model, variant, prompt, args.n2)
+                    per_token = (t2 - t1) / (args.n2 - args.n1)
+                    row.update(ms_per_token=per_token * 1e3, tokens_per_s=args.batch / per_token)
+                except Exception as exc:  # noqa: BLE001 - report the cell, keep going
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             rows.append(row)
             print("  ", row, flush=True)
             torch.cuda.empty_cache()
-    lines = [machine_line(), "", f"toy LM {MODEL}, bf16, batch {args.batch}", "",
+            write_outputs(rows, args.batch, out, final=False)  # a timeout keeps what was measured
+    write_outputs(rows, args.batch, out, final=True)
+    return 0
+
+
+def write_outputs(rows, batch: int, out: Path, *, final: bool) -> None:
+    """Markdown table (printed when ``final``), CSV and the tokens/s plot."""
+    lines = [machine_line(), "", f"toy LM {MODEL}, bf16, batch {batch}", "",
              "| context | " + " | ".join(f"{v} tok/s" for v in VARIANTS) + " | nsa-graph / "
              "dense-graph |", "|" + "---|" * (len(VARIANTS) + 2)]
     for ctx in sorted({r["context"] for r in rows}):
@@ -176,10 +189,10 @@ def main(argv=None):
         ratio = (got.get("nsa-graph") or math.nan) / (got.get("dense-graph") or math.nan)
         cells = " | ".join("-" if got.get(v) is None else f"{got[v]:.0f}" for v in VARIANTS)
         lines.append(f"| {ctx} | {cells} | {ratio:.2f} |")
-    table = "\n".join(lines)
-    print("\n" + table, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = [f"{r['context']} {r['variant']}: {r['error']}" for r in rows if r.get("error")]
+    table = "\n".join(lines + ([""] + errors if errors else []))
+    if final:
+        print("\n" + table, flush=True)
     out.with_suffix(".md").write_text(table + "\n")
     fields = ["context", "variant", "batch", "tokens_per_s", "ms_per_token", "error"]
     with out.with_suffix(".csv").open("w", newline="") as f:
@@ -187,28 +200,29 @@ def main(argv=None):
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
+    if not final:
+        return
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for v in VARIANTS:
-            pts = [(r["context"], r["tokens_per_s"]) for r in rows
-                   if r["variant"] == v and r.get("tokens_per_s")]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=v)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("tokens / s (greedy, batch %d)" % args.batch)
-        ax.set_title("Toy LM generation: NSA vs dense attention (bf16)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=120)
     except ImportError:
         print("matplotlib not importable: no plot")
-    return 0
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in VARIANTS:
+        pts = [(r["context"], r["tokens_per_s"]) for r in rows
+               if r["variant"] == v and r.get("tokens_per_s")]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=v)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"tokens / s (greedy, batch {batch})")
+    ax.set_title("Toy LM generation: NSA vs dense attention (bf16)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":
