@@ -58,25 +58,27 @@ class LearnablePhi(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """Rotary angles for integer ``positions [T]``: ``(cos, sin)`` of shape ``[T, dim/2]``.
+    """Rotary angles for integer ``positions`` (``[T]``, or ``[B, T]`` when every sequence has
+    its own positions, as in a ragged decode): ``(cos, sin)`` of shape ``[..., dim/2]``.
 
     Computed in float64 and then cast, so a position gets the same angles whether it is part of a
     long prefill or a single decode step.
     """
     exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
     inv_freq = theta**-exponents
-    angles = positions.to(torch.float64)[:, None] * inv_freq
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, N, D]`` by ``cos, sin [T, D/2]`` (rotate-half convention).
+    """Rotate ``x [B, T, N, D]`` by ``cos, sin`` of shape ``[T, D/2]`` or ``[B, T, D/2]``
+    (rotate-half convention).
 
     The result has ``x``'s dtype whatever the angles' (under autocast the projections come out
     in bfloat16 while the angles stay float32: rotated in float32, rounded once).
     """
     x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
@@ -182,8 +184,9 @@ class NSAAttention(nn.Module):
             f"rope={self.rope}, config={self.config}"
         )
 
-    def new_cache(self, batch_size: int, *, max_len: int | None = None) -> NSACache:
-        """An empty `NSACache` for this layer (its phi and scale) and ``batch_size`` sequences."""
+    def new_cache(self, batch_size: int, *, max_len: int | None = None, **options) -> NSACache:
+        """An empty `NSACache` for this layer (its phi and scale) and ``batch_size`` sequences;
+        ``options`` (``path``, ``cuda_graph``, ``splits``) go to `NSACache`."""
         return NSACache(
             self.config,
             scale=self.scale,
@@ -191,6 +194,7 @@ class NSAAttention(nn.Module):
             phi_v=self.phi_v,
             batch_size=batch_size,
             max_len=max_len,
+            **options,
         )
 
     def _check_x(self, x, cu_seqlens, cache) -> None:
@@ -216,10 +220,11 @@ class NSAAttention(nn.Module):
             raise ValueError(
                 "cache and cu_seqlens cannot be combined (decode: one row per sequence)"
             )
-        if cache.length and x.shape[1] != 1:
-            raise ValueError(
-                f"x must hold one position (T=1) when the cache is not empty, got T={x.shape[1]}"
-            )
+        expected = cache.batch_size if cache.batch_size is not None else (
+            len(cache.lengths) if cache.length else None)
+        if expected is not None and x.shape[0] != expected:
+            raise ValueError(f"x batch B={x.shape[0]} does not match the cache's "
+                             f"batch_size={expected}")
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor | None):
         """``x`` -> ``q [B,T,H,Dk]``, per-branch ``(k, v)`` and gates ``[B,T,H,3]``."""
@@ -250,16 +255,18 @@ class NSAAttention(nn.Module):
             cu_seqlens: int32 ``[N+1]`` boundaries of sequences packed in ``B = 1`` (spec I.1);
                 positions (and RoPE) restart at every boundary.
             cache: an `NSACache` from `new_cache`. With a non-empty cache ``x [B, 1, hidden]`` is
-                one decode step at position ``cache.length``; with an empty cache ``x`` is the
-                prompt, computed in one call and stored (`NSACache.prefill`). Decoding is inference
-                only (run it under ``torch.no_grad()``).
+                one decode step (`NSACache.step`) and ``x [B, C, hidden]`` a chunk of ``C`` tokens
+                (`NSACache.extend`), each sequence at its own position ``cache.lengths[b]``;
+                with an empty cache ``x`` is the prompt, computed in one call and stored
+                (`NSACache.prefill`). Decoding is inference only (run it under
+                ``torch.no_grad()``).
         """
         self._check_x(x, cu_seqlens, cache)
         B, T, _ = x.shape
         positions = None
         if self.rope:
             if cache is not None and cache.length:
-                positions = torch.full((1,), cache.length, device=x.device)
+                positions = cache.positions(T)  # [B, T]: device lengths on the Triton path
             else:
                 if cu_seqlens is not None:  # named errors before the positions are built
                     check_cu_seqlens(cu_seqlens, B, T, x.device)
@@ -267,8 +274,10 @@ class NSAAttention(nn.Module):
         q, pairs, gates = self._project(x, positions)
         k, v = pairs[0]
         branch_kv = dict(zip(BRANCHES, pairs, strict=True)) if self.separate_branch_kv else None
-        if cache is not None and cache.length:
+        if cache is not None and cache.length and T == 1:
             o = cache.step(q, k, v, gates, branch_kv=branch_kv, validate=False)
+        elif cache is not None and cache.length:
+            o = cache.extend(q, k, v, gates, branch_kv=branch_kv, validate=False)
         elif cache is not None:
             o = cache.prefill(q, k, v, gates, branch_kv=branch_kv, validate=False)
         else:

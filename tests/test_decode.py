@@ -7,6 +7,7 @@ spec I.9 values computed from the config and the prefill's selected blocks.
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -341,3 +342,275 @@ def test_bad_constructor_arguments(kwargs, error, match):
     cfg = kwargs.pop("cfg", CONFIGS["overlap"])
     with pytest.raises(error, match=match):
         NSACache(cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ragged batches, chunked prefill, append-only prefill (both paths share this bookkeeping; the
+# Triton path runs the same checks in tests/test_decode_step.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def per_sequence_prefill(cfg, q, k, v, gates, lengths, bkv=None, **kwargs):
+    """Each sequence's own prefill over its first ``lengths[b]`` tokens: a list of outputs."""
+    outs = []
+    for b, n in enumerate(lengths):
+        extra = None if bkv is None else {m: (kk[b : b + 1, :n], vv[b : b + 1, :n])
+                                          for m, (kk, vv) in bkv.items()}
+        outs.append(nsa_attention(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n],
+                                  gates[b : b + 1, :n], cfg, branch_kv=extra, **kwargs))
+    return outs
+
+
+def spec_reads(cfg: NSAConfig, blocks: list[int], p: int) -> dict[str, int]:
+    """Spec I.9 counters of one (row, group) from its selected blocks."""
+    return {"cmp": cfg.num_cmp(p), "sel": len(rules.selected_keys(blocks, p, cfg)),
+            "win": min(cfg.window, p + 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_ragged_batch_decodes_each_sequence_at_its_own_length(dtype):
+    """Three sequences loaded to 3, 12 and 17 tokens (ragged `append`), then 9 steps: every
+    sequence's rows equal its own prefill; per-sequence reads follow spec I.9."""
+    cfg = CONFIGS["overlap"]
+    lengths, steps, T = [3, 12, 17], 9, 26
+    q, k, v, gates, bkv = make_inputs(3, T, 2, 2, 5, 4, dtype, seed=21, branch_kv=True)
+    full = per_sequence_prefill(cfg, q, k, v, gates, [n + steps for n in lengths], bkv)
+    cache = NSACache(cfg)
+    with torch.no_grad():
+        cache.append(k, v, {n: (kk, vv) for n, (kk, vv) in bkv.items()}, lengths=lengths)
+        assert cache.lengths == lengths and cache.reads == {"cmp": 0, "sel": 0, "win": 0}
+        for i in range(steps):
+            rows = torch.tensor([n + i for n in lengths])
+
+            def at(t, rows=rows):
+                return t[torch.arange(3), rows][:, None]
+
+            o = cache.step(at(q), at(k), at(v), at(gates),
+                           {n: (at(kk), at(vv)) for n, (kk, vv) in bkv.items()})
+            for s in range(3):
+                p = lengths[s] + i
+                torch.testing.assert_close(o[s : s + 1], full[s][:, p : p + 1],
+                                           atol=ATOL[dtype], rtol=0, msg=f"seq {s} p={p}")
+                got = cache.reads_per_sequence[s]
+                want = [spec_reads(cfg, blk, p) for blk in cache.selected_blocks[s].tolist()]
+                assert got == {key: max(w[key] for w in want) for key in got}
+    assert cache.lengths == [n + steps for n in lengths] and cache.length == 26
+
+
+@pytest.mark.parametrize("variant", ["shared", "branch_kv", "phi"])
+def test_extend_equals_steps(variant):
+    """A chunk through `extend` gives the same rows, reads, selections and cache as C steps
+    (float64: exact class), after a prompt and across emission and block boundaries."""
+    cfg = CONFIGS["long-cmp"]
+    q, k, v, gates, bkv = make_inputs(2, 23, 2, 2, 6, 5, torch.float64, seed=8,
+                                      branch_kv=variant == "branch_kv")
+    phi = weighted_pool if variant == "phi" else None
+    a, b = NSACache(cfg, phi_k=phi, phi_v=phi), NSACache(cfg, phi_k=phi, phi_v=phi)
+    with torch.no_grad():
+        for cache in (a, b):
+            cache.prefill(q[:, :5], k[:, :5], v[:, :5], gates[:, :5],
+                          None if bkv is None else {n: (x[:, :5], y[:, :5]) for n, (x, y) in
+                                                    bkv.items()})
+        stepped, _ = decode_all(a, q[:, :14], k[:, :14], v[:, :14], gates[:, :14],
+                                None if bkv is None else {n: (x[:, :14], y[:, :14]) for n, (x, y)
+                                                          in bkv.items()}, start=5)
+        chunk = b.extend(q[:, 5:14], k[:, 5:14], v[:, 5:14], gates[:, 5:14],
+                         None if bkv is None else {n: (x[:, 5:14], y[:, 5:14]) for n, (x, y)
+                                                   in bkv.items()})
+        assert a.reads == b.reads and torch.equal(a.selected_blocks, b.selected_blocks)
+        torch.testing.assert_close(chunk, stepped, atol=EXACT_ATOL, rtol=0)
+        for x, y in zip(a._cmp, b._cmp, strict=True):
+            torch.testing.assert_close(x, y, atol=EXACT_ATOL, rtol=0)
+        # and both continue identically
+        tail_a = a.step(row(q, 14), row(k, 14), row(v, 14), row(gates, 14), row_kv(bkv, 14))
+        tail_b = b.step(row(q, 14), row(k, 14), row(v, 14), row(gates, 14), row_kv(bkv, 14))
+    torch.testing.assert_close(tail_a, tail_b, atol=EXACT_ATOL, rtol=0)
+
+
+def test_append_then_step_equals_prefill_then_step():
+    """`append` (K/V only) leaves the cache exactly as `prefill` does: the next steps agree."""
+    cfg = CONFIGS["overlap"]
+    q, k, v, gates, _ = make_inputs(2, 19, 1, 2, 4, 4, torch.float64, seed=13)
+    a, b = NSACache(cfg), NSACache(cfg)
+    with torch.no_grad():
+        a.prefill(q[:, :15], k[:, :15], v[:, :15], gates[:, :15])
+        b.append(k[:, :15], v[:, :15])
+        assert a.lengths == b.lengths == [15, 15]
+        out_a, reads_a = decode_all(a, q, k, v, gates, None, start=15)
+        out_b, reads_b = decode_all(b, q, k, v, gates, None, start=15)
+    assert torch.equal(out_a, out_b) and reads_a == reads_b
+
+
+def test_ragged_prefill_equals_per_sequence_prefill():
+    """`prefill(lengths=...)` packs padded prompts into one varlen call: each sequence's rows
+    equal its own prefill, padding rows are zero, and decoding continues per sequence."""
+    cfg = CONFIGS["identity"]
+    lengths = [6, 13]
+    q, k, v, gates, _ = make_inputs(2, 15, 2, 2, 4, 3, torch.float64, seed=17)
+    full = per_sequence_prefill(cfg, q, k, v, gates, [n + 2 for n in lengths])
+    cache = NSACache(cfg)
+    with torch.no_grad():
+        o = cache.prefill(q[:, :13], k[:, :13], v[:, :13], gates[:, :13], lengths=lengths)
+        for s, n in enumerate(lengths):
+            torch.testing.assert_close(o[s, :n], full[s][0, :n], atol=EXACT_ATOL, rtol=0)
+            assert torch.equal(o[s, n:], torch.zeros_like(o[s, n:]))
+        assert cache.reads_per_sequence[0]["cmp"] == cfg.num_cmp(5)
+        for i in range(2):
+            rows, b = torch.tensor([n + i for n in lengths]), torch.arange(2)
+            step = cache.step(*(t[b, rows][:, None] for t in (q, k, v, gates)))
+            for s, n in enumerate(lengths):
+                torch.testing.assert_close(step[s, 0], full[s][0, n + i], atol=EXACT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda c, k, v: c.append(k, v, lengths=[1, 2, 3]), ValueError, "B=2 counts"),
+        (lambda c, k, v: c.append(k, v, lengths=[0, 5]), ValueError, r"in 0\.\.4"),
+        (lambda c, k, v: c.append(k, v, lengths=[1.0, 2]), TypeError, "lengths"),
+        (lambda c, k, v: c.append(k[0], v), ValueError, r"\[B, C, G, D\]"),
+        (lambda c, k, v: c.append(k, v[:, :3]), ValueError, "shapes"),
+        (lambda c, k, v: c.append(k, v.float()), TypeError, "dtype"),
+        (lambda c, k, v: c.append(k, v, {"x": (k, v)}), ValueError, "branch_kv keys"),
+    ],
+    ids=["lengths-B", "lengths-range", "lengths-type", "rank", "shape", "dtype", "branch"],
+)
+def test_bad_append_input(call, error, match):
+    """`append` checks its K/V and lengths up front and names what is wrong (spec I.11)."""
+    _, k, v, _, _ = make_inputs(2, 4, 1, 1, 4, 4, torch.float64, seed=0)
+    with torch.no_grad(), pytest.raises(error, match=match):
+        call(NSACache(CONFIGS["overlap"]), k, v)
+
+
+def test_cache_api_errors():
+    """Capacity, capture and path errors are clear ValueErrors/TypeErrors."""
+    cfg = CONFIGS["overlap"]
+    with pytest.raises(ValueError, match="path must be one of"):
+        NSACache(cfg, path="cuda")
+    with pytest.raises(ValueError, match="cuda_graph=True needs max_len"):
+        NSACache(cfg, cuda_graph=True)
+    with pytest.raises(ValueError, match="custom phi"):
+        NSACache(cfg, path="triton", phi_k=weighted_pool)
+    with pytest.raises(TypeError, match="splits"):
+        NSACache(cfg, splits=4)
+    q, k, v, gates, _ = make_inputs(1, 6, 1, 1, 4, 4, torch.float64, seed=0)
+    cache = NSACache(cfg, max_len=6)
+    with torch.no_grad():
+        cache.append(k[:, :4], v[:, :4])
+        cache.reserve(2)
+        with pytest.raises(ValueError, match="max_len=6"):
+            cache.reserve(3)
+        with pytest.raises(ValueError, match="max_len=6"):
+            cache.extend(q[:, :3], k[:, :3], v[:, :3], gates[:, :3])
+        with pytest.raises(ValueError, match="captured Triton step"):
+            cache.note_replay(1)  # the torch path has nothing to replay
+        with pytest.raises(ValueError, match="empty cache"):
+            cache.prefill(q, k, v, gates)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of cuda_graph")
+def test_cuda_graph_on_cpu_is_a_clear_error():
+    """``cuda_graph=True`` with CPU tensors raises at the first call instead of falling back."""
+    q, k, v, gates, _ = make_inputs(1, 1, 1, 1, 4, 4, torch.float32, seed=0)
+    cache = NSACache(CONFIGS["overlap"], max_len=8, cuda_graph=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+        cache.step(q, k, v, gates)
+
+
+# ---------------------------------------------------------------------------------------------
+# The 64k needle (issue 11, the M6 long-context smoke) and the read counters of a long decode
+# ---------------------------------------------------------------------------------------------
+
+#: Needle position: inside selection block 200 (of 1024), far outside the window.
+NEEDLE_POS = 64 * 200 + 20
+
+
+def needle_context(T, G, h, D, dtype, device="cpu", seed=64):
+    """A ``T``-token context with one planted key/value and the last query aimed at it.
+
+    Keys and values are standard normal noise except position `NEEDLE_POS`, whose key is
+    ``30*sqrt(D)`` along a unit direction ``u`` (so its logit is 120 against noise ~1) and whose
+    value is a distinctive ``+-3`` pattern. The last query is ``4*u`` for every head. Returns
+    ``(q_last [1,1,H,D], k [1,T,G,D], v [1,T,G,D], u)``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randn(D, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    k = torch.randn(1, T, G, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, T, G, D, generator=gen, dtype=torch.float64)
+    k[0, NEEDLE_POS] = 30 * math.sqrt(D) * u
+    v[0, NEEDLE_POS] = 3.0 * torch.where(torch.arange(D) % 2 == 0, 1.0, -1.0)
+    q = (4 * u).expand(1, 1, G * h, D)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v)) + (u,)
+
+
+def needle_block_scores(q_last, k, cfg, h):
+    """Eqs. 7, 9, 10 for the last row, straight from the definitions (float64, no nsa_impl):
+    group scores ``[G, num_sel]`` from the mean-pooled keys."""
+    T = k.shape[1]
+    l, d, ls = cfg.cmp_block, cfg.cmp_stride, cfg.sel_block
+    N = cfg.num_cmp(T - 1)
+    kc = k[0].double().unfold(0, l, d)[:N].mean(-1)  # [N, G, D]
+    qh = q_last[0, 0].double().reshape(-1, h, k.shape[-1])  # [G, h, D]
+    p_cmp = torch.softmax(torch.einsum("ghd,ngd->ghn", qh, kc) / math.sqrt(k.shape[-1]), -1)
+    i = torch.arange(N, device=k.device)[None, :]
+    j = torch.arange(cfg.num_sel_blocks(T), device=k.device)[:, None]
+    overlap = (torch.minimum(i * d + l, (j + 1) * ls) - torch.maximum(i * d, j * ls)).clamp(min=0)
+    return torch.einsum("ghn,sn->gs", p_cmp, overlap.double() / d)
+
+
+def check_needle(cache, q_last, k, v, cfg, h):
+    """Load 65535 tokens with `append`, decode the last position with gates (0, 1, 0) (the
+    output is the selection branch) and check the needle end to end."""
+    T = k.shape[1]
+    G = k.shape[2]
+    gates = torch.tensor([0.0, 1.0, 0.0], dtype=q_last.dtype, device=q_last.device)
+    gates = gates.expand(1, 1, G * h, 3)
+    with torch.no_grad():
+        cache.append(k[:, : T - 1], v[:, : T - 1])
+        out = cache.step(q_last, k[:, T - 1 :], v[:, T - 1 :], gates)
+    target = NEEDLE_POS // cfg.sel_block
+    scores = needle_block_scores(q_last, k, cfg, h)
+    b = (T - 1) // cfg.sel_block
+    free = scores.clone()
+    free[:, [0, b - 1, b]] = -1.0  # the forced blocks (init 1, local 2)
+    assert free.argmax(-1).tolist() == [target] * G  # Eqs. 9/10 rank the needle's block first
+    assert all(target in blocks for blocks in cache.selected_blocks[0].tolist())
+    expected = v[0, NEEDLE_POS].to(out.dtype).expand(G * h, -1)  # the selection returns it
+    reads = cache.reads
+    assert reads == {"cmp": 4095, "sel": 1024, "win": 512} and sum(reads.values()) == 5631
+    assert sum(reads.values()) == cfg.decode_read_bound(T)
+    return out[0, 0], expected
+
+
+def test_needle_64k_torch_path():
+    """64k context on the CPU, small heads (1 group of 2 heads, D=16), float32: Eq. 9/10 scores
+    put the needle's block first, the selection branch returns the needle's value and the
+    last step reads num_cmp + n*l' + w = 4095 + 1024 + 512 = 5631 tokens (spec I.9)."""
+    cfg = NSAConfig()
+    q_last, k, v, _ = needle_context(65536, 1, 2, 16, torch.float32)
+    out, expected = check_needle(NSACache(cfg, max_len=65536, path="torch"), q_last, k, v, cfg, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_read_counters_over_a_long_decode():
+    """300 steps from position 1748 (paper config, small heads): every step's counters equal
+    spec I.9 computed from the step's own selection; cmp and win never decrease, sel never
+    exceeds n*l', the sum stays within the bound, and the window saturates at w."""
+    cfg = NSAConfig()
+    start, steps = 1748, 300  # the last step, p = 2047, ends a selection block
+    q, k, v, gates, _ = make_inputs(1, start + steps, 1, 2, 8, 8, torch.float32, seed=5)
+    cache = NSACache(cfg, max_len=start + steps)
+    previous = {"cmp": -1, "sel": 0, "win": -1}
+    with torch.no_grad():
+        cache.append(k[:, :start], v[:, :start])
+        for p in range(start, start + steps):
+            cache.step(row(q, p), row(k, p), row(v, p), row(gates, p), validate=False)
+            got = cache.reads
+            blocks = cache.selected_blocks[0, 0].tolist()
+            assert got == spec_reads(cfg, blocks, p), p
+            assert got["cmp"] >= previous["cmp"] and got["win"] >= previous["win"], p
+            assert got["sel"] <= cfg.sel_top_n * cfg.sel_block
+            assert sum(got.values()) <= cfg.decode_read_bound(p + 1)
+            previous = got
+    assert previous == {"cmp": cfg.num_cmp(start + steps - 1), "sel": 1024, "win": 512}

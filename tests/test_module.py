@@ -297,17 +297,22 @@ def test_bad_forward_input(call, error, match):
 
 
 def test_decode_rules():
-    """A non-empty cache takes one position at a time, and decoding needs no_grad."""
-    layer = make_layer()
-    cache = layer.new_cache(1)
+    """A chunk through a non-empty cache (`NSACache.extend`, RoPE at each sequence's next
+    positions) equals the same tokens one at a time; the batch is fixed; decoding needs no_grad."""
+    layer = make_layer(rope=True)
+    x = randn(2, 9, HIDDEN)
+    chunked, stepped = layer.new_cache(2), layer.new_cache(2)
     with torch.no_grad():
-        layer(randn(1, 3, HIDDEN), cache=cache)
-        with pytest.raises(ValueError, match="one position"):
-            layer(randn(1, 2, HIDDEN), cache=cache)
-        with pytest.raises(ValueError, match="batch_size=1"):
-            layer(randn(2, 1, HIDDEN), cache=cache)
+        layer(x[:, :3], cache=chunked)
+        layer(x[:, :3], cache=stepped)
+        chunk = layer(x[:, 3:8], cache=chunked)
+        steps = torch.cat([layer(x[:, p : p + 1], cache=stepped) for p in range(3, 8)], 1)
+        torch.testing.assert_close(chunk, steps, atol=EXACT_ATOL, rtol=0)
+        torch.testing.assert_close(chunk, layer(x)[:, 3:8], atol=EXACT_ATOL, rtol=0)
+        with pytest.raises(ValueError, match="batch_size=2"):
+            layer(randn(1, 1, HIDDEN), cache=chunked)
     with pytest.raises(ValueError, match="requires grad"):
-        layer(randn(1, 1, HIDDEN), cache=cache)
+        layer(randn(2, 1, HIDDEN), cache=chunked)
 
 
 def test_decoder_block_and_model_decode_equal_prefill():
@@ -332,3 +337,22 @@ def test_toy_training_loss_decreases():
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), losses
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_generate_is_greedy_decoding_of_the_full_forward():
+    """`NSAToyLM.generate` (prefill, then one cached step per token) picks, at every step, the
+    argmax of the full forward over the sequence so far; bad arguments are named."""
+    torch.manual_seed(0)
+    model = NSAToyLM(23, HIDDEN, 4, 2, 4, CFG, num_layers=2, rope=True).double()
+    prompt = torch.randint(0, 23, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(prompt, 9)
+        assert out.shape == (2, 14) and torch.equal(out[:, :5], prompt)
+        for t in range(5, 14):
+            assert torch.equal(out[:, t], model(out[:, :t])[:, -1].argmax(-1)), t
+    with pytest.raises(ValueError, match="int64"):
+        model.generate(prompt.float(), 2)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        model.generate(prompt, 0)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA"):
+        model.generate(prompt, 2, cuda_graph=True)

@@ -76,9 +76,9 @@ class NSADecoderBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(hidden_size, eps=eps)
         self.mlp = MLP(hidden_size, intermediate_size or 4 * hidden_size)
 
-    def new_cache(self, batch_size: int, *, max_len: int | None = None) -> NSACache:
-        """An empty decode cache for this block's attention."""
-        return self.attn.new_cache(batch_size, max_len=max_len)
+    def new_cache(self, batch_size: int, *, max_len: int | None = None, **options) -> NSACache:
+        """An empty decode cache for this block's attention (``options`` go to `NSACache`)."""
+        return self.attn.new_cache(batch_size, max_len=max_len, **options)
 
     def forward(self, x, *, cu_seqlens=None, cache: NSACache | None = None) -> torch.Tensor:
         """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache`` as in `NSAAttention`."""

@@ -55,14 +55,17 @@ class NSAToyLM(nn.Module):
         self.norm = nn.RMSNorm(hidden_size)
         self.head = nn.Linear(hidden_size, vocab_size, bias=False)
 
-    def new_caches(self, batch_size: int) -> list[NSACache]:
-        """One empty decode cache per block."""
-        return [block.new_cache(batch_size) for block in self.blocks]
+    def new_caches(self, batch_size: int, *, max_len: int | None = None,
+                   **options) -> list[NSACache]:
+        """One empty decode cache per block (``max_len`` and ``options`` go to `NSACache`)."""
+        return [block.new_cache(batch_size, max_len=max_len, **options) for block in self.blocks]
 
     def forward(self, tokens: torch.Tensor, *, cu_seqlens=None, caches=None) -> torch.Tensor:
         """``tokens [B, T]`` (int64) -> logits ``[B, T, vocab]``.
 
-        ``caches`` (from `new_caches`) decodes one position per call, as in `NSAAttention`.
+        ``caches`` (from `new_caches`): the first call prefills them, later calls decode
+        ``tokens [B, 1]`` (or a chunk ``[B, C]``) at each sequence's next position, as in
+        `NSAAttention`.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError("tokens must be a [B, T] tensor of token ids")
@@ -72,6 +75,61 @@ class NSAToyLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cu_seqlens=cu_seqlens, cache=None if caches is None else caches[i])
         return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False,
+                 **cache_options) -> torch.Tensor:
+        """Greedy decoding: ``prompt [B, T0]`` -> ``[B, T0 + max_new_tokens]`` token ids.
+
+        The prompt is prefilled in one call (`NSACache.prefill`), then one token per step
+        through caches with ``max_len = T0 + max_new_tokens``. ``cuda_graph=True`` (CUDA only,
+        the Triton decode path) captures one whole model step (embedding, every layer, the head
+        and the argmax) in a CUDA graph after a first eager step and replays it for the rest,
+        telling each cache (`NSACache.note_replay`); the tokens are those of the eager loop.
+        ``cache_options`` go to `NSACache` (e.g. ``path``, ``splits``).
+        """
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
+            raise ValueError("prompt must be an int64 [B, T0] tensor of token ids")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if cuda_graph and not prompt.is_cuda:
+            raise ValueError("cuda_graph=True needs a CUDA model and prompt")
+        B, T0 = prompt.shape
+        caches = self.new_caches(B, max_len=T0 + max_new_tokens, **cache_options)
+        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=prompt.device)
+        out[:, :T0] = prompt
+        token = self(prompt, caches=caches)[:, -1:].argmax(-1)
+        out[:, T0 : T0 + 1] = token
+        if not cuda_graph:
+            for t in range(T0 + 1, T0 + max_new_tokens):
+                token = self(token, caches=caches)[:, -1:].argmax(-1)
+                out[:, t : t + 1] = token
+            return out
+        if any(c.path != "triton" for c in caches):
+            raise ValueError("cuda_graph=True needs the Triton decode path in every layer")
+        steps = max_new_tokens - 1
+        if steps == 0:
+            return out
+        # One eager step compiles every kernel; the captured step then reads and writes the
+        # static token buffer and writes its token at a device-side column index.
+        token = self(token, caches=caches)[:, -1:].argmax(-1)
+        out[:, T0 + 1 : T0 + 2] = token
+        static = token.clone()
+        column = torch.full((1,), T0 + 2, dtype=torch.long, device=prompt.device)
+        for cache in caches:
+            cache.reserve(steps - 1)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static.copy_(self(static, caches=caches)[:, -1:].argmax(-1))
+            out.index_copy_(1, column, static)
+            column.add_(1)
+        for _ in range(steps - 1):
+            graph.replay()
+            for cache in caches:
+                cache.note_replay(1)
+        return out
 
 
 def train_toy(
