@@ -227,10 +227,13 @@ def _query_bounds(j0, L, NK, it, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.co
                   WIN: tl.constexpr, BKN: tl.constexpr, QP: tl.constexpr, QCH: tl.constexpr):
     """Query positions of work item ``it`` of key chunk ``[j0, j0+BKN)``, as step-loop bounds.
 
-    The positions that see some key of the chunk are ``[q_lo, q_hi)``; item ``it`` takes
-    ``[ia, ie)``, its ``it``-th run of ``QCH`` of them. Returns ``(ia, b, c, ie)``: steps of
-    ``QP`` positions from ``ia``, masked in ``[ia, b)`` and ``[c, ie)``, mask-free in
-    ``[b, c)`` where every position sees every key of the chunk (never for a partial chunk).
+    The positions that see some key of the chunk are ``[q_lo, q_hi)``. Compressed branch: item
+    ``it`` takes the positions of ``[it*QCH, (it+1)*QCH)`` among them: *absolute* windows, so
+    the programs of all key chunks with the same item (launched next to each other) read the
+    same query rows and share them through L2. Window: the ``it``-th run of ``QCH`` from
+    ``q_lo`` (one item in practice). Returns ``(ia, b, c, ie)``: steps of ``QP`` positions from
+    ``ia``, masked in ``[ia, b)`` and ``[c, ie)``, mask-free in ``[b, c)`` where every position
+    sees every key of the chunk (never for a partial chunk).
     """
     if MODE == 0:
         q_lo = CL - 1 + j0 * CD
@@ -242,8 +245,12 @@ def _query_bounds(j0, L, NK, it, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.co
         q_hi = tl.minimum(L, j0 + BKN - 1 + WIN)
         full_lo = j0 + BKN - 1
         full_hi = j0 + WIN
-    ia = q_lo + it * QCH
-    ie = tl.maximum(tl.minimum(q_hi, ia + QCH), ia)
+    if MODE == 0:
+        ia = tl.maximum(q_lo, it * QCH)
+        ie = tl.maximum(tl.minimum(q_hi, (it + 1) * QCH), ia)
+    else:
+        ia = q_lo + it * QCH
+        ie = tl.maximum(tl.minimum(q_hi, ia + QCH), ia)
     full_lo = tl.where(j0 + BKN <= NK, full_lo, ie)  # a partial chunk is always masked
     b = ia + ((tl.maximum(full_lo - ia, 0) + QP - 1) // QP) * QP
     b = tl.minimum(b, ie)
@@ -305,10 +312,11 @@ def _range_dkdv_kernel(
     ``NIT == 1``: the chunk's gradients are complete and stored in ``DK_OUT``/``DV_OUT``.
     Otherwise each item stores float32 (float64 for float32 inputs) partial sums in
     ``PART_K/PART_V[((s*G + g)*NKC + kc)*NIT + it]`` and `_range_reduce_kernel` adds them in item
-    order: deterministic, no atomics.
+    order: deterministic, no atomics. Programs are numbered item-major (``it * NKC + kc``):
+    neighbours in launch order walk the same query rows (`_query_bounds`).
     """
-    kc = tl.program_id(0) // NIT
-    it = tl.program_id(0) % NIT
+    it = tl.program_id(0) // NKC
+    kc = tl.program_id(0) % NKC
     s = tl.program_id(1)
     g = tl.program_id(2)
     qs, L, ks, NK = _seq(QSTART, KSTART, s)

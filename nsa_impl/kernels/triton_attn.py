@@ -31,7 +31,11 @@ dK/dV: one program per key chunk of ``BKN`` keys walks the queries that see it (
 compressed branch: every position from ``l - 1 + j*d`` to the end of the sequence), ``QP``
 positions x ``h`` heads per step. Long walks are cut into work items of ``chunk`` positions
 whose partial sums a second kernel adds in item order: deterministic, and the forced-causal
-imbalance (key chunk 0 is seen by every query) does not serialise the launch.
+imbalance (key chunk 0 is seen by every query) does not serialise the launch. For the
+compressed branch the items are absolute position windows and programs are launched
+item-major, so the key-chunk programs running side by side read the same ``q``/``dO`` rows
+(an L2 working set of ``chunk`` positions) instead of each streaming its own: without that,
+``q`` and ``dO`` would come from HBM once per key chunk that sees them (~64 GB at T=64k).
 
 *Numerics.* fp16/bf16: tensor-core dots, float32 softmax in base 2. float32 (the parity
 dtype): float64 logits, IEEE float32 dots, float64 dK/dV sums (`_tl_helpers`). int64 token
@@ -124,7 +128,8 @@ def _domain(dtype: torch.dtype) -> tuple[bool, float]:
     return ieee, 1.0 if ieee else _LOG2E
 
 
-def _geometry(q, k, v, mode, cmp_block, cmp_stride, window, scale, tn: _tuning.AttnTuning):
+def _geometry(q, k, v, mode, cmp_block, cmp_stride, window):
+    """Group size, arithmetic regime and the kernels' shared constexprs."""
     h = q.shape[1] // k.shape[1]
     ieee, dom = _domain(q.dtype)
     dk, dv = q.shape[-1], v.shape[-1]
@@ -138,7 +143,7 @@ def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, wind
              tn: _tuning.AttnTuning):
     """``q [NQ,H,Dk], k [NK,G,Dk], v [NK,G,Dv]`` -> ``o [NQ,H,Dv]``, ``lse [NQ,H]`` float32."""
     interpret = q.device.type == "cpu"
-    h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window, scale, tn)
+    h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     tile = _tuning.resolve(tn.fwd, h, c["DK"], c["DV"], ieee)
     A = _shift(mode, cmp_block, tile.P)
     S, G = qstart.numel() - 1, k.shape[1]
@@ -160,7 +165,7 @@ def _items(mode, max_len, max_keys, cmp_block, window, S, G, kv: _tuning.Tile, b
            itemsize: int) -> tuple[int, int]:
     """``(NIT, chunk)``: work items per key chunk, positions per item (within the budget)."""
     if mode == MODE_CMP:
-        span = max(1, max_len - (cmp_block - 1))
+        span = max(1, max_len)  # absolute position windows (`_range_kernels._query_bounds`)
     else:
         span = max(1, min(max_len, kv.BN - 1 + window))
     chunk = kv.chunk
@@ -172,26 +177,34 @@ def _items(mode, max_len, max_keys, cmp_block, window, S, G, kv: _tuning.Tile, b
         chunk *= 2
 
 
-def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_block,
-              cmp_stride, window, scale, tn: _tuning.AttnTuning):
-    """``(dq, dk, dv)`` of `_forward` (deterministic: no atomics)."""
+def _dq(do, q, k, v, o, lse, qstart, kstart, max_len, mode, cmp_block, cmp_stride, window,
+        scale, tn: _tuning.AttnTuning):
+    """``(dq, delta)``: the dQ kernel (it also writes ``delta = rowsum(dO * O)``)."""
     interpret = q.device.type == "cpu"
-    kern = _kernels(interpret)
-    h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window, scale, tn)
+    h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     S, G = qstart.numel() - 1, k.shape[1]
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    precise = ieee and not interpret
     delta = _empty(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
     dq = _empty(*q.shape, like=q)
     t = _tuning.resolve(tn.dq, h, c["DK"], c["DV"], ieee)
     A = _shift(mode, cmp_block, t.P)
-    kern._range_dq_kernel[(-(-(max_len + A) // t.P), S, G)](
+    _kernels(interpret)._range_dq_kernel[(-(-(max_len + A) // t.P), S, G)](
         q, k, v, o, do, dq, lse, delta, qstart, kstart,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         lse.stride(0), float(scale) * dom, dom, float(scale),
-        HP=t.HP, P=t.P, A=A, BM=t.BM, BN=t.BN, PRECISE=precise, **c, **_opts(t, interpret),
+        HP=t.HP, P=t.P, A=A, BM=t.BM, BN=t.BN, PRECISE=ieee and not interpret, **c,
+        **_opts(t, interpret),
     )  # fmt: skip
+    return dq, delta
+
+
+def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_block,
+          cmp_stride, window, scale, tn: _tuning.AttnTuning):
+    """``(dk, dv)``: the dK/dV kernel, plus the ordered reduction of split key chunks."""
+    interpret = q.device.type == "cpu"
+    kern = _kernels(interpret)
+    h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
+    S, G = qstart.numel() - 1, k.shape[1]
     kv = _tuning.resolve(tn.dkdv, h, c["DK"], c["DV"], ieee)
     part_dtype = torch.float64 if ieee else torch.float32
     nkc = max(1, -(-max_keys // kv.BN))
@@ -210,8 +223,8 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
         do.stride(0), do.stride(1), lse.stride(0),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         float(scale) * dom, dom, float(scale), nkc, G,
-        HP=kv.HP, BKN=kv.BN, QP=kv.P, BR=kv.BM, QCH=chunk, NIT=nit, PRECISE=precise,
-        **c, **_opts(kv, interpret),
+        HP=kv.HP, BKN=kv.BN, QP=kv.P, BR=kv.BM, QCH=chunk, NIT=nit,
+        PRECISE=ieee and not interpret, **c, **_opts(kv, interpret),
     )  # fmt: skip
     if nit > 1:
         kern._range_reduce_kernel[(nkc, S, G)](
@@ -219,6 +232,16 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
             dv.stride(1), nkc, G, BKN=kv.BN, NIT=nit, DK=c["DK"], DV=c["DV"], BDK=c["BDK"],
             BDV=c["BDV"], IEEE=ieee, **({} if interpret else dict(num_warps=4, num_stages=1)),
         )
+    return dk, dv
+
+
+def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_block,
+              cmp_stride, window, scale, tn: _tuning.AttnTuning):
+    """``(dq, dk, dv)`` of `_forward` (deterministic: no atomics)."""
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    geo = (mode, cmp_block, cmp_stride, window, scale, tn)
+    dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
+    dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)
     return dq, dk, dv
 
 

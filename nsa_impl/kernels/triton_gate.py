@@ -48,23 +48,46 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(o_cmp, o_sel, o_win, gates, tn: _tuning.GateTuning) -> torch.Tensor:
+    """The fused forward kernel: ``o`` shaped like ``o_cmp``."""
+    D = o_cmp.shape[-1]
+    c, s, w = (_rows(t, D) for t in (o_cmp, o_sel, o_win))
+    g = gates.reshape(-1, 3)
+    R = c.shape[0]
+    o = torch.empty(R, D, device=c.device, dtype=c.dtype)
+    interpret = c.device.type == "cpu"
+    _kernels(interpret)._gate_fwd_kernel[(-(-R // tn.rows),)](
+        c, s, w, g, o, R, c.stride(0), s.stride(0), w.stride(0), g.stride(0), g.stride(1),
+        o.stride(0), D=D, BD=_tuning.next_pow2(D), BR=tn.rows,
+        **({} if interpret else dict(num_warps=tn.warps)),
+    )
+    return o.view(o_cmp.shape)
+
+
+def _backward(do, o_cmp, o_sel, o_win, gates, tn: _tuning.GateTuning):
+    """The fused backward kernel: ``(d o_cmp, d o_sel, d o_win, d gates)``."""
+    D = o_cmp.shape[-1]
+    c, s, w, dor = (_rows(t, D) for t in (o_cmp, o_sel, o_win, do))
+    g = gates.reshape(-1, 3)
+    R = c.shape[0]
+    dc, ds, dw = (torch.empty(R, D, device=c.device, dtype=c.dtype) for _ in range(3))
+    dg = torch.empty(R, 3, device=c.device, dtype=gates.dtype)
+    interpret = c.device.type == "cpu"
+    _kernels(interpret)._gate_bwd_kernel[(-(-R // tn.rows),)](
+        dor, c, s, w, g, dc, ds, dw, dg, R, dor.stride(0), c.stride(0), s.stride(0),
+        w.stride(0), g.stride(0), g.stride(1), dc.stride(0), D=D, BD=_tuning.next_pow2(D),
+        BR=tn.rows, **({} if interpret else dict(num_warps=tn.warps)),
+    )
+    shape = o_cmp.shape
+    return dc.view(shape), ds.view(shape), dw.view(shape), dg.view(gates.shape)
+
+
 class _GateCombine(torch.autograd.Function):
-    """Autograd of the fused gate; saves only its four input tensors."""
+    """Autograd of the fused gate; saves only its four input tensors (``setup_context``)."""
 
     @staticmethod
     def forward(o_cmp, o_sel, o_win, gates, tn):
-        D = o_cmp.shape[-1]
-        c, s, w = (_rows(t, D) for t in (o_cmp, o_sel, o_win))
-        g = gates.reshape(-1, 3)
-        R = c.shape[0]
-        o = torch.empty(R, D, device=c.device, dtype=c.dtype)
-        interpret = c.device.type == "cpu"
-        _kernels(interpret)._gate_fwd_kernel[(-(-R // tn.rows),)](
-            c, s, w, g, o, R, c.stride(0), s.stride(0), w.stride(0), g.stride(0), g.stride(1),
-            o.stride(0), D=D, BD=_tuning.next_pow2(D), BR=tn.rows,
-            **({} if interpret else dict(num_warps=tn.warps)),
-        )
-        return o.view(o_cmp.shape)
+        return _forward(o_cmp, o_sel, o_win, gates, tn)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -74,22 +97,7 @@ class _GateCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        o_cmp, o_sel, o_win, gates = ctx.saved_tensors
-        tn = ctx.tn
-        D = o_cmp.shape[-1]
-        c, s, w, dor = (_rows(t, D) for t in (o_cmp, o_sel, o_win, do))
-        g = gates.reshape(-1, 3)
-        R = c.shape[0]
-        dc, ds, dw = (torch.empty(R, D, device=c.device, dtype=c.dtype) for _ in range(3))
-        dg = torch.empty(R, 3, device=c.device, dtype=gates.dtype)
-        interpret = c.device.type == "cpu"
-        _kernels(interpret)._gate_bwd_kernel[(-(-R // tn.rows),)](
-            dor, c, s, w, g, dc, ds, dw, dg, R, dor.stride(0), c.stride(0), s.stride(0),
-            w.stride(0), g.stride(0), g.stride(1), dc.stride(0), D=D, BD=_tuning.next_pow2(D),
-            BR=tn.rows, **({} if interpret else dict(num_warps=tn.warps)),
-        )
-        shape = o_cmp.shape
-        return dc.view(shape), ds.view(shape), dw.view(shape), dg.view(gates.shape), None
+        return (*_backward(do, *ctx.saved_tensors, ctx.tn), None)
 
 
 def gate_combine(o_cmp, o_sel, o_win, gates, *, tuning: _tuning.GateTuning | None = None):

@@ -15,9 +15,11 @@ predictions. `nsa_impl.routing.explain` names the profile it used.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -157,9 +159,42 @@ def profile_name(device) -> str:
     return "sm80"  # below Ampere nothing runs; the kernels' supports() say so
 
 
+_OVERRIDE: contextvars.ContextVar[Profile | None] = contextvars.ContextVar(
+    "nsa_kernel_profile", default=None
+)
+
+
+@contextlib.contextmanager
+def use_profile(profile: Profile) -> Iterator[Profile]:
+    """Within the context, `profile_for` returns ``profile`` for every device.
+
+    How a benchmark runs the whole library on launch shapes it just measured (an explicit
+    object, scoped like `nsa_impl.routing.force_path`; no file or module state changes).
+    """
+    if not isinstance(profile, Profile):
+        raise TypeError(f"profile must be a tuning.Profile, got {type(profile).__name__}")
+    token = _OVERRIDE.set(profile)
+    try:
+        yield profile
+    finally:
+        _OVERRIDE.reset(token)
+
+
 def profile_for(device) -> Profile:
-    """The `Profile` of ``device`` (see `profile_name`)."""
-    return load_profile(profile_name(device))
+    """The `Profile` of ``device`` (see `profile_name`), or the one `use_profile` set."""
+    override = _OVERRIDE.get()
+    return override if override is not None else load_profile(profile_name(device))
+
+
+def profile_dict(profile: Profile) -> dict:
+    """``profile`` as the JSON object of a profile file (the inverse of `load_profile`)."""
+    from dataclasses import asdict
+
+    return {
+        "name": profile.name, "measured": profile.measured, "note": profile.note,
+        "routing": dict(profile.routing),
+        **{k: asdict(getattr(profile, k)) for k in ("cmp", "win", "topn", "gate")},
+    }
 
 
 @dataclass(frozen=True)
