@@ -10,8 +10,9 @@ l=32, d=16, l'=64, n=16, w=512. Sections, each under the wall-clock budget (`Ben
    each kernel becomes the measured profile ``profile_sm90.json`` (same schema as
    ``nsa_impl/kernels/profiles/sm90.json``), used by everything after it via
    `nsa_impl.kernels.tuning.use_profile` (an explicit object; nothing is edited).
-2. ``parts``: where the time goes at ``--sweep-T``: each kernel of the v4 forward and backward
-   alone (compress, cmp attention, fused top-n, selection, window, gate; their backwards).
+2. ``parts``: where the time goes at each ``--parts-T`` (64k and 8k): each kernel of the v4
+   forward and backward alone (compress, cmp attention, fused top-n, selection, window, gate;
+   their backwards).
 3. ``table``: full `nsa_impl.nsa_attention` forward and forward+backward at each ``--T``: v4
    (the router on the measured profile: cmp/win/gate on "triton"), v3 (``force_path("flash")``:
    FlashAttention-2 cmp + window, the previous default), dense SDPA (flash and cuDNN), peak
@@ -203,6 +204,19 @@ def kernel_call(name: str, cfg, sh: Shapes, base):
     return run
 
 
+def backward_call(mode: str, tn, sh: Shapes):
+    """The whole backward of one branch (dQ and dK/dV kernels) on rotated inputs."""
+    from nsa_impl.kernels import triton_attn
+
+    def run():
+        s = sh.next()
+        a = sh.attn_args(mode, s)
+        nk = sh.N if mode == "cmp" else sh.T
+        triton_attn._backward(s["do"], *a[:3], s[f"{mode}_o"], s[f"{mode}_lse"], *a[3:6], nk,
+                              *a[6:], sh.scale, tn)
+    return run
+
+
 def sweep(sh: Shapes, bench: Bench, base_profile, rows: list):
     """Time every candidate; return the profile of the winners (the default where none ran)."""
     from nsa_impl.kernels import tuning
@@ -230,10 +244,26 @@ def sweep(sh: Shapes, bench: Bench, base_profile, rows: list):
     def pick(name, default):
         return best[name][1] if name in best else default
 
-    cmp = tuning.AttnTuning(pick("cmp_fwd", base["cmp"].fwd), pick("cmp_dq", base["cmp"].dq),
-                            pick("cmp_dkdv", base["cmp"].dkdv))
-    win = tuning.AttnTuning(pick("win_fwd", base["win"].fwd), pick("win_dq", base["win"].dq),
-                            pick("win_dkdv", base["win"].dkdv))
+    chosen = {}
+    for mode in ("cmp", "win"):
+        b = base[mode]
+        tn = tuning.AttnTuning(pick(f"{mode}_fwd", b.fwd), pick(f"{mode}_dq", b.dq),
+                               pick(f"{mode}_dkdv", b.dkdv))
+        # The whole backward with a separate dQ kernel (deterministic) vs dQ by atomics.
+        times = {}
+        for atomic in (False, True):
+            t = dataclasses.replace(tn, dq_atomic=atomic)
+            ms = bench.run(f"sweep {mode}_bwd dq_atomic={atomic}",
+                           lambda t=t, mode=mode: median_ms(backward_call(mode, t, sh)))
+            rows.append(dict(kernel=f"{mode}_bwd", T=sh.T,
+                             config=json.dumps({"dq_atomic": atomic}), ms=ms, error=""))
+            if ms is not None:
+                times[atomic] = ms
+                print(f"  {mode}_bwd  {ms:8.3f} ms  dq_atomic={atomic}", flush=True)
+        # Atomics only for a clear gain (>= 5 %): they cost bit-identical dQ.
+        atomic = True in times and False in times and times[True] < 0.95 * times[False]
+        chosen[mode] = dataclasses.replace(tn, dq_atomic=atomic)
+    cmp, win = chosen["cmp"], chosen["win"]
     stamp = datetime.date.today().isoformat()
     measured = dataclasses.replace(
         base_profile, measured=bool(best),
@@ -434,6 +464,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--T", default="8192,16384,32768,65536,131072")
     ap.add_argument("--sweep-T", type=int, default=65536)
+    ap.add_argument("--parts-T", default="65536,8192",
+                    help="lengths of the per-kernel profile (8k shows the fixed costs)")
     ap.add_argument("--sections", default="sweep,parts,table")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--table-reserve-s", type=float, default=150.0,
@@ -478,9 +510,10 @@ def main(argv=None):
         (out / "profile_sm90.json").write_text(json.dumps(tuning.profile_dict(prof), indent=2))
         print("measured profile:", json.dumps(tuning.profile_dict(prof)), flush=True)
     if "parts" in sections:
-        print(f"\n# parts at T={args.sweep_T}", flush=True)
         pb = Bench(max(15.0, args.budget_s - reserve - (time.monotonic() - t0)))
-        pb.run("parts", lambda: parts(args.sweep_T, pb, prof, part_rows))
+        for T in (int(x) for x in args.parts_T.split(",")):
+            print(f"\n# parts at T={T}", flush=True)
+            pb.run(f"parts T={T}", lambda T=T: parts(T, pb, prof, part_rows))
         front.notes += pb.notes
         write_csv(out / "parts.csv", part_rows)
     if "table" in sections:

@@ -219,7 +219,8 @@ def test_top_n_ties_go_to_the_lower_index(cfg):
 
 
 def test_dkdv_is_deterministic_and_splits_items():
-    """The split dK/dV (several work items per key chunk) is bit-identical run to run."""
+    """The split dK/dV (several work items per key chunk) is bit-identical run to run; the
+    atomic-dQ variant agrees within the fp32 class."""
     T, G, h = 100, 1, 4
     q, k, v, _, do = _inputs(1, T, G * h, G, 16, 16, seed=11)
     layout, cl = _layouts(CFG, T, None)
@@ -233,6 +234,11 @@ def test_dkdv_is_deterministic_and_splits_items():
         outs.append(torch.autograd.grad(o, leaves, do.reshape(o.shape)))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+    atomic = dataclasses.replace(SMALL, dq_atomic=True)  # dQ added by the dK/dV kernel
+    o, _ = triton_attn.cmp_attention(*leaves, qs, ks, T, CFG.cmp_block, CFG.cmp_stride,
+                                     tuning=atomic)
+    for a, b in zip(torch.autograd.grad(o, leaves, do.reshape(o.shape)), outs[0], strict=True):
+        assert _maxdiff(a, b) <= FP32_GRAD_ATOL
     kv = tuning.resolve(SMALL.dkdv, h, 16, 16, True)
     nit, _ = triton_attn._items(triton_attn.MODE_CMP, T, kc.shape[1], CFG.cmp_block, 1, 1, G,
                                 kv, 32, 8)

@@ -188,8 +188,12 @@ def _range_dq_kernel(
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
 ):
-    """dQ over the forward's tiling; also stores ``delta = rowsum(dO * O)`` for the dK/dV kernel."""
+    """dQ over the forward's tiling; also stores ``delta = rowsum(dO * O)`` for the dK/dV kernel.
+
+    ``DELTA_ONLY``: only ``delta`` (the dK/dV kernel then adds dQ itself, with atomics).
+    """
     t = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2)
@@ -201,25 +205,26 @@ def _range_dq_kernel(
     o = _load_tile(O, row * son + head * soh, valid, DV, BDV, True)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + row * sln + head, delta, mask=valid)
-    lse = tl.load(LSE + row * sln + head, mask=valid, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * DOM  # a row with no key has p = 0 anyway
-    lo, hi = _key_range(p, MODE, CL, CD, WIN)
-    a, ab, b, c, e = _chunk_bounds(pa, pb, BN, MODE, CL, CD, WIN)
-    dq = tl.zeros([BM, BDK], tl.float32)
-    kcol = g.to(tl.int64) * skg
-    vcol = g.to(tl.int64) * svg
-    for j in range(a, ab, BN):
-        dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
-                      qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
-    for j in range(b, c, BN):
-        dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
-                      qk_scale, BN, DK, DV, BDK, BDV, False, IEEE, PRECISE)
-    for j in range(c, e, BN):
-        dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
-                      qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
-    dk = tl.arange(0, BDK)
-    tl.store(DQ + (row * sdqn + head * sdqh)[:, None] + dk[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (dk[None, :] < DK))
+    if not DELTA_ONLY:
+        lse = tl.load(LSE + row * sln + head, mask=valid, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse) * DOM  # no key: p = 0 anyway
+        lo, hi = _key_range(p, MODE, CL, CD, WIN)
+        a, ab, b, c, e = _chunk_bounds(pa, pb, BN, MODE, CL, CD, WIN)
+        dq = tl.zeros([BM, BDK], tl.float32)
+        kcol = g.to(tl.int64) * skg
+        vcol = g.to(tl.int64) * svg
+        for j in range(a, ab, BN):
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
+        for j in range(b, c, BN):
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, False, IEEE, PRECISE)
+        for j in range(c, e, BN):
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
+        dk = tl.arange(0, BDK)
+        tl.store(DQ + (row * sdqn + head * sdqh)[:, None] + dk[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (dk[None, :] < DK))
 
 
 @triton.jit
@@ -261,13 +266,18 @@ def _query_bounds(j0, L, NK, it, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.co
 
 
 @triton.jit
-def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, qs, g, pos0, ie, L,
-             sqn, sqh, sdon, sdoh, sln, qk_scale, DOM,
+def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0, ie, L,
+             sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM, scale,
              MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
              H_PER_G: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
-             IEEE: tl.constexpr, PRECISE: tl.constexpr):
-    """dK/dV contribution of the ``BR`` (position, head) rows starting at position ``pos0``."""
+             IEEE: tl.constexpr, PRECISE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK/dV contribution of the ``BR`` (position, head) rows starting at position ``pos0``.
+
+    ``ATOMIC_DQ``: also adds these rows' dQ contribution ``scale * dS^T K`` to the float32
+    ``DQ_ACC`` with atomics (one kernel for the whole backward: 5 matrix products instead of
+    7, at the price of a run-to-run varying float32 summation order in dQ).
+    """
     r = tl.arange(0, BR)
     pq = pos0 + r // HP
     hh = r % HP
@@ -293,19 +303,24 @@ def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, qs, g, pos0, ie, L,
     dpt = _dot(v, tl.trans(do), IEEE)
     dst = pt * (dpt - delta[None, :])
     acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * scale  # [BR, BDK]
+        dk_ = tl.arange(0, BDK)
+        tl.atomic_add(DQ_ACC + (row * sdqn + head * sdqh)[:, None] + dk_[None, :], dq,
+                      mask=ok_r[:, None] & (dk_[None, :] < DK) & (pq < L)[:, None], sem="relaxed")
     return acc_k, acc_v
 
 
 @triton.jit
 def _range_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, PART_K, PART_V, QSTART, KSTART,
-    sqn, sqh, skn, skg, svn, svg, sdon, sdoh, sln, sdkn, sdkg, sdvn, sdvg,
+    Q, K, V, DO, LSE, DELTA, DK_OUT, DV_OUT, PART_K, PART_V, DQ_ACC, QSTART, KSTART,
+    sqn, sqh, skn, skg, svn, svg, sdon, sdoh, sln, sdkn, sdkg, sdvn, sdvg, sdqn, sdqh,
     qk_scale, DOM, scale, NKC, G,
     MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, BKN: tl.constexpr, QP: tl.constexpr,
     BR: tl.constexpr, QCH: tl.constexpr, NIT: tl.constexpr, DK: tl.constexpr,
     DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
-    PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """dK/dV of one key chunk (and one work item of its queries when ``NIT > 1``).
 
@@ -329,17 +344,20 @@ def _range_dkdv_kernel(
     acc_k = _acc_zeros(BKN, BDK, IEEE)
     acc_v = _acc_zeros(BKN, BDV, IEEE)
     for pos in range(ia, b, QP):
-        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, qs, g, pos, ie,
-                                L, sqn, sqh, sdon, sdoh, sln, qk_scale, DOM, MODE, CL, CD, WIN,
-                                H_PER_G, HP, BR, DK, DV, BDK, BDV, True, IEEE, PRECISE)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV, True,
+                                IEEE, PRECISE, ATOMIC_DQ)
     for pos in range(b, c, QP):
-        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, qs, g, pos, ie,
-                                L, sqn, sqh, sdon, sdoh, sln, qk_scale, DOM, MODE, CL, CD, WIN,
-                                H_PER_G, HP, BR, DK, DV, BDK, BDV, False, IEEE, PRECISE)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV, False,
+                                IEEE, PRECISE, ATOMIC_DQ)
     for pos in range(c, ie, QP):
-        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, qs, g, pos, ie,
-                                L, sqn, sqh, sdon, sdoh, sln, qk_scale, DOM, MODE, CL, CD, WIN,
-                                H_PER_G, HP, BR, DK, DV, BDK, BDV, True, IEEE, PRECISE)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV, True,
+                                IEEE, PRECISE, ATOMIC_DQ)
     acc_k = acc_k * scale
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)

@@ -178,8 +178,11 @@ def _items(mode, max_len, max_keys, cmp_block, window, S, G, kv: _tuning.Tile, b
 
 
 def _dq(do, q, k, v, o, lse, qstart, kstart, max_len, mode, cmp_block, cmp_stride, window,
-        scale, tn: _tuning.AttnTuning):
-    """``(dq, delta)``: the dQ kernel (it also writes ``delta = rowsum(dO * O)``)."""
+        scale, tn: _tuning.AttnTuning, delta_only: bool = False):
+    """``(dq, delta)``: the dQ kernel (it also writes ``delta = rowsum(dO * O)``).
+
+    ``delta_only``: just ``delta`` (``dq`` is returned unwritten), for the atomic-dQ backward.
+    """
     interpret = q.device.type == "cpu"
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     S, G = qstart.numel() - 1, k.shape[1]
@@ -192,15 +195,18 @@ def _dq(do, q, k, v, o, lse, qstart, kstart, max_len, mode, cmp_block, cmp_strid
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         lse.stride(0), float(scale) * dom, dom, float(scale),
-        HP=t.HP, P=t.P, A=A, BM=t.BM, BN=t.BN, PRECISE=ieee and not interpret, **c,
-        **_opts(t, interpret),
+        HP=t.HP, P=t.P, A=A, BM=t.BM, BN=t.BN, PRECISE=ieee and not interpret,
+        DELTA_ONLY=delta_only, **c, **_opts(t, interpret),
     )  # fmt: skip
     return dq, delta
 
 
 def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_block,
-          cmp_stride, window, scale, tn: _tuning.AttnTuning):
-    """``(dk, dv)``: the dK/dV kernel, plus the ordered reduction of split key chunks."""
+          cmp_stride, window, scale, tn: _tuning.AttnTuning, dq_acc=None):
+    """``(dk, dv)``: the dK/dV kernel, plus the ordered reduction of split key chunks.
+
+    ``dq_acc``: a zeroed float32 ``[NQ, H, Dk]`` buffer the kernel adds dQ into (atomics).
+    """
     interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
@@ -217,14 +223,17 @@ def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_
         part_v = torch.empty(S * G * nkc * nit, kv.BN, c["BDV"], device=q.device, dtype=part_dtype)
     else:
         part_k = part_v = dk  # unused by the kernel (NIT == 1 stores straight into dk/dv)
+    atomic = dq_acc is not None
+    dq_acc = dq_acc if atomic else delta  # unused by the kernel without ATOMIC_DQ
     kern._range_dkdv_kernel[(nkc * nit, S, G)](
-        q, k, v, do, lse, delta, dk, dv, part_k, part_v, qstart, kstart,
+        q, k, v, do, lse, delta, dk, dv, part_k, part_v, dq_acc, qstart, kstart,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_acc.stride(0), dq_acc.stride(1) if dq_acc.dim() > 1 else 0,
         float(scale) * dom, dom, float(scale), nkc, G,
         HP=kv.HP, BKN=kv.BN, QP=kv.P, BR=kv.BM, QCH=chunk, NIT=nit,
-        PRECISE=ieee and not interpret, **c, **_opts(kv, interpret),
+        PRECISE=ieee and not interpret, ATOMIC_DQ=atomic, **c, **_opts(kv, interpret),
     )  # fmt: skip
     if nit > 1:
         kern._range_reduce_kernel[(nkc, S, G)](
@@ -240,9 +249,15 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
     """``(dq, dk, dv)`` of `_forward` (deterministic: no atomics)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     geo = (mode, cmp_block, cmp_stride, window, scale, tn)
-    dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
-    dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)
-    return dq, dk, dv
+    if not tn.dq_atomic:
+        dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
+        dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)
+        return dq, dk, dv
+    _, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo, delta_only=True)
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo,
+                   dq_acc=dq_acc)
+    return dq_acc.to(q.dtype), dk, dv
 
 
 class _RangeAttention(torch.autograd.Function):

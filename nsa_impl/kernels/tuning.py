@@ -65,11 +65,17 @@ class Launch:
 
 @dataclass(frozen=True)
 class AttnTuning:
-    """Launch shapes of the row-range attention kernels (compressed branch or window)."""
+    """Launch shapes of the row-range attention kernels (compressed branch or window).
+
+    ``dq_atomic``: the dK/dV kernel also adds dQ with float32 atomics (5 matrix products for
+    the backward instead of 7; dQ then varies run to run in its last bits, as FlashAttention-2's
+    does). ``False`` (a separate dQ kernel) keeps every gradient bit-identical run to run.
+    """
 
     fwd: Launch = Launch(rows=128, block_n=64, warps=8, stages=2)
     dq: Launch = Launch(rows=128, block_n=64, warps=8, stages=2)
     dkdv: Launch = Launch(rows=64, block_n=64, warps=8, stages=1, chunk=4096)
+    dq_atomic: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,8 @@ class Profile:
 
 
 def _attn(raw: Mapping) -> AttnTuning:
-    return AttnTuning(**{k: Launch(**raw[k]) for k in ("fwd", "dq", "dkdv") if k in raw})
+    launches = {k: Launch(**raw[k]) for k in ("fwd", "dq", "dkdv") if k in raw}
+    return AttnTuning(**launches, dq_atomic=bool(raw.get("dq_atomic", False)))
 
 
 @functools.cache

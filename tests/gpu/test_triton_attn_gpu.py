@@ -126,6 +126,29 @@ def test_window_triton_parity(dtype, B, T, G, h, Dk, Dv, cu, w):
         assert torch.isfinite(x).all() and err <= bound, name
 
 
+def test_atomic_dq_matches_the_dq_kernel():
+    """``dq_atomic=True`` (dQ added by the dK/dV kernel) against the separate dQ kernel."""
+    import dataclasses
+
+    from nsa_impl.kernels import tuning
+
+    _, _, triton_attn = _mods()
+    prof = tuning.profile_for(DEV)
+    T, G, h, D = 4096, 4, 16, 128
+    q, k, v, do = _inputs(1, T, G * h, G, D, D, torch.bfloat16, seed=9)
+    grads = []
+    for atomic in (False, True):
+        tn = dataclasses.replace(prof.win, dq_atomic=atomic)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = triton_attn.window_attention(*leaves, 512, tuning=tn)
+        grads.append(torch.autograd.grad(o, leaves, do))
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
+    err = _err(grads[0][0], grads[1][0])
+    scale = grads[0][0].abs().max().item()
+    print(f"atomic dq vs dq kernel: {err:.3g} (max |dq| {scale:.3g})")
+    assert err <= 2 ** -7 * scale  # two bf16 roundings of float32 sums in different orders
+
+
 def test_float32_path_is_in_the_fp32_class():
     """float32 inputs: float64 logits and dK/dV sums compiled for the GPU."""
     cmp_triton, _, _ = _mods()
@@ -155,19 +178,29 @@ def test_float32_path_is_in_the_fp32_class():
 
 
 def test_backward_is_deterministic():
+    """With ``dq_atomic=False`` every gradient is bit-identical run to run."""
+    import dataclasses
+
+    from nsa_impl.kernels import tuning
+
     cmp_triton, _, triton_attn = _mods()
+    prof = tuning.profile_for(DEV)
+    tn_cmp, tn_win = (dataclasses.replace(t, dq_atomic=False) for t in (prof.cmp, prof.win))
     T, G, h, D = 16384, 4, 16, 128
     q, k, v, do = _inputs(1, T, G * h, G, D, D, torch.bfloat16, seed=5)
     layout = PackedLayout.build(T)
     cl = CmpLayout.build(PAPER, layout)
-    runs = [_cmp_run(cmp_triton.compressed_and_select, q, k, v, do, layout, cl, D**-0.5)
-            for _ in range(2)]
+
+    def select(*a, **kw):
+        return cmp_triton.compressed_and_select(*a, **kw, attn_tuning=tn_cmp)
+
+    runs = [_cmp_run(select, q, k, v, do, layout, cl, D**-0.5) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     wins = []
     for _ in range(2):
-        o = triton_attn.window_attention(*leaves, 512)
+        o = triton_attn.window_attention(*leaves, 512, tuning=tn_win)
         wins.append(torch.autograd.grad(o, leaves, do))
     for a, b in zip(*wins, strict=True):
         assert torch.equal(a, b)
