@@ -94,10 +94,15 @@ def _select_kernel(
     ti = tl.where(real, _BIG, -1) + tl.zeros([P, NP], tl.int32)
     wv, wi = _worst(tv, ti)
     kcol = g.to(tl.int64) * skg
+    # The band loop holds the merge loop, so Triton does not software-pipeline it: the next
+    # band's keys are loaded one iteration ahead by hand (their L2 latency hides behind the MMA).
+    ci = i - (M - 1)
+    k_next = _load_tile(K, (ks + ci) * skn + kcol, (ci >= 0) & (ci < cnt_max), DK, BDK, True)
     for js0 in range(0, b_end, BS):
         ci = js0 * R - (M - 1) + i
-        kin = (ci >= 0) & (ci < cnt_max)
-        k = _load_tile(K, (ks + ci) * skn + kcol, kin, DK, BDK, True)
+        k = k_next
+        cn = ci + BS * R
+        k_next = _load_tile(K, (ks + cn) * skn + kcol, (cn >= 0) & (cn < cnt_max), DK, BDK, True)
         prob = _exp_d(_logits(q, tl.trans(k), qk_scale, IEEE) - lse[:, None], IEEE, PRECISE)
         vis = valid_r[:, None] & (ci[None, :] >= 0) & (ci[None, :] < cnt_r[:, None])
         prob = tl.where(vis, prob, 0.0)
