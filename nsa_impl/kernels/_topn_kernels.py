@@ -80,7 +80,7 @@ def _select_kernel(
     bp = pos // SELB
     last = tl.minimum(t * P + P, L) - 1
     cnt_max = _num_cmp(last, CL, CD)
-    b_end = tl.where(t * P < L, last // SELB + 1, 0)
+    b_end = tl.where(t * P < L, last // SELB + 1, 0).to(tl.int32)  # int32 loop: int32 indices
     # Eq. 9 weights of column i (block js0*R - (M-1) + i) for band block jj: overlap / d.
     i = tl.arange(0, BN)
     jj = tl.arange(0, BSP)
@@ -96,8 +96,9 @@ def _select_kernel(
     kcol = g.to(tl.int64) * skg
     # The band loop holds the merge loop, so Triton does not software-pipeline it: the next
     # band's keys are loaded one iteration ahead by hand (their L2 latency hides behind the MMA).
-    ci = i - (M - 1)
-    k_next = _load_tile(K, (ks + ci) * skn + kcol, (ci >= 0) & (ci < cnt_max), DK, BDK, True)
+    c_first = i - (M - 1)
+    k_next = _load_tile(K, (ks + c_first) * skn + kcol, (c_first >= 0) & (c_first < cnt_max), DK,
+                        BDK, True)
     for js0 in range(0, b_end, BS):
         ci = js0 * R - (M - 1) + i
         k = k_next
