@@ -14,7 +14,6 @@ there.)
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import traceback

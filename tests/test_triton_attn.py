@@ -189,33 +189,55 @@ def test_bf16_low_precision_class(T, G, h, Dk, Dv, cu):
         assert _maxdiff(x, r) <= lowp_bound(_maxdiff(n, r), kind), name
 
 
+def _kernel_selection(q, k, cfg, cu=None):
+    """``(block_indices, float32 scores)`` of the fused kernel on ``q`` and compressed ``k``.
+
+    The float32 scores are the ones the kernel ranked (``Scores.p_slc`` is rounded to q's
+    dtype, which can tie scores the kernel told apart).
+    """
+    B, T, H, D = q.shape
+    layout, cl = _layouts(cfg, T, cu)
+    kc = scoring.compress(k, cfg, cl)
+    qs, ks = cmp_triton.boundaries(cfg, layout, B, q.device)
+    q3, k3 = q.reshape(B * T, H, D), kc.reshape(-1, kc.shape[2], D)
+    _, lse = triton_attn.cmp_attention(q3, k3, k3, qs, ks, max(layout.lengths), cfg.cmp_block,
+                                       cfg.cmp_stride, tuning=SMALL)
+    idx, sc = triton_topn.select_blocks(
+        q3, k3, lse, qs, ks, max(layout.lengths), cmp_block=cfg.cmp_block,
+        cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block, top_n=cfg.sel_top_n,
+        init_blocks=cfg.sel_init_blocks, local_blocks=cfg.sel_local_blocks,
+        num_scores=cfg.num_sel_blocks(T), tuning=SMALL_TOPN)
+    G = k.shape[2]
+    return idx.reshape(B, T, G, -1), sc.reshape(B, T, G, -1), layout
+
+
+def _own_rule(idx, scores, layout, cfg):
+    """`nsa_impl.scoring.top_n` applied to ``scores [B, T, G, S]``, as ``[B, T, G, n]``."""
+    block = (layout.pos // cfg.sel_block).to(scores.device)
+    return scoring.top_n(scores.permute(0, 2, 1, 3), block, cfg).permute(0, 2, 1, 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("cfg", "T", "G", "h"), [(CFG, 120, 2, 4), (FLAT, 60, 1, 1),
-                                                   (CFG, 100, 1, 16)])
-def test_top_n_is_the_scoring_rule_on_its_own_scores(cfg, T, G, h, dtype):
-    q, k, v, _, do = _inputs(1, T, G * h, G, 16, 16, seed=h, dtype=dtype)
-    got = _cmp(cmp_triton.compressed_and_select, q, k, v, do, cfg, attn_tuning=SMALL,
-               topn_tuning=SMALL_TOPN)[0]
-    layout, _ = _layouts(cfg, T, None)
-    scores = got.p_slc.float().permute(0, 2, 1, 3)
-    own = scoring.top_n(scores, layout.pos // cfg.sel_block, cfg).permute(0, 2, 1, 3)
-    assert torch.equal(got.block_indices, own)
+@pytest.mark.parametrize(("cfg", "T", "G", "h", "cu"), [
+    (CFG, 120, 2, 4, None), (FLAT, 60, 1, 1, None), (CFG, 100, 1, 16, [0, 37, 100]),
+])  # fmt: skip
+def test_top_n_is_the_scoring_rule_on_its_own_scores(cfg, T, G, h, cu, dtype):
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, _, _, _ = _inputs(1, T, G * h, G, 16, 16, seed=h, dtype=dtype)
+    idx, sc, layout = _kernel_selection(q, k, cfg, cu)
+    assert torch.equal(idx, _own_rule(idx, sc, layout, cfg))
 
 
 @pytest.mark.parametrize("cfg", [CFG, FLAT])
 def test_top_n_ties_go_to_the_lower_index(cfg):
     """Zero queries: every visible compressed block is equally likely, interior blocks tie."""
     T, G, h = 100, 1, 2
-    _, k, v, gates, do = _inputs(1, T, G * h, G, 16, 16, seed=3)
+    _, k, v, gates, _ = _inputs(1, T, G * h, G, 16, 16, seed=3)
     q = torch.zeros(1, T, G * h, 16)
-    got = _cmp(cmp_triton.compressed_and_select, q, k, v, do, cfg, attn_tuning=SMALL,
-               topn_tuning=SMALL_TOPN)[0]
+    idx, sc, layout = _kernel_selection(q, k, cfg)
     _, ref = ref_nsa_attention(q, k, v, gates, cfg, return_aux=True)
-    assert torch.equal(got.block_indices, ref.block_indices)
-    layout, _ = _layouts(cfg, T, None)
-    scores = got.p_slc.float().permute(0, 2, 1, 3)
-    own = scoring.top_n(scores, layout.pos // cfg.sel_block, cfg).permute(0, 2, 1, 3)
-    assert torch.equal(got.block_indices, own)
+    assert torch.equal(idx, ref.block_indices)
+    assert torch.equal(idx, _own_rule(idx, sc, layout, cfg))
 
 
 def test_dkdv_is_deterministic_and_splits_items():

@@ -52,18 +52,44 @@ def _cmp_run(select, q, k, v, do, layout, cl, scale):
     return (res.o_cmp.detach(), *grads, res.p_slc.float(), res.block_indices)
 
 
+def _kernel_selection(q, k, layout, cl):
+    """The fused kernel's ``(block_indices, float32 scores)`` (``p_slc`` is rounded to q's dtype,
+    which can tie scores the kernel told apart)."""
+    cmp_triton, _, triton_attn = _mods()
+    from nsa_impl.kernels import triton_topn
+
+    B, T, H, D = q.shape
+    kc = scoring.compress(k, PAPER, cl)
+    qs, ks = cmp_triton.boundaries(PAPER, layout, B, q.device)
+    q3, k3 = q.reshape(B * T, H, D), kc.reshape(-1, kc.shape[2], D)
+    with torch.no_grad():
+        _, lse = triton_attn.cmp_attention(q3, k3, k3, qs, ks, max(layout.lengths),
+                                           PAPER.cmp_block, PAPER.cmp_stride, D**-0.5)
+        idx, sc = triton_topn.select_blocks(
+            q3, k3, lse, qs, ks, max(layout.lengths), cmp_block=PAPER.cmp_block,
+            cmp_stride=PAPER.cmp_stride, sel_block=PAPER.sel_block, top_n=PAPER.sel_top_n,
+            init_blocks=PAPER.sel_init_blocks, local_blocks=PAPER.sel_local_blocks,
+            scale=D**-0.5, num_scores=PAPER.num_sel_blocks(T))
+    G = k.shape[2]
+    return idx.reshape(B, T, G, -1), sc.reshape(B, T, G, -1)
+
+
 def _inputs(B, T, H, G, Dk, Dv, dtype, seed):
     gen = torch.Generator(device=DEV).manual_seed(seed)
     return [torch.randn(B, T, n, d, device=DEV, generator=gen).to(dtype)
             for n, d in ((H, Dk), (G, Dk), (G, Dv), (H, Dv))]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize(("B", "T", "G", "h", "Dk", "Dv", "cu"), [
-    (2, 2048, 4, 16, 128, 128, None),
-    (1, 1500, 2, 4, 192, 128, [0, 20, 700, 1500]),  # one sequence shorter than l
-    (1, 777, 1, 1, 64, 64, None),
-    (1, 1100, 2, 3, 64, 64, [0, 1, 600, 1100]),  # h = 3 (padded heads), a length-1 sequence
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize(("dtype", "B", "T", "G", "h", "Dk", "Dv", "cu"), [
+    (BF16, 2, 2048, 4, 16, 128, 128, None),
+    (FP16, 2, 2048, 4, 16, 128, 128, None),
+    (BF16, 1, 1500, 2, 4, 192, 128, [0, 20, 700, 1500]),  # one sequence shorter than l
+    (FP16, 1, 1500, 2, 4, 192, 128, [0, 20, 700, 1500]),
+    (BF16, 1, 777, 1, 1, 64, 64, None),
+    (BF16, 1, 1100, 2, 3, 64, 64, [0, 1, 600, 1100]),  # h = 3 (padded heads), a length-1 seq
 ])  # fmt: skip
 def test_cmp_triton_parity(dtype, B, T, G, h, Dk, Dv, cu):
     cmp_triton, _, triton_attn = _mods()
@@ -86,19 +112,21 @@ def test_cmp_triton_parity(dtype, B, T, G, h, Dk, Dv, cu):
     slack = selection_slack(got[5], ref[4], PAPER, layout.pos.to(DEV))
     print(f"  selection: slack {slack:.3g} bound {2 * score_bound:.3g}")
     assert slack <= 2 * score_bound
-    own = scoring.top_n(got[4].permute(0, 2, 1, 3), (layout.pos // PAPER.sel_block).to(DEV), PAPER)
-    assert torch.equal(got[5], own.permute(0, 2, 1, 3)), "top-n differs from the rule on its scores"
+    idx, sc = _kernel_selection(q, k, layout, cl)
+    assert torch.equal(idx, got[5])
+    own = scoring.top_n(sc.permute(0, 2, 1, 3), (layout.pos // PAPER.sel_block).to(DEV), PAPER)
+    assert torch.equal(idx, own.permute(0, 2, 1, 3)), "top-n differs from the rule on its scores"
     empty = layout.pos < PAPER.cmp_block - 1
     assert torch.equal(got[0][:, empty], torch.zeros_like(got[0][:, empty]))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize(("B", "T", "G", "h", "Dk", "Dv", "cu", "w"), [
-    (1, 1000, 2, 8, 128, 128, None, 512),
-    (2, 700, 4, 4, 192, 128, None, 512),
-    (1, 1300, 1, 16, 64, 64, [0, 1, 400, 1300], 512),
-    (1, 300, 2, 2, 64, 64, None, 1),
-    (1, 300, 2, 2, 64, 64, None, 1000),
+@pytest.mark.parametrize(("dtype", "B", "T", "G", "h", "Dk", "Dv", "cu", "w"), [
+    (BF16, 1, 1000, 2, 8, 128, 128, None, 512),
+    (FP16, 1, 1000, 2, 8, 128, 128, None, 512),
+    (BF16, 2, 700, 4, 4, 192, 128, None, 512),
+    (BF16, 1, 1300, 1, 16, 64, 64, [0, 1, 400, 1300], 512),
+    (BF16, 1, 300, 2, 2, 64, 64, None, 1),
+    (BF16, 1, 300, 2, 2, 64, 64, None, 1000),  # a window longer than the sequence
 ])  # fmt: skip
 def test_window_triton_parity(dtype, B, T, G, h, Dk, Dv, cu, w):
     _, naive, _ = _mods()
