@@ -356,7 +356,11 @@ class NsaImplAdapter(Adapter):
             min_dim = min(d.min_head_dim for d in decls)
             maxes = [d.max_head_dim for d in decls]
             self._caps = Capabilities(
-                devices=frozenset().union(*(d.devices for d in decls)),
+                # A path that CPU tensors may run in Triton's interpreter when forced serves
+                # "cpu" too (nsa_impl:triton under TRITON_INTERPRET=1).
+                devices=frozenset().union(
+                    *(getattr(d, "served_devices", lambda d=d: d.devices)() for d in decls)
+                ),
                 dtypes=frozenset().union(*(d.dtypes for d in decls)),
                 backward=any(d.backward for d in decls),
                 varlen=any(d.varlen for d in decls),

@@ -115,6 +115,8 @@ def nsa_attention(
         select = scoring.compressed_and_select
         if path["cmp"] == "flash":  # imported lazily: it needs triton
             from .kernels.flash_cmp import compressed_and_select as select
+        elif path["cmp"] == "triton":
+            from .branches.cmp_triton import compressed_and_select as select
         scores = select(q, k_cmp, v_cmp, cfg, scale, layout, cmp_layout, want_aux=return_aux)
         o_cmp, block_indices = scores.o_cmp, scores.block_indices
         p_slc, p_cmp = scores.p_slc, scores.p_cmp
@@ -144,8 +146,8 @@ def nsa_attention(
         )
     observe.mark("win", q)
 
-    # Gate (Eq. 5).
-    o = gate(o_cmp, o_sel, o_win, gates)
+    # Gate (Eq. 5): fused in one Triton kernel on the triton route (profile's gate_triton).
+    o = _gate(path, o_cmp, o_sel, o_win, gates)
     if observe.ACTIVE is not None:  # training-time statistics (nsa_impl.observe); off by default
         observe.ACTIVE.record(
             o_cmp=o_cmp, o_sel=o_sel, o_win=o_win, gates=gates, block_indices=block_indices,
@@ -172,6 +174,17 @@ def selection_attention(q, k, v, block_indices, cfg, scale=None, *, cu_seqlens=N
     return selection.selection_attention(
         q, k, v, block_indices, cfg, scale, cu_seqlens=cu_seqlens, **options
     )
+
+
+def _gate(path: dict, o_cmp, o_sel, o_win, gates):
+    """Eq. 5; the fused Triton kernel when the cmp or win branch ran on "triton"."""
+    if "triton" in (path["cmp"], path["win"]):
+        from .kernels import triton_gate, tuning
+
+        fused = tuning.profile_for(o_cmp.device).route("gate_triton", True)
+        if fused and triton_gate.supports(o_cmp, o_sel, o_win, gates)[0]:
+            return triton_gate.gate_combine(o_cmp, o_sel, o_win, gates)
+    return gate(o_cmp, o_sel, o_win, gates)
 
 
 def _needs_grad(q, gates, kv) -> bool:

@@ -33,6 +33,15 @@ Flags (boolean values: 1/0, true/false, yes/no, on/off):
                                     (CUDA events on a GPU); not a routing choice
 =========================  =======  ==========================================================
 
+Device profiles (`nsa_impl.kernels.tuning`, one JSON file per GPU class) hold the router's
+data: whether the Triton selection path is preferred and from which sequence length
+(``sel_triton``, ``sel_triton_min_len``), the order in which the compressed and window
+branches try their paths (``cmp``, ``win``: a path not listed there is not tried
+automatically, e.g. "triton" on Ampere/Ada until measured), and whether the gate is fused
+(``gate_triton``).
+`explain` names the profile it used. CPU tensors reach the "triton" path only when it is forced
+(`force_path("triton")` or ``NSA_TRITON_SEL_FORCE``) under ``TRITON_INTERPRET=1``.
+
 The compressed branch's "flash" path (`nsa_impl.kernels.flash_cmp`) runs Eq. 8 as one causal
 FlashAttention-2 call over query groups (rows that see the same compressed blocks) and gets the
 selection scores from a Triton kernel that recomputes the logits against FlashAttention's
@@ -234,6 +243,8 @@ class PathDecl:
         probe: availability of optional software (``None``: always available).
         kernel_supports: optional ``(q, k, v) -> (ok, reason)`` of the kernel itself, or a
             mapping branch -> such a function when the branches run different kernels.
+        interpreter_cpu: CPU tensors may run it in Triton's interpreter when it is forced and
+            ``TRITON_INTERPRET=1`` (never chosen for CPU tensors otherwise).
     """
 
     name: str
@@ -247,6 +258,13 @@ class PathDecl:
     doc: str = ""
     probe: Callable[[], tuple[bool, str]] | None = field(default=None, compare=False)
     kernel_supports: Callable | Mapping[str, Callable] | None = field(default=None, compare=False)
+    interpreter_cpu: bool = False
+
+    def served_devices(self) -> frozenset[str]:
+        """Device types a forced run may use: ``devices``, plus ``cpu`` under the interpreter."""
+        if self.interpreter_cpu and settings().triton_interpret:
+            return self.devices | {"cpu"}
+        return self.devices
 
     def available(self) -> tuple[bool, str]:
         """``(True, why)`` when the software it needs is present, else ``(False, reason)``."""
@@ -327,16 +345,22 @@ PATHS: dict[str, PathDecl] = {
         ),
         PathDecl(
             "triton",
-            frozenset({"sel"}),
+            frozenset(BRANCHES),
             frozenset({"cuda"}),
             frozenset({torch.float16, torch.bfloat16, torch.float32}),
             True,
             True,
             min_head_dim=16,
             max_head_dim=256,
-            doc="Triton selection kernel (group-centric, shared KV fetch)",
+            doc="Triton kernels (sel: group-centric selection; cmp: compressed attention + "
+            "fused scores/top-n; win: sliding window)",
             probe=_probe_triton_sel,
-            kernel_supports=_kernel_supports("nsa_impl.kernels.triton_sel"),
+            kernel_supports={
+                "sel": _kernel_supports("nsa_impl.kernels.triton_sel"),
+                "cmp": _kernel_supports("nsa_impl.kernels.triton_attn"),
+                "win": _kernel_supports("nsa_impl.kernels.triton_attn"),
+            },
+            interpreter_cpu=True,
         ),
         PathDecl(
             "flash",
@@ -419,7 +443,12 @@ class Decision:
 
 
 class Plan(dict):
-    """``branch -> Decision`` for the three branches; ``str()`` renders the `explain` table."""
+    """``branch -> Decision`` for the three branches; ``str()`` renders the `explain` table.
+
+    ``profile`` names the device profile whose routing data was used (`profile_of`).
+    """
+
+    profile: str = "?"
 
     def paths(self) -> dict[str, str]:
         """``branch -> path name``."""
@@ -439,6 +468,7 @@ class Plan(dict):
         w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
         lines = [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]}" for r in rows]
         lines.insert(1, "-" * max(len(s) for s in lines))
+        lines.append(f"profile: {self.profile}")
         return "\n".join(lines)
 
 
@@ -475,16 +505,50 @@ def _forced(branch: str, name: str, inp: Inputs, why: str, *, any_device=False) 
     return Decision(branch, name, why, error=f"{why}, but {name} cannot run: {reason}")
 
 
-def _preferences(branch: str, s: Settings) -> list[tuple[str, str]]:
+def _profile(device: str):
+    """The kernel profile of a device type (`nsa_impl.kernels.tuning`), or None if unreadable."""
+    try:
+        from .kernels import tuning
+
+        return tuning.profile_for(device if device != "cuda" else torch.device("cuda"))
+    except Exception:  # no GPU to ask, a broken file: route on the built-in order
+        return None
+
+
+def profile_of(device: str) -> str:
+    """``name (measured|predicted)`` of the profile routing uses for ``device``, for `explain`."""
+    prof = _profile(device)
+    if prof is None:
+        return "none (built-in order)"
+    return f"{prof.name} ({'measured' if prof.measured else 'predicted, not measured'})"
+
+
+def _ordered(branch: str, allowed: dict[str, str], prof) -> list[tuple[str, str]]:
+    """``allowed`` (path -> flag) in the profile's order for ``branch``.
+
+    "triton" is tried only where the profile lists it; "flash" and "masked" always (after the
+    listed ones), as before profiles existed.
+    """
+    order = [p for p in (prof.route(branch, []) if prof is not None else []) if p in PATHS]
+    order += [p for p in ("flash", "masked") if p not in order]
+    return [(p, allowed[p]) for p in order if p in allowed]
+
+
+def _preferences(branch: str, s: Settings, device: str = "cuda") -> list[tuple[str, str]]:
     """Candidate paths for ``branch`` in order, each with the flag that allows it."""
-    if branch == "cmp":
-        prefs = [("flash", "NSA_USE_FA2_CMP/NSA_USE_FA2 on")] if s.fa2_cmp else []
-        prefs += [("masked", "NSA_USE_CMP_MASK=1")] if s.use_cmp_mask else []
-    elif branch == "win":
-        prefs = [("flash", "NSA_USE_FA2_WIN/NSA_USE_FA2 on")] if s.fa2_win else []
-        prefs += [("masked", "NSA_USE_WIN_MASK=1")] if s.use_win_mask else []
+    prof = _profile(device)
+    if branch in ("cmp", "win"):
+        allowed = {"triton": f"profile {prof.name if prof else '?'} lists triton"}
+        if s.fa2_cmp if branch == "cmp" else s.fa2_win:
+            allowed["flash"] = f"NSA_USE_FA2_{branch.upper()}/NSA_USE_FA2 on"
+        if s.use_cmp_mask if branch == "cmp" else s.use_win_mask:
+            allowed["masked"] = f"NSA_USE_{branch.upper()}_MASK=1"
+        if prof is None:  # no profile: the FlashAttention order of before
+            allowed.pop("triton", None)
+        prefs = _ordered(branch, allowed, prof)
     else:
-        prefs = [("triton", "NSA_USE_TRITON_SEL=1")] if s.use_triton_sel else []
+        sel_triton = prof is None or bool(prof.route("sel_triton", True))
+        prefs = [("triton", "NSA_USE_TRITON_SEL=1")] if s.use_triton_sel and sel_triton else []
         prefs += [("varlen", "NSA_SEL_VARLEN_V2=1")] if s.sel_varlen_v2 else []
         prefs += [("packed", "NSA_USE_SEL_PACK=1")] if s.use_sel_pack else []
         prefs += [("masked", "gather fallback")]
@@ -492,27 +556,31 @@ def _preferences(branch: str, s: Settings) -> list[tuple[str, str]]:
 
 
 def _triton_worth_it(inp: Inputs) -> tuple[bool, str]:
-    """The kernel's own length guard: short sequences run as fast on the packed path."""
+    """The selection kernel's length guard (the profile's ``sel_triton_min_len``)."""
     mod, why = _import_kernel("nsa_impl.kernels.triton_sel")
     if mod is None:
         return False, why
-    if not mod.long_enough(inp.max_seqlen):
-        return False, f"longest sequence {inp.max_seqlen} < {mod.SEL_TRITON_MIN_L} (kernel's guard)"
+    prof = _profile(inp.device)
+    min_len = mod.SEL_TRITON_MIN_L if prof is None else int(prof.route("sel_triton_min_len",
+                                                                        mod.SEL_TRITON_MIN_L))
+    if not mod.long_enough(inp.max_seqlen, min_len):
+        return False, f"longest sequence {inp.max_seqlen} < {min_len} (sel_triton_min_len)"
     return True, "long enough"
 
 
 def _choose(branch: str, inp: Inputs, s: Settings) -> Decision:
     forced = forced_path()
     if forced is not None and branch in PATHS[forced].branches:
-        return _forced(branch, forced, inp, f"force_path({forced!r})")
+        cpu_ok = PATHS[forced].interpreter_cpu and s.triton_interpret
+        return _forced(branch, forced, inp, f"force_path({forced!r})", any_device=cpu_ok)
     if s.force_parity:
         return _forced(branch, "reference", inp, "NSA_FORCE_PARITY=1")
     if branch == "sel" and s.triton_sel_force:
         return _forced(branch, "triton", inp, "NSA_TRITON_SEL_FORCE=1", any_device=True)
     skipped: list[tuple[str, str]] = []
-    for name, flag in _preferences(branch, s):
+    for name, flag in _preferences(branch, s, inp.device):
         ok, reason = PATHS[name].supports(branch, inp)
-        if ok and name == "triton":
+        if ok and name == "triton" and branch == "sel":
             ok, reason = _triton_worth_it(inp)
         listed = "; ".join(f"{n}: {r}" for n, r in skipped)
         if ok:
@@ -538,7 +606,9 @@ def route(q, k=None, v=None, *, cu_seqlens=None, backward=None, max_seqlen=None)
     """One `Decision` per branch for these inputs (see the module docstring for precedence)."""
     inp = Inputs.of(q, k, v, cu_seqlens=cu_seqlens, backward=backward, max_seqlen=max_seqlen)
     s = settings()
-    return Plan({b: _choose(b, inp, s) for b in BRANCHES})
+    plan = Plan({b: _choose(b, inp, s) for b in BRANCHES})
+    plan.profile = profile_of(inp.device)
+    return plan
 
 
 def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None) -> Plan:

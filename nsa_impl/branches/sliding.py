@@ -5,8 +5,8 @@ SDPA); the other rows use banded chunks of the shared masked softmax
 (`nsa_impl.branches.range_attention`): a chunk of rows ``[r0, r1)`` reads only keys
 ``[r0 - w + 1, r1)``, so memory is ``O(B * H * c * (c + w))`` however long ``T`` is. With
 ``cu_seqlens`` each row's range starts no earlier than its own sequence. "flash" path:
-`nsa_impl.kernels.flash.window_attention` (FlashAttention-2 varlen with a left window), imported
-only when chosen.
+`nsa_impl.kernels.flash.window_attention` (FlashAttention-2 varlen with a left window); "triton"
+path: `nsa_impl.kernels.triton_attn.window_attention`; each imported only when chosen.
 """
 
 from __future__ import annotations
@@ -42,13 +42,19 @@ def window_attention(
 ) -> torch.Tensor:
     """``o_win [B, T, H, Dv]`` for ``q [B, T, H, Dk]``, ``k/v [B, T, G, D]`` (differentiable).
 
-    ``path`` is "masked" (banded chunks, any device/dtype) or "flash" (the FA-2 wrapper).
+    ``path`` is "masked" (banded chunks, any device/dtype), "flash" (the FA-2 wrapper) or
+    "triton" (the Triton window kernels).
     """
     if path == "flash":
         flash = importlib.import_module("nsa_impl.kernels.flash")
         return flash.window_attention(q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens)
+    if path == "triton":
+        triton_attn = importlib.import_module("nsa_impl.kernels.triton_attn")
+        return triton_attn.window_attention(
+            q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens, max_seqlen=max(layout.lengths)
+        )
     if path != "masked":
-        raise ValueError(f"window path must be 'masked' or 'flash', got {path!r}")
+        raise ValueError(f"window path must be 'masked', 'flash' or 'triton', got {path!r}")
     ranges = window_ranges(cfg, layout)
     L = min(cfg.window, layout.T) if len(layout.lengths) == 1 else 0
     if L == 0:

@@ -15,7 +15,21 @@ import threading
 from pathlib import Path
 
 _MODULES: dict[tuple[str, bool], object] = {}
-_LOCK = threading.Lock()
+#: Re-entrant: a kernel file may load a helper file (in its own mode) while it executes.
+_LOCK = threading.RLock()
+#: Modes of the kernel files being executed right now (innermost last).
+_EXECUTING: list[bool] = []
+
+
+def executing_mode() -> bool:
+    """The mode (``True``: interpreted) of the kernel file that `load_kernel_module` is executing.
+
+    A kernel file calls ``load_kernel_module("_helpers.py", executing_mode())`` to get shared
+    ``triton.jit`` helpers decorated in its own mode. Raises ``RuntimeError`` outside such a load.
+    """
+    if not _EXECUTING:
+        raise RuntimeError("executing_mode() is only meaningful while a kernel file is loaded")
+    return _EXECUTING[-1]
 
 
 def load_kernel_module(filename: str, interpret: bool):
@@ -33,9 +47,11 @@ def load_kernel_module(filename: str, interpret: bool):
             knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
             old_knob = knobs.__dict__.pop("interpret", None) if knobs is not None else None
             os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+            _EXECUTING.append(interpret)
             try:
                 spec.loader.exec_module(mod)
             finally:
+                _EXECUTING.pop()
                 if old_env is None:
                     os.environ.pop("TRITON_INTERPRET", None)
                 else:
