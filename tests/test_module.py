@@ -1,5 +1,5 @@
-"""`nsa_impl.NSAAttention` (and the small model in `nsa_impl.model`): definition, packing, RoPE
-positions, initialisation, autograd, decode through the layer, bad input."""
+"""`nsa_impl.NSAAttention`: definition, packing, RoPE positions, plans, initialisation,
+autograd, decode through the layer, bad input (the small model: tests/test_model.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import nsa_impl.module as module_mod
 import nsa_ref
 from nsa_impl import NSAAttention, NSACache, NSAConfig
-from nsa_impl.model import NSADecoderBlock, NSAToyLM, train_toy
 from nsa_impl.module import LearnablePhi, sequence_positions
 from nsa_impl.tolerances import EXACT_ATOL, FP32_GRAD_ATOL, FP32_OUT_ATOL
 
@@ -221,7 +220,11 @@ def test_float32_gradients_match_the_reference(monkeypatch):
         return y.detach(), {"x": xg.grad, **{n: p.grad for n, p in layer.named_parameters()}}
 
     y_impl, g_impl = grads()
-    monkeypatch.setattr(module_mod, "nsa_attention", nsa_ref.nsa_attention)
+
+    def reference(*args, plan=None, **kwargs):  # nsa_ref takes no plan
+        return nsa_ref.nsa_attention(*args, **kwargs)
+
+    monkeypatch.setattr(module_mod, "nsa_attention", reference)
     y_ref, g_ref = grads()
     torch.testing.assert_close(y_impl, y_ref, atol=FP32_OUT_ATOL, rtol=0)
     for name in g_ref:
@@ -310,25 +313,17 @@ def test_decode_rules():
         layer(randn(1, 1, HIDDEN), cache=cache)
 
 
-def test_decoder_block_and_model_decode_equal_prefill():
-    """The decoder block keeps shapes; the toy model decodes (per-block caches) what it prefills."""
-    torch.manual_seed(0)
-    block = NSADecoderBlock(HIDDEN, 4, 2, 4, CFG, rope=True).double()
-    x = randn(2, 9, HIDDEN)
-    assert block(x).shape == x.shape
-    model = NSAToyLM(17, HIDDEN, 4, 2, 4, CFG, num_layers=2, phi="mlp").double()
-    tokens = torch.randint(0, 17, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = model(tokens)
-        caches = model.new_caches(2)
-        steps = [model(tokens[:, p : p + 1], caches=caches) for p in range(12)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=EXACT_ATOL, rtol=0)
-
-
-def test_toy_training_loss_decreases():
-    """A few Adam steps on a fixed batch of random tokens lower the loss steadily, with every
-    option of the layer switched on."""
-    losses = train_toy(steps=6, phi="mlp", rope=True, separate_branch_kv=True, gate_hidden=16)
-    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
-    assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), losses
-    assert losses[-1] < 0.8 * losses[0], losses
+def test_a_given_plan_is_used_and_its_positions_drive_rope(monkeypatch):
+    """`plan_for` builds the layer's plan once; forward with it builds none and rotates by the
+    plan's positions (restarting at each boundary)."""
+    layer = make_layer(**ALL_OPTIONS)
+    x = randn(1, 17, HIDDEN)
+    p = layer.plan_for(x, CU)
+    assert p.positions.tolist() == sequence_positions(17, CU, "cpu").tolist()
+    built = []
+    real = module_mod.make_plan
+    monkeypatch.setattr(module_mod, "make_plan", lambda *a, **k: built.append(1) or real(*a, **k))
+    y = layer(x, cu_seqlens=CU, plan=p)
+    assert not built
+    torch.testing.assert_close(y, layer(x, cu_seqlens=CU), atol=0, rtol=0)
+    assert built == [1]  # no plan given: one built

@@ -1,10 +1,14 @@
-"""Compression branch geometry and attention (spec I.3, Eqs. 7-8).
+"""Compression branch geometry (spec I.3, Eqs. 7-8), its result type, and its "flash" path.
 
 Compressed block ``i`` of a sequence covers its local keys ``[i*d, i*d + l)`` and is visible to
 local position ``p`` iff ``i < num_cmp(p)``. With ``cu_seqlens`` the compressed blocks of all
 sequences are concatenated sequence by sequence, so the blocks visible to a row are one contiguous
 range ``[offset(seq), offset(seq) + num_cmp(p))``: a `RowRanges`, attended by the shared chunked
-masked softmax (`nsa_impl.branches.range_attention`). No block crosses a sequence boundary.
+masked softmax (the "masked" path, `nsa_impl.scoring.compressed_and_select`). No block crosses a
+sequence boundary.
+
+The "flash" path (`flash`) runs the branch on FlashAttention-2 over query groups with Triton
+selection scores (`nsa_impl.kernels.flash_cmp`), from the layout a plan prepared.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 
 from nsa_ref.config import NSAConfig
 
+from ..kernels import flash_cmp
 from ..varlen import PackedLayout
-from . import ProbsHook, RowRanges, range_attention
+from . import RowRanges
 
 
 def num_cmp(pos: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
@@ -35,25 +40,29 @@ class CmpLayout:
         ranges: per query row, its visible compressed blocks ``[lo, hi)`` (indices into
             ``starts``); ``lo`` is the row's sequence offset, ``hi - lo = num_cmp(p)``.
         single: True when the row is one sequence (blocks start at ``i*d``; ``lo == 0``).
+        device_starts: ``starts`` on the inputs' device (the gather of Eq. 7 with
+            ``cu_seqlens``).
     """
 
     starts: torch.Tensor
     ranges: RowRanges
     single: bool
+    device_starts: torch.Tensor
 
     @classmethod
-    def build(cls, cfg: NSAConfig, layout: PackedLayout) -> CmpLayout:
-        """Compressed-block geometry of ``layout`` under ``cfg`` (host work, once per call)."""
+    def build(cls, cfg: NSAConfig, layout: PackedLayout, device="cpu") -> CmpLayout:
+        """Compressed-block geometry of ``layout`` under ``cfg`` (host work, once per plan)."""
         lens = torch.tensor(layout.lengths, dtype=torch.long)
         counts = num_cmp(lens - 1, cfg)  # blocks per sequence
         offsets = torch.cumsum(counts, 0) - counts
+        total = int(counts.sum())
         seq_of_block = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        local = torch.arange(int(counts.sum())) - offsets[seq_of_block]
+        local = torch.arange(total) - offsets[seq_of_block]
         seq_start = torch.tensor(layout.bounds[:-1], dtype=torch.long)
         starts = seq_start[seq_of_block] + local * cfg.cmp_stride
         lo = offsets[layout.seq_id]
-        ranges = RowRanges(lo, lo + num_cmp(layout.pos, cfg), int(counts.sum()))
-        return cls(starts, ranges, layout.num_seqs == 1)
+        ranges = RowRanges(lo, lo + num_cmp(layout.pos, cfg), total)
+        return cls(starts, ranges, layout.num_seqs == 1, starts.to(device))
 
     @property
     def num_blocks(self) -> int:
@@ -61,22 +70,26 @@ class CmpLayout:
         return self.starts.numel()
 
 
-def compressed_attention(
-    q: torch.Tensor,
-    k_cmp: torch.Tensor,
-    v_cmp: torch.Tensor,
-    cmp_layout: CmpLayout,
-    scale: float,
-    *,
-    on_probs: ProbsHook | None = None,
-    budget_bytes: int | None = None,
-) -> torch.Tensor:
-    """Eq. 8 output ``o_cmp [B, T, H, Dv]``: attention over the visible compressed blocks.
+@dataclass
+class Scores:
+    """Result of the compressed branch with the selection (Eqs. 8-11), on any path.
 
-    ``k_cmp [B, N, G, Dk]``, ``v_cmp [B, N, G, Dv]`` come from `nsa_impl.scoring.compress`.
-    Rows with no visible block are exactly 0. ``on_probs`` sees ``p_cmp`` chunk by chunk (the
-    selection scores are built from it without a second pass).
+    Attributes:
+        o_cmp: ``[B, T, H, Dv]`` compressed-branch output (autograd).
+        block_indices: ``[B, T, G, n]`` int64, ascending, ``-1`` padded (local block indices).
+        p_slc: ``[B, T, G, ceil(T/l')]`` group scores (in ``q``'s dtype) or None.
+        p_cmp: ``[B, T, H, num_cmp(T-1)]`` compressed probabilities (local index) or None.
     """
-    return range_attention(
-        q, k_cmp, v_cmp, cmp_layout.ranges, scale, on_probs=on_probs, budget_bytes=budget_bytes
+
+    o_cmp: torch.Tensor
+    block_indices: torch.Tensor
+    p_slc: torch.Tensor | None
+    p_cmp: torch.Tensor | None
+
+
+def flash(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool = False) -> Scores:
+    """The "flash" path of the compressed branch (`nsa_impl.kernels.flash_cmp`)."""
+    o_cmp, block_indices, p_slc, p_cmp = flash_cmp.compressed_and_select(
+        q, k_cmp, v_cmp, plan.cfg, scale, plan.cmp_flash, want_aux=want_aux
     )
+    return Scores(o_cmp, block_indices, p_slc, p_cmp)

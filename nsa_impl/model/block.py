@@ -10,6 +10,7 @@ from nsa_ref.config import NSAConfig
 
 from ..decode import NSACache
 from ..module import NSAAttention
+from ..plan import Plan
 
 
 class MLP(nn.Module):
@@ -66,7 +67,10 @@ class NSADecoderBlock(nn.Module):
         """An empty decode cache for this block's attention."""
         return self.attn.new_cache(batch_size, max_len=max_len)
 
-    def forward(self, x, *, cu_seqlens=None, cache: NSACache | None = None) -> torch.Tensor:
-        """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache`` as in `NSAAttention`."""
-        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+    def forward(
+        self, x, *, cu_seqlens=None, cache: NSACache | None = None, plan: Plan | None = None
+    ) -> torch.Tensor:
+        """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache``/``plan`` as in
+        `NSAAttention`."""
+        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens, cache=cache, plan=plan)
         return x + self.mlp(self.mlp_norm(x))

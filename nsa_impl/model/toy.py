@@ -63,14 +63,17 @@ class NSAToyLM(nn.Module):
         """``tokens [B, T]`` (int64) -> logits ``[B, T, vocab]``.
 
         ``caches`` (from `new_caches`) decodes one position per call, as in `NSAAttention`.
+        Without caches one `nsa_impl.Plan` is built per forward and shared by every block.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError("tokens must be a [B, T] tensor of token ids")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold {len(self.blocks)} caches, got {len(caches)}")
         x = self.embed(tokens)
+        plan = None if caches is not None else self.blocks[0].attn.plan_for(x, cu_seqlens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, cache=None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            x = block(x, cu_seqlens=cu_seqlens, cache=cache, plan=plan)
         return self.head(self.norm(x))
 
 
