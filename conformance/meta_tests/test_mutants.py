@@ -10,7 +10,13 @@ import nsa_ref.reference
 import nsa_ref.rules
 from conformance import adapters, clauses, mutants
 from conformance.checks import Lane, Subject
-from conformance.tests import test_scoring, test_selection, test_window
+from conformance.tests import (
+    test_low_precision,
+    test_nonfinite,
+    test_scoring,
+    test_selection,
+    test_window,
+)
 
 EXACT = Lane(__import__("torch").float64, "exact")
 
@@ -40,6 +46,18 @@ CASES = [
         "finite-mask-sentinel",
         "NSA-I6-EXACT-EXCLUSION",
         lambda s: test_selection.test_masked_keys_get_exactly_zero_weight(s, EXACT, "sel"),
+    ),
+    (
+        "masked-by-zero-weights",
+        "NSA-NAN-VARLEN-ISOLATION",
+        lambda s: test_nonfinite.test_a_nan_in_one_packed_sequence_leaves_the_other_bit_identical(
+            s, EXACT, 0
+        ),
+    ),
+    (
+        "half-product-before-scale",
+        "NSA-LOWP-LARGE-LOGITS",
+        lambda s: test_low_precision.test_float16_large_unscaled_logits(s),
     ),
 ]
 
