@@ -224,7 +224,7 @@ def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
     q_clean, k_clean, do_clean = nan_to_zero(q), nan_to_zero(k), nan_to_zero(do)
     do_bad = ~finite_rows(do)  # [B, T, H]
     # dq rows are written once (chunks own disjoint rows); dk/dv accumulate across chunks.
-    dq = torch.zeros_like(q)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     dv_bad = torch.zeros(v.shape[:-1], dtype=torch.bool, device=v.device)  # [B, S, G]
@@ -269,7 +269,8 @@ def _range_attention(
 
 
 def _backward_fake(do, q, k, v, o, lo, hi, chunks, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @kernel_op("range_attention_backward", _backward_fake)

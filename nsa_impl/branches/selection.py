@@ -569,7 +569,8 @@ def _sel_chunked(
 
 
 def _chunked_backward_fake(do, q, k, v, o, blocks, seq_start, bounds, kind, sizes, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @kernel_op("sel_chunked_backward", _chunked_backward_fake)

@@ -177,7 +177,7 @@ def _dense_backward(do, q, k, v, o, lse, cu, left: int, scale: float):
 
 
 def _forward_fake(q, k, v, cu, max_len, left, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @kernel_op("flash_forward", _forward_fake)
@@ -197,11 +197,12 @@ def flash_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
         scale=scale, window_size_left=left, window_size_right=0,
     )  # fmt: skip
-    return out, lse.float() if lse.dtype != torch.float32 else lse
+    return out.contiguous(), lse.float().contiguous()  # the fake's layout (contiguous)
 
 
 def _backward_fake(do, q, k, v, o, lse, cu, max_len, left, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @kernel_op("flash_backward", _backward_fake)
@@ -228,7 +229,7 @@ def flash_backward(
         do, q, k, v, o, lse, cu, cu, max_len, max_len, 0.0, True, seed, offset,
         scale=scale, window_size_left=left, window_size_right=0,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -409,7 +409,8 @@ def sel_forward(
 def _backward_fake(do, q, k, v, o, lse, idx, union, count, tstart, trows, tseq, ent_pos,
                    item_seg, item_start, item_end, item_off, blk_seq0, blk_local, blk_len,
                    scale, sizes, launch):  # fmt: skip
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @kernel_op("sel_backward", _backward_fake)
@@ -481,8 +482,8 @@ def sel_backward(
         **_launch_opts(tn.warps_bwd, tn.stages_kv, interpret),
     )  # fmt: skip
     record_launch("dkdv", handle)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     kern._sel_reduce_kernel[(NB * G, nkc)](
         part_k, part_v, dk, dv, item_off, blk_seq0, blk_local,
         blk_len, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),

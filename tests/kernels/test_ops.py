@@ -36,7 +36,9 @@ def test_opcheck_of_the_torch_path_ops():
     from nsa_impl.branches import range_attention_backward
     from nsa_impl.branches.selection import _sel_chunked, _sel_chunked_backward
 
-    q, k, v = torch.randn(1, 9, 4, 8), torch.randn(1, 9, 2, 8), torch.randn(1, 9, 2, 6)
+    q = torch.randn(1, 9, 4, 8)
+    k = torch.randn(1, 2, 9, 8).transpose(1, 2)  # non-contiguous: outputs must still match
+    v = torch.randn(1, 9, 2, 6)
     lo, hi = torch.clamp(torch.arange(9) - 3, min=0), torch.arange(1, 10)
     chunks = torch.tensor([[0, 5, 0, 5], [5, 9, 2, 9]])
     _opcheck(torch.ops.nsa.range_attention.default, (q, k, v, lo, hi, chunks, 0.5))
