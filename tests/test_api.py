@@ -221,6 +221,33 @@ def test_low_precision_branches_within_naive_bound(dtype):
         assert err(got, want) <= lowp_bound(err(base, want), "out"), name
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("route", ["cpu", "cuda-route"])
+def test_nan_in_one_packed_sequence_leaves_the_other_bit_identical(request, route):
+    """The acceptance case of issue 9: NaN in v at one token of sequence 0 (cu_seqlens): every
+    output and gradient of sequence 1 is bit-identical to a clean run, and sequence 0's rows
+    before the token too; on the CPU route and on the CUDA route's glue (CPU stand-ins)."""
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=3, window=12)
+    cu = torch.tensor([0, 40, 70], dtype=torch.int32)
+    if route == "cuda-route":
+        request.getfixturevalue("cpu_gpu_paths")
+    forced = dict(cmp="flash", sel="triton", win="flash") if route == "cuda-route" else {}
+    clean = inputs(1, 70, 2, 2, 16, 16, seed=4)
+    dirty = [t.clone() for t in clean]
+    dirty[2][0, 30] = float("nan")
+    runs = []
+    for tensors in (clean, dirty):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        with dispatch.force_path(**forced):
+            o = nsa_attention(*leaves, cfg, cu_seqlens=cu, validate=False)
+        runs.append((o.detach(), *torch.autograd.grad((o * 1.5).sum(), leaves)))
+    for a, b in zip(*runs, strict=True):  # o, dq, dk, dv, dgates
+        assert torch.equal(a[0, 40:], b[0, 40:])  # sequence 1
+    for i in (0, 1, 4):  # o, dq and dgates of sequence 0's rows before the NaN (causality)
+        assert torch.equal(runs[1][i][0, :30], runs[0][i][0, :30])
+    assert torch.isnan(runs[1][0][0, 30]).all()  # the row that reads it is NaN
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input (spec I.11): errors name the argument
 
@@ -357,6 +384,31 @@ def test_compile_fullgraph_with_a_plan_on_cpu():
             o.sum().backward()
             assert err(o, nsa_ref.nsa_attention(q, k, v, gates, CFG_C)) < FP32_OUT_ATOL
     assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.triton
+def test_compile_fullgraph_of_the_cuda_route_glue_on_cpu(cpu_gpu_paths):
+    """The CUDA route (flash / triton / flash) traced whole with a plan (fullgraph=True): the
+    packing, index set-up and containment glue around its custom ops, run here on CPU tensors
+    (Triton's interpreter, FlashAttention's function in dense PyTorch)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counter, _ = _graphs()
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=3, window=12)
+    q, k, v, gates = inputs(1, 70, 2, 2, 16, 16, seed=3, grad=True)
+    with dispatch.force_path(cmp="flash", sel="triton", win="flash"):
+        p = plan_of(q, k, v, cfg)
+    eager = nsa_attention(q, k, v, gates, cfg, validate=False, plan=p)
+    ge = torch.autograd.grad(eager.sum(), (q, k, v, gates))
+    fn = torch.compile(nsa_attention, backend=counter, fullgraph=True)
+    got = fn(q, k, v, gates, cfg, validate=False, plan=p)
+    gc = torch.autograd.grad(got.sum(), (q, k, v, gates))
+    assert counter.frame_count == 1
+    assert torch.equal(got, eager)
+    for a, b in zip(gc, ge, strict=True):
+        assert torch.equal(a, b)
     torch._dynamo.reset()
 
 
