@@ -92,11 +92,8 @@ def nan_to_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """Bool ``x.shape[:-1]``: whether every element of the last axis is finite.
-
-    ``x * 0`` is 0 for a finite element and NaN for NaN/Inf, so one fused reduction answers.
-    """
-    return (x * 0).sum(dim=-1, dtype=torch.float32) == 0
+    """Bool ``x.shape[:-1]``: whether every element of the last axis is finite."""
+    return torch.isfinite(x).all(dim=-1)
 
 
 def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
