@@ -5,8 +5,9 @@ Three pieces, each asked instead of repeating conditions elsewhere:
 * `PATHS`: xformers-style declarations, one `PathDecl` per execution path. Each says which
   branches it implements (and where: ``impls``), which devices, dtypes and head dims it serves,
   whether it has a backward and takes ``cu_seqlens``, how to probe the optional software it needs
-  (``probe``, lazily, never at import) and what its kernels decline (``supports``, asked with an
-  `Inputs` built from shapes only). Adding a path is one more `PathDecl`.
+  (``probe``, lazily, never at import), what its kernels decline (``supports``, asked with an
+  `Inputs` built from shapes only) and which layouts a plan prepares for it (``layouts``).
+  Adding a path is one more `PathDecl` (and its files).
 * `choose`: one `Decision` per branch ("cmp", "sel", "win") for given `Inputs`, with the reason
   and the candidates it skipped. Precedence: `force_path` (innermost context wins) >
   ``NSA_FORCE_PARITY`` > ``NSA_TRITON_SEL_FORCE`` (selection only) > each branch's preference
@@ -116,6 +117,10 @@ class PathDecl:
             (``None``: pure PyTorch)? Asked lazily, cached per `routing.Settings`.
         supports: branch -> ``"module:function"`` ``(Inputs) -> (ok, why)``: the kernel's own
             limits for that branch (asked once per plan).
+        layouts: branch -> what the implementation reads from the plan: a
+            `nsa_impl.plan.Plan` attribute name, or ``"module:function"`` ``(plan) -> layout``;
+            built once per plan (eagerly for its route) and read with ``plan.layout_of(branch,
+            path)``.
         min_seqlen: the router prefers this path only from this longest sequence on (a
             preference, not a capability: forcing the path ignores it).
         interpretable: CPU tensors may run its Triton kernels in Triton's interpreter when the
@@ -136,6 +141,7 @@ class PathDecl:
     impls: Mapping[str, str] = field(default_factory=dict, compare=False)
     probe: str | None = field(default=None, compare=False)
     supports: Mapping[str, str] = field(default_factory=dict, compare=False)
+    layouts: Mapping[str, str] = field(default_factory=dict, compare=False)
     min_seqlen: int = 0
     interpretable: bool = False
     finite_fallback: str | None = None
@@ -223,6 +229,7 @@ PATHS: dict[str, PathDecl] = {
                 "sel": "nsa_impl.branches.selection:masked",
                 "win": "nsa_impl.branches.sliding:masked",
             },
+            layouts={"cmp": "cmp_masked", "win": "win_masked"},
         ),
         PathDecl(
             "packed",
@@ -243,6 +250,7 @@ PATHS: dict[str, PathDecl] = {
             True,
             doc="selection flat-packed with cu_seqlens (FA-2 varlen on GPU, dense buckets else)",
             impls={"sel": "nsa_impl.branches.selection:varlen"},
+            layouts={"sel": "sel_varlen_flash"},
         ),
         PathDecl(
             "triton",
@@ -257,6 +265,7 @@ PATHS: dict[str, PathDecl] = {
             impls={"sel": "nsa_impl.branches.selection:triton"},
             probe="nsa_impl.dispatch:triton_available",
             supports={"sel": "nsa_impl.kernels.triton_sel:supports"},
+            layouts={"sel": "sel_tokens"},
             min_seqlen=1024,  # below ~n*l' every query sees all its keys: packed is as fast
             interpretable=True,
         ),
@@ -280,6 +289,7 @@ PATHS: dict[str, PathDecl] = {
                 "win": "nsa_impl.kernels.flash:supports",
                 "cmp": "nsa_impl.kernels.flash_cmp:supports",
             },
+            layouts={"cmp": "cmp_flash", "win": "win_flash"},
             finite_fallback="masked",
         ),
     )

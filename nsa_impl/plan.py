@@ -45,16 +45,6 @@ from .kernels.triton_sel import TokenLayout
 from .scoring import CmpMaskedLayout
 from .varlen import PackedLayout
 
-#: Plan attribute each (branch, path) reads, built eagerly when the route has that path.
-_LAYOUTS = {
-    ("cmp", "masked"): "cmp_masked",
-    ("cmp", "flash"): "cmp_flash",
-    ("sel", "triton"): "sel_tokens",
-    ("sel", "varlen"): "sel_varlen_flash",
-    ("win", "masked"): "win_masked",
-    ("win", "flash"): "win_flash",
-}
-
 
 class Plan:
     """Route and layouts of one problem shape (module docstring); build with `plan`.
@@ -94,10 +84,10 @@ class Plan:
         self.seq_start = self.layout.seq_start.to(device)
         self.cu_seqlens = self.bounds_tensor.to(device, torch.int32) if varlen else None
         self.cmp = CmpLayout.build(cfg, self.layout, device)
+        self._built: dict[tuple[str, str], object] = {}
         for branch, decision in self.route.items():  # the layouts the route reads, now
-            name = _LAYOUTS.get((branch, decision.path)) if branch in branches else None
-            if name is not None:
-                getattr(self, name)
+            if branch in branches and branch in decision.decl.layouts:
+                self.layout_of(branch, decision.path)
 
     def __repr__(self) -> str:
         shape = (self.B, self.T, self.H, self.Dk)
@@ -108,6 +98,17 @@ class Plan:
         )
 
     # --- layouts of the paths (built eagerly for the route, lazily for a fallback) ------------
+
+    def layout_of(self, branch: str, path: str):
+        """What ``path``'s ``branch`` implementation reads (its declared ``layouts`` entry: an
+        attribute of the plan, or a ``"module:function"`` builder called with the plan once)."""
+        key = (branch, path)
+        if key not in self._built:
+            spec = dispatch.PATHS[path].layouts[branch]
+            self._built[key] = (
+                dispatch.resolve(spec)(self) if ":" in spec else getattr(self, spec)
+            )
+        return self._built[key]
 
     @functools.cached_property
     def cmp_masked(self) -> CmpMaskedLayout:

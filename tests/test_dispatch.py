@@ -65,20 +65,26 @@ def test_gpu_paths_unavailable_without_gpu_say_why():
 
 
 def test_a_new_path_is_one_declaration(monkeypatch):
-    """A path declared with impls for the window (here: the masked window with a spy) is
-    chosen when forced, run by the dispatcher, and named by explain."""
+    """A path declared with an implementation, a kernel check and a layout builder for the
+    window (here: the masked window with a spy) is chosen when forced, gets its layout built
+    once with the plan, is run by the dispatcher and is named by explain."""
     calls = []
     monkeypatch.setattr(_Spy, "calls", calls)
     decl = dispatch.PathDecl(
         "spy", frozenset({"win"}), frozenset({"cpu"}), frozenset({torch.float32}), True, True,
         doc="test path", impls={"win": "tests.test_dispatch:_spy_window"},
+        supports={"win": "tests.test_dispatch:_spy_supports"},
+        layouts={"win": "tests.test_dispatch:_spy_layout"},
     )  # fmt: skip
     monkeypatch.setitem(dispatch.PATHS, "spy", decl)
     q, k, v, gates = inputs(1, 13, 2, 2, 8, 8)
     with dispatch.force_path(win="spy"):
-        o = nsa_attention(q, k, v, gates, CFG)
+        p = plan_of(q, k, v, CFG)
+        o = nsa_attention(q, k, v, gates, CFG, plan=p)
         assert dispatch.explain(q, CFG, k=k, v=v)["win"].path == "spy"
-    assert calls == [13]
+        with pytest.raises(RuntimeError, match="only odd lengths"):
+            plan_of(q[:, :12], k[:, :12], v[:, :12], CFG)
+    assert calls == [("layout", 13), ("run", 13)]  # the layout once, at plan time
     assert err(o, nsa_ref.nsa_attention(q, k, v, gates, CFG)) < FP32_OUT_ATOL
 
 
@@ -86,9 +92,20 @@ class _Spy:
     calls: list = []
 
 
+def _spy_supports(inp):
+    return (inp.T % 2 == 1), "only odd lengths (a test kernel's limit)"
+
+
+def _spy_layout(plan):
+    _Spy.calls.append(("layout", plan.T))
+    return plan.win_masked
+
+
 def _spy_window(q, k, v, plan, scale):
-    _Spy.calls.append(q.shape[1])
-    return dispatch.PATHS["masked"].impl("win")(q, k, v, plan, scale)
+    _Spy.calls.append(("run", q.shape[1]))
+    from nsa_impl.branches import range_attention
+
+    return range_attention(q, k, v, plan.layout_of("win", "spy"), scale)
 
 
 # ------------------------------------------------------------------------------------------
