@@ -7,8 +7,11 @@
 #   gpu_tests.log        pytest -m gpu tests: the zero-sync tests (tests/test_plan.py), the
 #                        torch.compile(fullgraph=True)-with-a-plan test (tests/test_api.py), and
 #                        every kernel's GPU parity/containment test
-#   conf_<impl>.log      GPU conformance of nsa_impl (router), nsa_impl:flash, nsa_impl:triton
-#                        (reports in $OUT/conf_<impl>/)
+#   conf_<impl>.log      GPU conformance of every path that runs on CUDA: nsa_impl (router),
+#                        nsa_impl:flash, nsa_impl:triton (all clauses), nsa_impl:masked, :packed,
+#                        :varlen (all but the T=65536 clauses, which the router's run covers)
+#                        (reports in $OUT/conf_<impl>/). nsa_impl:reference is nsa_ref row by
+#                        row: its CPU report stands (a GPU run at T=65536 would take hours).
 # Stage 2, alone (clean timing): full NSA at T=65536, bf16, H=64, G=4, Dk=Dv=128, forward and
 #   forward+backward, with a plan per call and with the plan reused, next to dense SDPA:
 #   bench.log / nsa64k.md (today's numbers to beat: 73 ms forward, 185 ms forward+backward).
@@ -26,17 +29,22 @@ mkdir -p "$OUT"
 timeout 230 python3 -m pytest tests -m gpu -q -rfEs -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1 &
 tests_pid=$!
+# every clause but the T=65536 ones (for the paths the router sends to short rows only)
+short=$(python3 -c "from conformance import clauses
+print(' '.join('--clause ' + c.id for c in clauses.CLAUSES if '64K' not in c.id))")
 conf_pids=()
-for impl in nsa_impl nsa_impl:flash nsa_impl:triton; do
+for impl in nsa_impl nsa_impl:flash nsa_impl:triton nsa_impl:masked nsa_impl:packed nsa_impl:varlen; do
   name="${impl//:/_}"
+  extra=()
+  case "$impl" in *:masked|*:packed|*:varlen) read -r -a extra <<< "$short" ;; esac
   timeout 230 python3 -m conformance run --impl "$impl" --device cuda --no-mutants \
-      --report "$OUT/conf_$name" > "$OUT/conf_$name.log" 2>&1 &
+      --report "$OUT/conf_$name" ${extra[@]+"${extra[@]}"} > "$OUT/conf_$name.log" 2>&1 &
   conf_pids+=($!)
 done
 wait "$tests_pid"; echo "gpu tests: exit $?" | tee -a "$OUT/summary.txt"
 for pid in "${conf_pids[@]}"; do wait "$pid"; done
 tail -n 3 "$OUT/gpu_tests.log" | tee -a "$OUT/summary.txt"
-for impl in nsa_impl nsa_impl_flash nsa_impl_triton; do
+for impl in nsa_impl nsa_impl_flash nsa_impl_triton nsa_impl_masked nsa_impl_packed nsa_impl_varlen; do
   echo "conformance $impl: $(grep -E 'pass, .* fail' "$OUT/conf_$impl.log" | tail -n 1)" \
       | tee -a "$OUT/summary.txt"
   rm -f "$OUT/conf_$impl/junit.xml"
