@@ -13,6 +13,11 @@ Two arithmetic regimes, picked by the constexpr ``IEEE``:
   interpreter's numpy functions are already exact), IEEE float32 dots elsewhere and float64
   long-running gradient sums. A float32 ``q.k`` over 128 dims alone rounds logits by ~1e-6,
   which is the whole fp32 budget (docs/gpu_notes.md, "fp32 class").
+
+NaN containment (the rule of `nsa_impl.kernels.triton_sel`): masked keys contribute exactly
+nothing. Scores and probabilities are selected with ``tl.where`` (never multiplied by a zero
+probability), and a ``tl.dot`` whose contraction runs over masked entries reads its other
+operand through `finite`; the kernels then mark the rows that really read a non-finite value.
 """
 
 from __future__ import annotations
@@ -100,6 +105,15 @@ def acc_dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a.to(tl.float64), b.to(tl.float64))
     else:
         return mma(a, b)
+
+
+@triton.jit
+def finite(x):
+    """``(x with non-finite entries zeroed, mask of its finite entries)``: ``x - x`` is exactly 0
+    for finite values and NaN for NaN/Inf (NaN containment: a ``tl.dot`` contracting over
+    masked entries reads its operand through this, so a masked NaN adds nothing)."""
+    ok = (x - x) == 0
+    return tl.where(ok, x, tl.zeros_like(x)), ok
 
 
 @triton.jit

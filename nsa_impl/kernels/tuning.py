@@ -77,6 +77,18 @@ class AttnTuning:
     dkdv: Launch = Launch(rows=64, block_n=64, warps=8, stages=1, chunk=4096)
     dq_atomic: bool = False
 
+    def as_list(self) -> list[int]:
+        """The launch shapes as 16 ints (how the custom ops take them): fwd, dq, dkdv, atomic."""
+        out = [getattr(lt, f.name) for lt in (self.fwd, self.dq, self.dkdv) for f in fields(lt)]
+        return out + [int(self.dq_atomic)]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> AttnTuning:
+        """Inverse of `as_list`."""
+        n = len(fields(Launch))
+        launches = [Launch(*values[i * n : (i + 1) * n]) for i in range(3)]
+        return cls(*launches, dq_atomic=bool(values[3 * n]))
+
 
 @dataclass(frozen=True)
 class TopNTuning:
@@ -100,6 +112,10 @@ class TopNTuning:
         if self.positions < 16 or self.block_n < 16:
             raise ValueError(f"TopNTuning positions and block_n must be >= 16, got {self}")
 
+    def as_list(self) -> list[int]:
+        """The fields as ints (how the custom op takes them)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
 
 @dataclass(frozen=True)
 class GateTuning:
@@ -107,6 +123,10 @@ class GateTuning:
 
     rows: int = 32
     warps: int = 4
+
+    def as_list(self) -> list[int]:
+        """The fields as ints (how the custom ops take them)."""
+        return [self.rows, self.warps]
 
 
 @dataclass(frozen=True)
