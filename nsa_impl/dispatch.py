@@ -75,7 +75,7 @@ import nsa_ref
 from nsa_ref.reference import NSAAux
 
 from . import routing
-from .kernels import tuning
+from .kernels import triton_gate, tuning
 from .kernels.ops import Inputs
 from .scoring import Scores
 
@@ -563,7 +563,7 @@ def _gate_route(route: Route, inp: Inputs, prof) -> tuple[str, str]:
         return "torch", "nsa_ref.reference.gate (no branch on the triton path)"
     if prof is not None and not prof.route("gate_triton", True):
         return "torch", f"nsa_ref.reference.gate (profile {prof.name}: gate_triton off)"
-    ok, why = _call_guarded("nsa_impl.kernels.triton_gate:supports", inp)
+    ok, why = triton_gate.supports(inp)
     if not ok:
         return "torch", f"nsa_ref.reference.gate (fused gate declines: {why})"
     return "triton", "fused Triton gate (Eq. 5), the triton route's"
@@ -687,5 +687,5 @@ def gate(o_cmp, o_sel, o_win, gates, plan) -> torch.Tensor:
     """Eq. 5 as the plan's route decided (`Route.gate`): the fused Triton kernel on the triton
     route where the profile says so, else `nsa_ref.reference.gate`."""
     if plan.route.gate == "triton":
-        return resolve("nsa_impl.kernels.triton_gate:gate_combine")(o_cmp, o_sel, o_win, gates)
+        return triton_gate.gate_combine(o_cmp, o_sel, o_win, gates)
     return nsa_ref.reference.gate(o_cmp, o_sel, o_win, gates)

@@ -254,3 +254,106 @@ def test_triton_selection_forced_on_cpu_under_the_interpreter():
     assert p.route["sel"].path == "triton" and p.route["sel"].error is None
     assert err(nsa_attention(q, k, v, gates, CFG, plan=p),
                nsa_ref.nsa_attention(q, k, v, gates, CFG)) < FP32_OUT_ATOL  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# The "triton" path of every branch and the device profiles
+
+
+def _tri_inputs(T=80, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, T, 4, 16, generator=gen)
+    k = torch.randn(1, T, 2, 16, generator=gen)
+    v = torch.randn(1, T, 2, 24, generator=gen)
+    gates = torch.rand(1, T, 4, 3, generator=gen)
+    return q, k, v, gates, torch.randn(1, T, 4, 24, generator=gen)
+
+
+TRI_CFG = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=3, window=8)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cu", [None, [0, 30, 31, 80]])
+def test_force_path_triton_runs_every_branch_on_cpu(cu):
+    """force_path("triton") under TRITON_INTERPRET=1: cmp, sel, win and the fused gate on the
+    Triton kernels (CPU tensors, interpreter), in the fp32 class of the reference."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    routing.reload_settings({"TRITON_INTERPRET": "1"})
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v, gates, do = _tri_inputs()
+    leaves = [t.requires_grad_() for t in (q, k, v, gates)]
+    with dispatch.force_path("triton"):
+        route = dispatch.explain(q, TRI_CFG, k=k, v=v, cu_seqlens=cu)
+        o = nsa_attention(*leaves, TRI_CFG, cu_seqlens=cu)
+    assert route.paths() == {"cmp": "triton", "sel": "triton", "win": "triton"}
+    assert route.gate == "triton" and "profile: cpu" in str(route)
+    grads = torch.autograd.grad(o, leaves, do)
+    ref = nsa_ref.nsa_attention(*leaves, TRI_CFG, cu_seqlens=cu)
+    rgrads = torch.autograd.grad(ref, leaves, do)
+    assert err(o, ref) <= FP32_OUT_ATOL
+    for a, b in zip(grads, rgrads, strict=True):
+        assert err(a, b) <= 10 * FP32_OUT_ATOL
+
+
+def test_cpu_tensors_never_choose_triton_unforced():
+    routing.reload_settings({"TRITON_INTERPRET": "1"})
+    q, k, v, _, _ = _tri_inputs(64)
+    assert "triton" not in dispatch.explain(q, TRI_CFG, k=k, v=v).paths().values()
+
+
+def test_profiles_order_the_paths(cpu_gpu_paths):
+    """The profile decides: sm90 lists triton first for cmp and win, sm80 does not list it (the
+    flash order of before), sm89 keeps the Triton selection off; the fused gate follows the
+    route and the profile's gate_triton; explain names the profile."""
+    from nsa_impl.kernels import tuning
+
+    routing.reload_settings({"TRITON_INTERPRET": "1"})
+    inp = _inp(T=2048, Dk=16, dtype=torch.bfloat16)
+    with tuning.use_profile(tuning.load_profile("sm90")):
+        route = dispatch.choose(inp)
+    assert route.paths() == {"cmp": "triton", "sel": "triton", "win": "triton"}
+    assert route.gate == "triton" and route.profile.startswith("sm90")
+    assert "profile: sm90" in str(route)
+    with tuning.use_profile(tuning.load_profile("sm80")):
+        route = dispatch.choose(inp)
+    assert route.paths() == {"cmp": "flash", "sel": "triton", "win": "flash"}
+    assert route.gate == "torch"
+    with tuning.use_profile(tuning.load_profile("sm89")):
+        assert dispatch.choose(inp)["sel"].path == "packed"
+    no_gate = dataclasses.replace(
+        tuning.load_profile("sm90"),
+        routing={**tuning.load_profile("sm90").routing, "gate_triton": False},
+    )
+    with tuning.use_profile(no_gate):
+        route = dispatch.choose(inp)
+    assert route.gate == "torch" and "gate_triton off" in route.gate_reason
+
+
+def test_selection_length_guard_comes_from_the_profile(cpu_gpu_paths):
+    from nsa_impl.kernels import tuning
+
+    routing.reload_settings({"TRITON_INTERPRET": "1"})
+    base = tuning.load_profile("cpu")
+    short = dataclasses.replace(base, routing={**base.routing, "sel_triton_min_len": 64})
+    with tuning.use_profile(short):
+        assert dispatch.choose(_inp(T=100))["sel"].path == "triton"
+        d = dispatch.choose(_inp(T=50))["sel"]
+    assert d.path == "packed" and "sel_triton_min_len guard" in d.reason
+    assert d.skipped[0][0] == "triton"  # what observe counts as a fallback
+
+
+def test_no_compressed_block_needs_no_kernel_even_when_forced():
+    """Every sequence shorter than l: cmp is "masked" (exact zeros, forced selection) whatever
+    was forced, "reference" excepted; the triton path's outputs on such inputs equal nsa_ref."""
+    routing.reload_settings({"TRITON_INTERPRET": "1"})
+    q, k, v, gates = inputs(1, 7, 2, 2, 16, 16)
+    with dispatch.force_path("triton"):
+        route = dispatch.explain(q, TRI_CFG, k=k, v=v)
+    assert route["cmp"].path == "masked" and "shorter than l" in route["cmp"].reason
+    assert route["sel"].path == route["win"].path == "triton" and route["cmp"].error is None
+    with dispatch.force_path("reference"):
+        assert dispatch.explain(q, TRI_CFG, k=k, v=v)["cmp"].path == "reference"
+    if __import__("importlib").util.find_spec("triton") is not None:
+        with dispatch.force_path("triton"):
+            o = nsa_attention(q, k, v, gates, TRI_CFG)
+        assert err(o, nsa_ref.nsa_attention(q, k, v, gates, TRI_CFG)) < FP32_OUT_ATOL

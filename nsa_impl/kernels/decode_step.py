@@ -42,6 +42,14 @@ parity path): float64 logits, IEEE float32 ``p @ v``, libdevice ``exp``/``log`` 
 branch output is rounded to the input dtype and the gate runs with one rounding per operation
 in that dtype, as `nsa_ref.reference.gate` does on a tensor of that dtype.
 
+*Custom op.* The four launches are registered as one custom op, ``nsa::decode_rows``
+(``torch.library.custom_op`` with the caches, the workspace, ``out`` and ``lengths`` declared as
+mutated, and a fake), which `decode_rows` calls while ``torch.compile`` traces, so a compiled
+model sees the step as one opaque node. Eagerly (and while a CUDA graph is captured) it calls
+the launches directly: the Python custom-op dispatch costs about as much as the whole step (tens
+of microseconds per call against a 35 us goal), and a replayed graph contains only the kernels
+either way.
+
 Interpreter: like the other kernel files, `_decode_kernels` is executed once per mode (CUDA
 tensors: compiled; CPU tensors under ``TRITON_INTERPRET=1``: interpreted).
 """
@@ -54,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from ._loader import load_kernel_module
+from .ops import kernel_op
 
 #: Launches per decode step (K1 cmp+window, K2 scores+top-n, K3 selection, K4 combine).
 KERNELS_PER_STEP = 4
@@ -196,6 +205,19 @@ class Workspace:
     def rows(self) -> int:
         return self.pm.shape[0]
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The six buffers, in field order (how the custom op takes them)."""
+        return [self.logits, self.pm, self.pl, self.pacc, self.sel_idx, self.sel_cnt]
+
+    def sizes(self) -> list[int]:
+        """``[splits.cmp, splits.win, splits.sel, sel_slots]`` (how the custom op takes them)."""
+        return [self.splits.cmp, self.splits.win, self.splits.sel, self.sel_slots]
+
+    @classmethod
+    def of(cls, buffers: list[torch.Tensor], sizes: list[int]) -> Workspace:
+        """Inverse of `buffers` / `sizes`."""
+        return cls(*buffers, splits=Splits(*sizes[:3]), sel_slots=sizes[3])
+
 
 def _kernels(interpret: bool):
     """`_decode_kernels` executed in the given mode (cached; see `_loader`)."""
@@ -241,14 +263,27 @@ def decode_rows(
             must be that same tensor). ``None`` leaves every length alone.
     """
     l, d, ls, n_top, init, local, w = (int(x) for x in cfg)
-    R, H, Dk = q.shape
-    B, G, cap, _ = raw[0].shape
-    Dv = raw[1].shape[-1]
-    h = H // G
+    R = q.shape[0]
     if ws.rows < R:
         raise ValueError(f"workspace holds {ws.rows} rows, {R} requested")
     if (new is None) != (lengths is None):
         raise ValueError("new and lengths go together (a decode step) or are both None")
+    sizes = [l, d, ls, n_top, init, local, w]
+    if torch.compiler.is_compiling():  # one opaque node for torch.compile (module docstring)
+        decode_rows_op(q, gates, out, seq, pos, list(raw), k_cmp, v_cmp, ws.buffers(),
+                       ws.sizes(), sizes, float(scale), [] if new is None else list(new),
+                       lengths)  # fmt: skip
+        return
+    _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws, sizes, scale, new, lengths)
+
+
+def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scale, new, lengths):
+    """The four launches of `decode_rows` (arguments checked there)."""
+    l, d, ls, n_top, init, local, w = cfg
+    R, H, Dk = q.shape
+    B, G, cap, _ = raw[0].shape
+    Dv = raw[1].shape[-1]
+    h = H // G
     interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
     ieee = q.dtype == torch.float32
@@ -257,7 +292,7 @@ def decode_rows(
     tile = TILE // 2 if ieee else TILE
     sp = ws.splits
     S = sp.total
-    shared = raw[0] is raw[2] is raw[4] and raw[1] is raw[3] is raw[5]
+    shared = _same(raw[0], raw[2], raw[4]) and _same(raw[1], raw[3], raw[5])
     kn = new if new is not None else (raw[0],) * 6  # unused pointers when not appending
     if new is not None:
         knew, vnew = new[0], new[1]
@@ -309,3 +344,38 @@ def decode_rows(
         NSP=_next_pow2(max(sp.cmp, sp.win, sp.sel)), INC=lengths is not None, PRECISE=precise,
         **_options(interpret, 4),
     )
+
+
+def _same(*ts: torch.Tensor) -> bool:
+    """The tensors are one buffer (the branches share their K/V cache)."""
+    return all(t.data_ptr() == ts[0].data_ptr() and t.stride() == ts[0].stride() for t in ts)
+
+
+def _decode_rows_fake(q, gates, out, seq, pos, raw, k_cmp, v_cmp, workspace, ws_sizes, cfg,
+                      scale, new, lengths):  # fmt: skip
+    return None
+
+
+@kernel_op("decode_rows", _decode_rows_fake,
+           mutates=("out", "raw", "k_cmp", "v_cmp", "workspace", "lengths"))  # fmt: skip
+def decode_rows_op(
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    out: torch.Tensor,
+    seq: torch.Tensor,
+    pos: torch.Tensor,
+    raw: list[torch.Tensor],
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    workspace: list[torch.Tensor],
+    ws_sizes: list[int],
+    cfg: list[int],
+    scale: float,
+    new: list[torch.Tensor],
+    lengths: torch.Tensor | None,
+) -> None:
+    """`decode_rows` as a custom op (what ``torch.compile`` traces); writes its mutated
+    arguments in place: ``out``, the workspace, and in a step the caches and ``lengths``.
+    ``new`` is empty when the rows are already cached (no optional tensor lists in a schema)."""
+    _launch(q, gates, out, seq, pos, tuple(raw), k_cmp, v_cmp,
+            Workspace.of(workspace, ws_sizes), cfg, scale, tuple(new) or None, lengths)  # fmt: skip

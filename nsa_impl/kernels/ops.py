@@ -68,16 +68,17 @@ class Inputs:
         return self.device.type
 
 
-def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Any]:
+def kernel_op(name: str, fake: Callable, *, mutates: tuple[str, ...] = ()) -> Callable:
     """Decorator: ``fn`` becomes the custom op ``nsa::<name>`` with ``fake`` as its fake impl.
 
-    ``fn`` must be functional (``mutates_args=()``: fresh outputs, never views of its inputs)
-    and fully annotated (the schema is inferred). ``fake`` receives the same arguments as fake
-    tensors and returns empty tensors of the output shapes.
+    ``fn`` must be fully annotated (the schema is inferred) and functional (fresh outputs,
+    never views of its inputs), except for the arguments named in ``mutates``, which it writes
+    in place (the decode step's caches and workspace). ``fake`` receives the same arguments as
+    fake tensors and returns empty tensors of the output shapes (``None`` for no output).
     """
 
     def register(fn: Callable) -> Any:
-        op = torch.library.custom_op(f"nsa::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"nsa::{name}", mutates_args=tuple(mutates))(fn)
         op.register_fake(fake)
         return op
 

@@ -15,7 +15,8 @@ from nsa_impl.kernels.ops import finite_rows, nan_to_zero, poison, tuning
 OPS = (
     "flash_forward", "flash_backward", "sel_forward", "sel_backward", "cmp_scores", "top_n",
     "range_attention", "range_attention_backward", "cmp_select", "sel_chunked",
-    "sel_chunked_backward",
+    "sel_chunked_backward", "triton_range_forward", "triton_range_backward",
+    "triton_select_blocks", "triton_gate_forward", "triton_gate_backward", "decode_rows",
 )  # fmt: skip
 
 
@@ -76,6 +77,35 @@ def test_opcheck_of_the_triton_ops_in_the_interpreter():
     idx = torch.randint(-1, 2, (1, 20, 1, 2))
     o = triton_sel.selection_attention(q, k, v, idx, 16, 0.25)
     assert o.shape == (1, 20, 2, 16)
+
+
+@pytest.mark.triton
+def test_opcheck_of_the_prefill_triton_ops_in_the_interpreter():
+    """The row-range attention (both modes, forward and backward), the fused top-n and the
+    fused gate: schema and fake tensors against the real (interpreted) kernels."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from nsa_impl.kernels import triton_attn, triton_gate, triton_topn, tuning
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(20, 4, 16, generator=gen)
+    kc, vc = torch.randn(7, 2, 16, generator=gen), torch.randn(7, 2, 8, generator=gen)
+    qs, ks = torch.tensor([0, 20]), torch.tensor([0, 7])
+    launch = tuning.AttnTuning(fwd=tuning.Launch(rows=16, block_n=16)).as_list()
+    sizes = [20, 7, triton_attn.MODE_CMP, 4, 2, 1]  # max_len, max_keys, mode, l, d, window
+    _opcheck(triton_attn.range_forward._opoverload, (q, kc, vc, qs, ks, sizes, 0.25, launch))
+    o, lse = triton_attn.range_forward(q, kc, vc, qs, ks, sizes, 0.25, launch)
+    _opcheck(triton_attn.range_backward._opoverload,
+             (torch.randn_like(o), q, kc, vc, o, lse, qs, ks, sizes, 0.25, launch))  # fmt: skip
+    k, v = torch.randn(20, 2, 16, generator=gen), torch.randn(20, 2, 8, generator=gen)
+    win = [20, 20, triton_attn.MODE_WIN, 1, 1, 5]
+    _opcheck(triton_attn.range_forward._opoverload, (q, k, v, qs, qs, win, 0.25, launch))
+    select = [20, 4, 2, 8, 2, 1, 1, 3]  # max_len, l, d, l', n, init, local, num_scores
+    topn = tuning.TopNTuning(positions=16, block_n=16).as_list()
+    _opcheck(triton_topn.select_op._opoverload, (q, kc, lse, qs, ks, select, 0.25, topn))
+    xs = [torch.randn(2, 5, 4, 8, generator=gen) for _ in range(3)]
+    g = torch.rand(2, 5, 4, 3, generator=gen)
+    _opcheck(triton_gate.gate_forward._opoverload, (*xs, g, [16, 4]))
+    _opcheck(triton_gate.gate_backward._opoverload, (torch.randn_like(xs[0]), *xs, g, [16, 4]))
 
 
 def test_containment_helpers():

@@ -19,7 +19,7 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: the decode kernels cannot run", allow_module_level=True)
 
-from test_decode import (  # noqa: E402
+from ..test_decode import (  # noqa: E402
     CONFIGS,
     check_needle,
     expected_reads,
@@ -387,3 +387,35 @@ def test_gpu_generate_with_cuda_graph_equals_eager():
     eager = model.generate(prompt, 30)
     graphed = model.generate(prompt, 30, cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+def test_the_step_is_a_custom_op_with_declared_mutations(monkeypatch):
+    """``nsa::decode_rows`` (what torch.compile traces) computes what the direct launches do,
+    writing the same caches, workspace, output and lengths; opcheck's schema and fake tests
+    pass for a step with the new token (every mutation declared)."""
+    cfg = CONFIGS["overlap"]
+    q, k, v, gates, _ = make_inputs(2, 9, 1, 2, 6, 5, torch.float32, seed=5)
+    calls = []
+    real = decode_step._launch
+    monkeypatch.setattr(decode_step, "_launch", lambda *a: calls.append(a) or real(*a))
+    eager, via_op = kernel_cache(cfg), kernel_cache(cfg)
+    with torch.no_grad():
+        for p in range(8):
+            args = (row(q, p), row(k, p), row(v, p), row(gates, p))
+            eager.step(*args)
+            via_op.step(*args)
+        n = len(calls)
+        o_eager = eager.step(row(q, 8), row(k, 8), row(v, 8), row(gates, 8))
+        # the same step through the registered op, on the other cache's own buffers
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        o_op = via_op.step(row(q, 8), row(k, 8), row(v, 8), row(gates, 8))
+        monkeypatch.undo()
+    assert len(calls) == n + 2  # both steps launched (the second inside the op)
+    assert torch.equal(o_op, o_eager)
+    assert via_op.lengths == eager.lengths
+    q_, g_, out, seq, pos, raw, kc, vc, ws, sizes, scale, new, lengths = calls[-1]
+    args = (q_, g_, out.clone(), seq, pos.clone(), [t.clone() for t in raw], kc.clone(),
+            vc.clone(), [t.clone() for t in ws.buffers()], ws.sizes(), list(sizes), scale,
+            list(new), lengths.clone())  # fmt: skip
+    torch.library.opcheck(decode_step.decode_rows_op._opoverload, args,
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
