@@ -349,7 +349,7 @@ def _half_product_before_scale(original):
     def attend(q, k, v, scale):
         if q.dtype not in (torch.float16, torch.bfloat16) or k.shape[0] == 0:
             return original(q, k, v, scale)
-        logits = torch.einsum("hd,nhd->hn", q, k) * scale
+        logits = torch.einsum("hd,nhd->hn", q, k.to(q.dtype)) * scale  # q.k in the input dtype
         probs = torch.softmax(logits.float(), dim=-1)
         return torch.einsum("hn,nhd->hd", probs, v.float()).to(q.dtype), probs
 

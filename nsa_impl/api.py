@@ -104,26 +104,35 @@ def nsa_attention(
              cu_seqlens=plan.cu_seqlens if plan.varlen else None),
     )  # fmt: skip
     observe.mark("begin", q)
+    # The torch paths' inputs in the work dtype (numerics.work_dtype: float32 for half precision
+    # on the CPU), each input cast once so that its branches' gradients meet in that dtype.
+    work = plan.work_dtype
+    qw = q.to(work)
+    kvw = _cast_pairs(kv, work)
 
     # Compress (Eq. 7), then compressed branch + selection scores + top-n (Eqs. 8-11).
+    # A user phi pools in the input dtype (its parameters are in it); the mean in the work dtype.
     k_cmp = v_cmp = None
     if plan.route["cmp"].path != "reference":
-        k_cmp = compress(kv["cmp"][0], cfg, plan.cmp, phi_k, name="phi_k")
-        v_cmp = compress(kv["cmp"][1], cfg, plan.cmp, phi_v, name="phi_v")
+        k_src = kvw["cmp"][0] if phi_k is None else kv["cmp"][0]
+        v_src = kvw["cmp"][1] if phi_v is None else kv["cmp"][1]
+        k_cmp = compress(k_src, cfg, plan.cmp, phi_k, name="phi_k").to(work)
+        v_cmp = compress(v_src, cfg, plan.cmp, phi_v, name="phi_v").to(work)
     scores = dispatch.compressed(
-        q, k_cmp, v_cmp, plan, scale, want_aux=return_aux, validate=validate, reference=ref
+        qw, k_cmp, v_cmp, plan, scale, want_aux=return_aux, validate=validate, reference=ref
     )
     observe.mark("cmp", q)
 
     # Selection branch (Eq. 12) over the selected blocks.
-    o_sel = dispatch.selection(q, *kv["sel"], scores.block_indices, plan, scale, reference=ref)
+    o_sel = dispatch.selection(qw, *kvw["sel"], scores.block_indices, plan, scale, reference=ref)
     observe.mark("sel", q)
 
     # Sliding window (spec I.7).
-    o_win = dispatch.window(q, *kv["win"], plan, scale, validate=validate, reference=ref)
+    o_win = dispatch.window(qw, *kvw["win"], plan, scale, validate=validate, reference=ref)
     observe.mark("win", q)
 
-    # Gate (Eq. 5): the fused Triton kernel where the plan decided so (`dispatch.gate`).
+    # Gate (Eq. 5): the fused Triton kernel where the plan decided so (`dispatch.gate`); the
+    # output in the input dtype, rounded once.
     o = dispatch.gate(scores.o_cmp, o_sel, o_win, gates, plan)
     if observe.ACTIVE is not None:  # training-time statistics (nsa_impl.observe); off by default
         observe.ACTIVE.record(
@@ -133,7 +142,10 @@ def nsa_attention(
         )  # fmt: skip
     if not return_aux:
         return o
-    return o, NSAAux(scores.block_indices, scores.p_slc, scores.p_cmp, scores.o_cmp, o_sel, o_win)
+    p_slc, p_cmp, o_cmp, o_sel, o_win = (
+        t.to(q.dtype) for t in (scores.p_slc, scores.p_cmp, scores.o_cmp, o_sel, o_win)
+    )
+    return o, NSAAux(scores.block_indices, p_slc, p_cmp, o_cmp, o_sel, o_win)
 
 
 @amp.entry("q", "k", "v")
@@ -155,7 +167,25 @@ def selection_attention(q, k, v, block_indices, cfg, scale=None, *, cu_seqlens=N
     else:
         _check_plan(plan, q, {"sel": (k, v)}, cfg, cu_seqlens, needs_grad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return dispatch.selection(q, k, v, block_indices, plan, scale, reference=None)
+    w = plan.work_dtype  # numerics.work_dtype, as in nsa_attention
+    o = dispatch.selection(q.to(w), k.to(w), v.to(w), block_indices, plan, scale, reference=None)
+    return o.to(q.dtype)
+
+
+def _cast_pairs(kv: dict, dtype: torch.dtype) -> dict:
+    """``branch -> (k, v)`` in ``dtype``, each distinct tensor cast once (a tensor the branches
+    share stays one tensor, so its gradients are summed before the cast back). Identity is
+    compared with ``is`` (traceable by torch.compile, unlike ``id``)."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def cast(t):
+        for src, out in seen:
+            if src is t:
+                return out
+        seen.append((t, t.to(dtype)))
+        return seen[-1][1]
+
+    return {b: (cast(k), cast(v)) for b, (k, v) in kv.items()}
 
 
 def _check_plan(plan, q, kv: dict, cfg, cu_seqlens, needs_grad: bool) -> None:

@@ -73,6 +73,7 @@ import torch
 
 import nsa_ref
 from nsa_ref.reference import NSAAux
+from nsa_ref.reference import gate as ref_gate
 
 from . import routing
 from .kernels import triton_gate, tuning
@@ -143,6 +144,9 @@ class PathDecl:
             path is forced and ``TRITON_INTERPRET=1``.
         finite_fallback: with ``validate=True``, a non-finite output from finite inputs is
             recomputed on this path (``None``: no check).
+        own_dtype: the path's kernels compute in the plan's dtype themselves, so the runners
+            cast its inputs to it; torch paths take the plan's `nsa_impl.plan.Plan.work_dtype`
+            (`nsa_impl.numerics.work_dtype`).
     """
 
     name: str
@@ -161,6 +165,7 @@ class PathDecl:
     min_seqlen: Mapping[str, str] = field(default_factory=dict, compare=False)
     interpretable: bool = False
     finite_fallback: str | None = None
+    own_dtype: bool = False
 
     def served_devices(self) -> frozenset[str]:
         """Device types a forced run may use: ``devices``, plus ``cpu`` for an `interpretable`
@@ -301,6 +306,7 @@ PATHS: dict[str, PathDecl] = {
             # below ~n*l' every query sees all its keys: packed is as fast (profile's value)
             min_seqlen={"sel": "sel_triton_min_len"},
             interpretable=True,
+            own_dtype=True,
         ),
         PathDecl(
             "flash",
@@ -324,6 +330,7 @@ PATHS: dict[str, PathDecl] = {
             },
             layouts={"cmp": "cmp_flash", "win": "win_flash"},
             finite_fallback="masked",
+            own_dtype=True,
         ),
     )
 }
@@ -642,50 +649,67 @@ def _fallback(branch: str, decision: Decision, out: torch.Tensor, inputs, valida
     return PATHS[fallback]
 
 
+def _inputs_for(decl: PathDecl, plan, tensors) -> tuple:
+    """The branch inputs (in the plan's work dtype) in the dtype ``decl``'s path computes in."""
+    if decl.own_dtype:
+        return tuple(t.to(plan.dtype) for t in tensors)
+    return tuple(tensors)
+
+
 def compressed(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool, validate: bool,
                reference: ReferenceDelegate) -> Scores:  # fmt: skip
-    """The compressed branch and the selection (Eqs. 8-11) on the planned "cmp" path."""
-    decision = plan.route["cmp"]
+    """The compressed branch and the selection (Eqs. 8-11) on the planned "cmp" path.
+
+    ``q``, ``k_cmp``, ``v_cmp`` in the plan's work dtype; ``o_cmp`` comes back in it.
+    """
+    decision, work = plan.route["cmp"], plan.work_dtype
     if decision.path == "reference":
         aux = reference.aux
-        return Scores(aux.o_cmp, aux.block_indices, aux.p_slc, aux.p_cmp)
-    out = decision.impl(q, k_cmp, v_cmp, plan, scale, want_aux=want_aux)
-    fallback = _fallback("cmp", decision, out.o_cmp, (q, k_cmp, v_cmp), validate)
+        return Scores(aux.o_cmp.to(work), aux.block_indices, aux.p_slc, aux.p_cmp)
+    args = _inputs_for(decision.decl, plan, (q, k_cmp, v_cmp))
+    out = decision.impl(*args, plan, scale, want_aux=want_aux)
+    fallback = _fallback("cmp", decision, out.o_cmp, args, validate)
     if fallback is not None:
-        return fallback.impl("cmp")(q, k_cmp, v_cmp, plan, scale, want_aux=want_aux)
-    return out
+        out = fallback.impl("cmp")(q, k_cmp, v_cmp, plan, scale, want_aux=want_aux)
+    return Scores(out.o_cmp.to(work), out.block_indices, out.p_slc, out.p_cmp)
 
 
 def selection(q, k, v, block_indices, plan, scale: float, *,
               reference: ReferenceDelegate | None) -> torch.Tensor:  # fmt: skip
-    """The selection branch (Eq. 12) on the planned "sel" path.
+    """The selection branch (Eq. 12) on the planned "sel" path (inputs and output in the plan's
+    work dtype).
 
     ``reference=None`` (the selection entry point, given indices): "reference" runs "masked".
     """
     decision = plan.route["sel"]
     if decision.path == "reference":
         if reference is not None:
-            return reference.aux.o_sel
+            return reference.aux.o_sel.to(plan.work_dtype)
         decision = _decision("sel", "masked", "given block indices: the exact masked selection")
-    return decision.impl(q, k, v, block_indices, plan, scale)
+    args = _inputs_for(decision.decl, plan, (q, k, v))
+    return decision.impl(*args, block_indices, plan, scale).to(plan.work_dtype)
 
 
 def window(q, k, v, plan, scale: float, *, validate: bool,
            reference: ReferenceDelegate) -> torch.Tensor:  # fmt: skip
-    """The sliding-window branch (spec I.7) on the planned "win" path."""
+    """The sliding-window branch (spec I.7) on the planned "win" path (inputs and output in the
+    plan's work dtype)."""
     decision = plan.route["win"]
     if decision.path == "reference":
-        return reference.aux.o_win
-    out = decision.impl(q, k, v, plan, scale)
-    fallback = _fallback("win", decision, out, (q, k, v), validate)
+        return reference.aux.o_win.to(plan.work_dtype)
+    args = _inputs_for(decision.decl, plan, (q, k, v))
+    out = decision.impl(*args, plan, scale)
+    fallback = _fallback("win", decision, out, args, validate)
     if fallback is not None:
-        return fallback.impl("win")(q, k, v, plan, scale)
-    return out
+        out = fallback.impl("win")(q, k, v, plan, scale)
+    return out.to(plan.work_dtype)
 
 
 def gate(o_cmp, o_sel, o_win, gates, plan) -> torch.Tensor:
-    """Eq. 5 as the plan's route decided (`Route.gate`): the fused Triton kernel on the triton
-    route where the profile says so, else `nsa_ref.reference.gate`."""
+    """Eq. 5 as the plan's route decided (`Route.gate`), in the plan's dtype: the fused Triton
+    kernel on the triton route where the profile says so (inputs cast to the plan's dtype),
+    else `nsa_ref.reference.gate` in the work dtype (float32 for half precision on the CPU),
+    rounded once."""
     if plan.route.gate == "triton":
-        return triton_gate.gate_combine(o_cmp, o_sel, o_win, gates)
-    return nsa_ref.reference.gate(o_cmp, o_sel, o_win, gates)
+        return triton_gate.gate_combine(*(t.to(plan.dtype) for t in (o_cmp, o_sel, o_win, gates)))
+    return ref_gate(o_cmp, o_sel, o_win, gates.to(plan.work_dtype)).to(plan.dtype)

@@ -44,6 +44,7 @@ from .kernels.flash_cmp import FlashCmpLayout
 from .kernels.ops import Inputs
 from .kernels.triton_attn import SeqStarts
 from .kernels.triton_sel import TokenLayout
+from .numerics import work_dtype
 from .scoring import CmpMaskedLayout
 from .varlen import PackedLayout
 
@@ -161,6 +162,12 @@ class Plan:
     def sel_varlen_flash(self) -> bool:
         """Whether the "varlen" selection can use FlashAttention-2 varlen here."""
         return flash_varlen_available(self.inputs)[0]
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """What the torch paths compute on and the branch outputs are carried in
+        (`nsa_impl.numerics.work_dtype`: float32 for half precision on the CPU)."""
+        return work_dtype(self.dtype, self.device)
 
     @property
     def sel_varlen_min_len(self) -> int:

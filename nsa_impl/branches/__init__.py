@@ -21,7 +21,8 @@ row go over it. The chunk table is computed once per layout (`RangeLayout`, held
 
 Numerics follow `nsa_impl.numerics`: float32/float64 inputs compute logits, softmax and
 ``p @ v`` in float64 and round the output once; float16/bfloat16 multiply ``(q * scale) @ k^T``
-and ``p @ v`` in their own dtype (tensor cores) with a float32 softmax.
+and ``p @ v`` in `nsa_impl.numerics.product_dtype` (their own dtype on CUDA's tensor cores,
+float32 on the CPU) with a float32 softmax.
 
 NaN containment: a chunk's key span covers the ranges of all its rows, so a key outside one
 row's range is still inside the tile. Masked keys contribute exactly nothing: logits and
@@ -187,7 +188,7 @@ def _probs(qc, kc, allowed, scale: float, acc) -> torch.Tensor:
     B, G, hc, _ = qc.shape
     c, span = allowed.shape
     shape = (B, G, hc // c, c, span)
-    mm = product_dtype(qc.dtype)  # scaled before the product: a finite logit never overflows
+    mm = product_dtype(qc.dtype, qc.device)  # scaled before the product: no overflow
     s = torch.matmul(qc.to(mm) * scale, kc.to(mm).transpose(-1, -2)).view(shape).to(acc)
     p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1)
     return p.masked_fill_(~allowed, 0.0)
@@ -198,7 +199,7 @@ def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHo
     B, T, H, _ = q.shape
     G, Dv = k.shape[2], v.shape[-1]
     h = H // G
-    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
+    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype, q.device)
     v_bad = ~finite_rows(v)  # [B, S, G]
     v_clean = nan_to_zero(v)
     o = q.new_zeros(B, T, H, Dv)
@@ -224,7 +225,7 @@ def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
     B, T, H, _ = q.shape
     G = k.shape[2]
     h = H // G
-    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
+    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype, q.device)
     do = do.to(q.dtype)
     # Operands of products contracted over masked entries, with non-finite values zeroed.
     q_clean, k_clean, do_clean = nan_to_zero(q), nan_to_zero(k), nan_to_zero(do)

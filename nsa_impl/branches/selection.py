@@ -409,7 +409,7 @@ def _chunk_forward(q_rows, k_flat, v_flat, rows: _Rows, c: _Chunk, scale: float,
         o = torch.matmul(p, vc.to(cdt))
         return torch.where(valid.any(dim=1)[:, None, None], o, 0.0).to(qc.dtype)
     mask = None if valid is None else valid[:, None, None, :]
-    mm = product_dtype(qc.dtype)
+    mm = product_dtype(qc.dtype, qc.device)
     o = F.scaled_dot_product_attention(
         qc.unsqueeze(1).to(mm),
         kc.unsqueeze(1).to(mm),

@@ -1,4 +1,4 @@
-"""``triton.jit`` helpers shared by the attention kernel files (`_range_kernels`, `_topn_kernels`).
+"""``triton.jit`` helpers shared by the kernel files (`_range_kernels`, `_topn_kernels`, `_gate_kernels`).
 
 Loaded through `nsa_impl.kernels._loader.load_kernel_module` in the mode of the kernel file that
 asks for it (``executing_mode()``), so compiled kernels call compiled helpers and interpreted
@@ -45,6 +45,19 @@ def mma(a, b):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def round_to(x, dt: tl.constexpr):
+    """``x.to(dt)`` rounding to nearest even. The interpreter truncates float32 -> bfloat16, so
+    it rounds here by hand (add half an ulp and the tie bit, keep the top 16 bits); compiled
+    code converts with round-to-nearest-even itself."""
+    if INTERPRETED and dt == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dt)
 
 
 @triton.jit

@@ -39,8 +39,8 @@ the spec's order (forced, then higher score, then lower index), as `nsa_impl.sco
 *Numerics.* fp16/bf16: MMAs in the input dtype with float32 accumulation and softmax (the
 probabilities are rounded to the input dtype for ``p @ v``, as in FlashAttention). float32 (the
 parity path): float64 logits, IEEE float32 ``p @ v``, libdevice ``exp``/``log`` on CUDA. Each
-branch output is rounded to the input dtype and the gate runs with one rounding per operation
-in that dtype, as `nsa_ref.reference.gate` does on a tensor of that dtype.
+branch output is rounded to the input dtype and the gate rounds as `nsa_ref.reference.gate`
+does: per operation for float32, once (float32 arithmetic) for fp16/bf16.
 
 *Custom op.* The four launches are registered as one custom op, ``nsa::decode_rows``
 (``torch.library.custom_op`` with the caches, the workspace, ``out`` and ``lengths`` declared as
@@ -342,7 +342,7 @@ def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scal
         G, S, sp.cmp, sp.win, sp.sel,
         HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV,
         NSP=_next_pow2(max(sp.cmp, sp.win, sp.sel)), INC=lengths is not None, PRECISE=precise,
-        **_options(interpret, 4),
+        HALF=out.dtype in (torch.float16, torch.bfloat16), **_options(interpret, 4),
     )
 
 

@@ -343,9 +343,16 @@ def range_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of `range_forward` (deterministic unless ``dq_atomic``)."""
     max_len, max_keys, mode, cl, cd, win = sizes
-    tn = _tuning.AttnTuning.from_list(launch)
+    return _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cl, cd, win,
+                     scale, _tuning.AttnTuning.from_list(launch))  # fmt: skip
+
+
+def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_block,
+              cmp_stride, window, scale, tn: _tuning.AttnTuning):
+    """``(dq, dk, dv)`` of `_forward`: the dQ kernel then the dK/dV kernel (or, with
+    ``dq_atomic``, dQ added by the dK/dV kernel)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
-    geo = (mode, cl, cd, win, scale, tn)
+    geo = (mode, cmp_block, cmp_stride, window, scale, tn)
     if not tn.dq_atomic:
         dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
         dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)

@@ -10,7 +10,8 @@ Hopper, ``sm89.json``: Ada, ``sm80.json``: Ampere, ``cpu.json``: the Triton inte
 carries the router's thresholds and preferences (``routing``: whether the Triton selection path
 is preferred and from which sequence length, the order of paths for the compressed and window
 branches, whether the gate is fused) and says whether its numbers were ``measured`` or are
-predictions. `nsa_impl.routing.explain` names the profile it used.
+predictions. `nsa_impl.dispatch` reads the routing data when it builds a route, and
+`nsa_impl.explain` names the profile it used.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def use_profile(profile: Profile) -> Iterator[Profile]:
     """Within the context, `profile_for` returns ``profile`` for every device.
 
     How a benchmark runs the whole library on launch shapes it just measured (an explicit
-    object, scoped like `nsa_impl.routing.force_path`; no file or module state changes).
+    object, scoped like `nsa_impl.dispatch.force_path`; no file or module state changes).
     """
     if not isinstance(profile, Profile):
         raise TypeError(f"profile must be a tuning.Profile, got {type(profile).__name__}")

@@ -7,8 +7,10 @@ shapes shrunk (`SMALL`) so that a call has several query tiles, key chunks and d
 * float32: the fp32 class of spec I.10 against `nsa_ref` run in float32 (outputs 1e-6,
   gradients 1e-5), block indices equal to the reference's.
 * bfloat16: the low-precision class, ``err <= lowp_bound(naive_err)`` with truth = the masked
-  path in float64 on the same rounded inputs; naive = the masked path in bf16 (compressed
-  branch) or the dense formulation `conformance.dense` in bf16 (window).
+  path in float64 on the same rounded inputs; naive = the masked path in bf16 with bf16 matrix
+  products, as on tensor cores (compressed branch; on the CPU the library multiplies half
+  precision in float32, `nsa_impl.numerics.product_dtype`), or the dense formulation
+  `conformance.dense` in bf16 (window).
 * NaN containment: a non-finite value changes only the rows that read it, forward and
   backward; rows that see nothing stay exact zeros.
 
@@ -20,6 +22,7 @@ test_triton_gate.py; the profiles: test_tuning.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -28,7 +31,7 @@ import torch
 
 from conformance import dense
 from conformance.checks import selection_slack
-from nsa_impl import scoring
+from nsa_impl import numerics, scoring
 from nsa_impl.branches import compressed, sliding
 from nsa_impl.kernels import ops, tuning
 from nsa_impl.tolerances import FP32_GRAD_ATOL, FP32_OUT_ATOL, lowp_bound
@@ -91,6 +94,18 @@ def _dense_window(q, k, v, window, scale, cu):
     gates = torch.zeros(*q.shape[:3], 3, device=q.device, dtype=q.dtype)
     gates[..., 2] = 1
     return dense.nsa_dense(q, k, v, gates, cfg, scale=scale, cu_seqlens=cu).o_win
+
+
+@contextlib.contextmanager
+def _tensor_core_products():
+    """Half-precision products in the input dtype on the CPU too (as on CUDA's tensor cores):
+    the naive same-dtype computation a bf16 kernel is held to."""
+    saved = numerics.TENSOR_CORE_DEVICES
+    numerics.TENSOR_CORE_DEVICES = saved | {"cpu"}
+    try:
+        yield
+    finally:
+        numerics.TENSOR_CORE_DEVICES = saved
 
 
 def _win(fn, q, k, v, do):
@@ -162,7 +177,8 @@ def test_bf16_low_precision_class(T, G, h, Dk, Dv, cu):
     f64 = [t.double() for t in (q, k, v, do)]
     got = _cmp(compressed.triton, q, k, v, do, CFG, cu)
     ref = _cmp(scoring.compressed_and_select, *f64, CFG, cu)
-    low = _cmp(scoring.compressed_and_select, q, k, v, do, CFG, cu)
+    with _tensor_core_products():
+        low = _cmp(scoring.compressed_and_select, q, k, v, do, CFG, cu)
     pairs = [("o_cmp", got[0].o_cmp, ref[0].o_cmp, low[0].o_cmp, "out"),
              ("p_slc", got[0].p_slc, ref[0].p_slc, low[0].p_slc, "out")]  # fmt: skip
     pairs += [(n, got[i], ref[i], low[i], "grad") for i, n in ((1, "dq"), (2, "dk"), (3, "dv"))]
