@@ -195,9 +195,10 @@ def test_splits_over_a_longer_context(monkeypatch):
 def test_needle_64k_kernel_path():
     """The 64k needle through the interpreted kernels (small heads, float32): K1 appends the last
     token and emits block 4094 in place, K2 ranks the needle's block into the top 16, K3
-    returns its value, and the read counters say 4095 + 1024 + 512 = 5631."""
+    returns each group's value to its heads, and the read counters say 4095 + 1024 + 512 = 5631
+    (2 groups of 2 heads: the same group-to-head mapping as the paper-shape GPU test)."""
     cfg = NSAConfig()
-    q_last, k, v, _ = needle_context(65536, 1, 2, 16, torch.float32)
+    q_last, k, v, _ = needle_context(65536, 2, 2, 16, torch.float32)
     cache = NSACache(cfg, max_len=65536, path="triton")
     out, expected = check_needle(cache, q_last, k, v, cfg, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
