@@ -168,9 +168,10 @@ def _pow2_floor(x: int) -> int:
 
 
 def default_splits(rows: int, G: int, max_cmp: int, window: int, n_top: int,
-                   device: torch.device, *, sms: int | None = None) -> Splits:
+                   device: torch.device, *, sms: int | None = None,
+                   programs_per_sm: int | None = None) -> Splits:
     """Splits for ``rows * G`` (row, group) pairs on a device with ``sms`` SMs (default: the
-    device's).
+    device's), aiming at ``programs_per_sm`` (default `PROGRAMS_PER_SM`) programs per SM.
 
     * compressed: about `PROGRAMS_PER_SM` programs per SM (a power of two, at most 64 and never
       more than the tiles at full length);
@@ -182,7 +183,8 @@ def default_splits(rows: int, G: int, max_cmp: int, window: int, n_top: int,
       streaming 512 KB: 33 µs for a 17 µs floor).
     """
     sms = _sm_count(device) if sms is None else int(sms)
-    per_pair = max(1, PROGRAMS_PER_SM * sms // max(1, rows * G))
+    pps = PROGRAMS_PER_SM if programs_per_sm is None else int(programs_per_sm)
+    per_pair = max(1, pps * sms // max(1, rows * G))
     cmp = max(1, min(_pow2_floor(per_pair), 64, _next_pow2(_cdiv(max(1, max_cmp), TILE))))
     per_cmp = _cdiv(_cdiv(max(1, max_cmp), cmp), TILE) * TILE  # blocks of one split (tiles)
     win = max(1, min(_cdiv(window, per_cmp), _cdiv(window, TILE)))
