@@ -173,12 +173,12 @@ def default_splits(rows: int, G: int, max_cmp: int, window: int, n_top: int,
     """Splits for ``rows * G`` (row, group) pairs on a device with ``sms`` SMs (default: the
     device's), aiming at ``programs_per_sm`` (default `PROGRAMS_PER_SM`) programs per SM.
 
-    * compressed: about `PROGRAMS_PER_SM` programs per SM (a power of two, at most 64 and never
-      more than the tiles at full length);
+    * compressed: about ``programs_per_sm`` programs per SM (a power of two, at most 64 and
+      never more than the tiles at full length);
     * window: as many programs as give each about the keys of one compressed split (the
       longest program sets K1's time: at ``T = 16k`` one window program per pair read 4x what
       a compressed split did);
-    * selection: its own launch (K3), so again about `PROGRAMS_PER_SM` programs per SM, at
+    * selection: its own launch (K3), so again about ``programs_per_sm`` programs per SM, at
       most one per selected block (one program per pair at ``B = 32`` was a single CTA per SM
       streaming 512 KB: 33 µs for a 17 µs floor).
     """
