@@ -85,7 +85,8 @@ def select_blocks(
         scale: softmax scale of the compressed attention (default ``1/sqrt(Dk)``).
         num_scores: when positive, also return the scores ``[NQ, G, num_scores]`` float32
             (zeros beyond each position's current block), the spec's ``p_slc``.
-        tuning: launch shape (default: the device profile's ``topn``).
+        tuning: launch shape (default: the device profile's ``topn``); float32 inputs adapt it
+            (`nsa_impl.kernels.tuning.resolve_topn`).
     """
     if q.dim() != 3 or k_cmp.dim() != 3 or k_cmp.shape[-1] != q.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} / k_cmp {tuple(k_cmp.shape)}: expected [N, heads, Dk]")
@@ -114,12 +115,13 @@ def select_blocks(
     tn = _tuning.profile_for(dev).topn if tuning is None else tuning
     interpret = dev.type == "cpu"
     ieee = q.dtype == torch.float32
+    tile = _tuning.resolve_topn(tn, ieee, DK)
     dom = 1.0 if ieee else _LOG2E
     scale = 1.0 / math.sqrt(DK) if scale is None else float(scale)
     h = H // G
     HP = _tuning.next_pow2(h)
-    P = tn.positions
-    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tn.block_n)
+    P = tile.P
+    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tile.BN)
     grid = (-(-int(max_len) // P), qstart.numel() - 1, G)
     _kernels(interpret)._select_kernel[grid](
         q, k_cmp, lse, idx, scores, qstart, kstart,
@@ -129,8 +131,8 @@ def select_blocks(
         CL=cmp_block, CD=cmp_stride, SELB=sel_block, R=sel_block // cmp_stride,
         M=cmp_block // cmp_stride, NTOP=top_n, NP=max(2, _tuning.next_pow2(top_n)),
         INIT=init_blocks, LOCAL=local_blocks, H_PER_G=h, HP=HP, P=P, BM=P * HP, BN=bn, BS=bs,
-        BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), IEEE=ieee,
+        BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), KC=tile.KC, IEEE=ieee,
         PRECISE=ieee and not interpret, WRITE_SCORES=num_scores > 0,
-        **({} if interpret else dict(num_warps=tn.warps, num_stages=tn.stages)),
+        **({} if interpret else dict(num_warps=tile.warps, num_stages=tile.stages)),
     )  # fmt: skip
     return idx, (scores if num_scores > 0 else None)
