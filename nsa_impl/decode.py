@@ -652,11 +652,8 @@ class NSACache:
         ws = self._workspaces.get(rows)
         if ws is None:
             B, G, Dk, Dv, _, device = self._sig
-            cfg, h = self.cfg, self._heads // G
-            ncmp = self._cmp[0].shape[2]
-            splits = self._splits or decode_step.default_splits(
-                rows, G, ncmp, cfg.window, cfg.sel_top_n, device)
-            ws = decode_step.Workspace.allocate(rows, G, h, Dv, ncmp, cfg.sel_top_n, splits, device)
+            ws = decode_step.Workspace.allocate(rows, G, self._heads // G, Dv, self._cap,
+                                                self._cfg_ints(), self._splits, device)
             self._workspaces[rows] = ws
         return ws
 

@@ -530,7 +530,8 @@ def needle_context(T, G, h, D, dtype, device="cpu", seed=64):
 
     Keys and values are standard normal noise except position `NEEDLE_POS`, whose key is
     ``30*sqrt(D)`` along a unit direction ``u`` (so its logit is 120 against noise ~1) and whose
-    value is a distinctive ``+-3`` pattern. The last query is ``4*u`` for every head. Returns
+    value is a ``+-3`` pattern distinct per group (runs of ``g+1`` equal signs), so a head that
+    got another group's value fails. The last query is ``4*u`` for every head. Returns
     ``(q_last [1,1,H,D], k [1,T,G,D], v [1,T,G,D], u)``.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -539,7 +540,8 @@ def needle_context(T, G, h, D, dtype, device="cpu", seed=64):
     k = torch.randn(1, T, G, D, generator=gen, dtype=torch.float64)
     v = torch.randn(1, T, G, D, generator=gen, dtype=torch.float64)
     k[0, NEEDLE_POS] = 30 * math.sqrt(D) * u
-    v[0, NEEDLE_POS] = 3.0 * torch.where(torch.arange(D) % 2 == 0, 1.0, -1.0)
+    runs = torch.arange(D)[None, :] // torch.arange(1, G + 1)[:, None]  # [G, D]
+    v[0, NEEDLE_POS] = 3.0 * torch.where(runs % 2 == 0, 1.0, -1.0)
     q = (4 * u).expand(1, 1, G * h, D)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v)) + (u,)
 
@@ -576,7 +578,8 @@ def check_needle(cache, q_last, k, v, cfg, h):
     free[:, [0, b - 1, b]] = -1.0  # the forced blocks (init 1, local 2)
     assert free.argmax(-1).tolist() == [target] * G  # Eqs. 9/10 rank the needle's block first
     assert all(target in blocks for blocks in cache.selected_blocks[0].tolist())
-    expected = v[0, NEEDLE_POS].to(out.dtype).expand(G * h, -1)  # the selection returns it
+    # The selection returns the needle's value; head g*h + i belongs to group g.
+    expected = v[0, NEEDLE_POS].to(out.dtype).repeat_interleave(h, dim=0)  # [G*h, D]
     reads = cache.reads
     assert reads == {"cmp": 4095, "sel": 1024, "win": 512} and sum(reads.values()) == 5631
     assert sum(reads.values()) == cfg.decode_read_bound(T)
@@ -584,11 +587,12 @@ def check_needle(cache, q_last, k, v, cfg, h):
 
 
 def test_needle_64k_torch_path():
-    """64k context on the CPU, small heads (1 group of 2 heads, D=16), float32: Eq. 9/10 scores
-    put the needle's block first, the selection branch returns the needle's value and the
-    last step reads num_cmp + n*l' + w = 4095 + 1024 + 512 = 5631 tokens (spec I.9)."""
+    """64k context on the CPU, small heads (2 groups of 2 heads, D=16), float32: Eq. 9/10 scores
+    put the needle's block first in every group, every head's selection branch returns its
+    group's needle value and the last step reads num_cmp + n*l' + w = 4095 + 1024 + 512 = 5631
+    tokens (spec I.9)."""
     cfg = NSAConfig()
-    q_last, k, v, _ = needle_context(65536, 1, 2, 16, torch.float32)
+    q_last, k, v, _ = needle_context(65536, 2, 2, 16, torch.float32)
     out, expected = check_needle(NSACache(cfg, max_len=65536, path="torch"), q_last, k, v, cfg, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 

@@ -1,5 +1,9 @@
 """Triton kernels of the fused NSA decode step (spec I.3-I.9): four launches per step.
 
+K1 `_cmp_win_kernel` (compressed + window attention, append, emission), K2 `_score_kernel`
+(block scores and a top-n per chunk of selection blocks), K3 `_sel_kernel` (the global top-n
+from K2's lists, selection attention), K4 `_combine_kernel` (merge, gate, lengths).
+
 Loaded only through `nsa_impl.kernels.decode_step`, which executes this file once per execution
 mode (compiled for CUDA tensors, Triton's interpreter for CPU tensors; see `_loader`). The
 design and the reasons for it are in the docstring of `nsa_impl.kernels.decode_step`.
@@ -324,93 +328,144 @@ def _cmp_win_kernel(
 
 
 @triton.jit
-def _score_topn_kernel(
-    POS, LOGITS, PM, PL, SELIDX, SELCNT,
-    stride_lr, stride_lh, G, NC, NSPLIT, CAP,
+def _score_kernel(
+    POS, LOGITS, PM, PL, CKEY, CIDX,
+    stride_lr, stride_lh, G, NC, NSPLIT, NQ, CAP,
     HPG: tl.constexpr, BH: tl.constexpr, NCP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
     LS: tl.constexpr, R: tl.constexpr, MM: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
-    SP: tl.constexpr, N_TOP: tl.constexpr, NP: tl.constexpr, INIT: tl.constexpr,
+    CH: tl.constexpr, NL: tl.constexpr, NLP: tl.constexpr, INIT: tl.constexpr,
     LOCAL: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """K2: selection scores (Eqs. 9-10) and top-n (Eq. 11) for row ``r``, group ``g``.
+    """K2: selection scores (Eqs. 9-10) of the ``CH`` selection blocks ``[c*CH, (c+1)*CH)`` of
+    row ``r``, group ``g``, and their local top-``NL`` (Eq. 11's order); grid ``(R, G, NQ)``.
 
-    ``p_cmp = exp(s - lse)`` per head from K1's logits and the log-sum-exp of its partials,
-    summed over the group's heads (Eq. 10), then Eq. 9 as band weights: selection block ``j``
-    takes compressed blocks ``j*R + u`` (``u < R = l'/d``, weight ``min(u+MM, R) - u``) and the
-    halo ``j*R - (MM-1) + t`` (``t < MM-1``, weight ``min(t+1, R)``), ``MM = l/d``; this is
-    `nsa_impl.scoring.overlap_band`. Top-n: forced blocks at ``+inf``, non-candidates at
-    ``-inf``, ``N_TOP`` rounds of an argmax taking the lowest index on ties; the chosen blocks
-    are stored in that order (``-1`` for empty slots; K3 needs no order) with the number of
-    their keys ``<= p`` (spec I.9).
+    ``p_cmp = exp(s - lse)`` per head from K1's logits and the log-sum-exp of its compressed
+    partials, summed over the group's heads (Eq. 10), then Eq. 9 as band weights: selection block
+    ``j`` takes compressed blocks ``j*R + u`` (``u < R = l'/d``, weight ``min(u+MM, R) - u``) and
+    the halo ``j*R - (MM-1) + t`` (``t < MM-1``, weight ``min(t+1, R)``), ``MM = l/d``; this is
+    `nsa_impl.scoring.overlap_band`. All heads and blocks of the chunk are one ``[BH, CH, RP]``
+    gather, so its loads are in flight together.
+
+    Local top-n: keys are ``+inf`` for forced blocks, the score for the other candidates
+    ``j <= b(p)``, ``-inf`` otherwise; ``NL = min(n, CH)`` rounds of an argmax taking the lowest
+    index on ties store ``(key, block)`` in rank order at slots ``[0, NL)`` (``-inf`` when none is
+    left). The global top-n is inside the union of the chunks' lists: a block of the global
+    top-n has fewer than ``n`` blocks of its chunk ranked above it. A chunk past ``b(p)`` has no
+    candidate and writes nothing (K3 reads only chunks ``<= b(p) // CH``).
     """
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2)
     p, _ = _position(POS, r, CAP)
-    M = tl.where(p + 1 >= L, (p + 1 - L) // D + 1, 0)
     bcur = p // LS
-    j = tl.arange(0, SP)
-    u = tl.arange(0, RP)
-    i_main = j[:, None] * R + u[None, :]
-    ok_main = (u[None, :] < R) & (i_main < M)
-    w_main = tl.where(u < R, tl.minimum(u + MM, R) - u, 0).to(tl.float32)
-    acc = tl.zeros([SP, RP], tl.float32)
-    t = tl.arange(0, MP)
-    i_halo = j[:, None] * R - (MM - 1) + t[None, :]
-    ok_halo = (t[None, :] < MM - 1) & (i_halo >= 0) & (i_halo < M)
-    w_halo = tl.where(t < MM - 1, tl.minimum(t + 1, R), 0).to(tl.float32)
-    acc_halo = tl.zeros([SP, MP], tl.float32)
-    sp = tl.arange(0, NCP)
-    ml = (r * G + g) * NSPLIT * BH + sp * BH
-    for hi in range(HPG):
-        pm = tl.load(PM + ml + hi, mask=sp < NC, other=float("-inf"))
-        pl = tl.load(PL + ml + hi, mask=sp < NC, other=0.0)
-        mg = tl.max(pm, axis=0)
+    j0 = c * CH
+    if j0 <= bcur:
+        M = tl.where(p + 1 >= L, (p + 1 - L) // D + 1, 0)
+        hh = tl.arange(0, BH)
+        hok = hh < HPG
+        # Natural-log log-sum-exp per head over the compressed splits (m, l).
+        sp = tl.arange(0, NCP)
+        ml = ((r * G + g) * NSPLIT + sp)[None, :] * BH + hh[:, None]  # [BH, NCP]
+        pm = tl.load(PM + ml, mask=(sp < NC)[None, :], other=float("-inf"))
+        pl = tl.load(PL + ml, mask=(sp < NC)[None, :], other=0.0)
+        mg = tl.max(pm, axis=1)
         mg = tl.where(mg == float("-inf"), 0.0, mg)
-        lsum = tl.sum(pl * _exp(pm - mg, PRECISE), axis=0)
+        lsum = tl.sum(pl * _exp(pm - mg[:, None], PRECISE), axis=1)
         lse = mg + _log(tl.where(lsum > 0.0, lsum, 1.0), PRECISE)  # empty row: all masked
-        row = LOGITS + r * stride_lr + (g * HPG + hi) * stride_lh
-        acc += _exp(tl.load(row + i_main, mask=ok_main, other=float("-inf")) - lse, PRECISE)
+        row = LOGITS + r * stride_lr + (g * HPG + hh).to(tl.int64) * stride_lh  # [BH]
+        jl = tl.arange(0, CH)
+        j = j0 + jl
+        u = tl.arange(0, RP)
+        i_main = j[:, None] * R + u[None, :]  # [CH, RP]
+        ok_main = hok[:, None, None] & ((u[None, :] < R) & (i_main < M))[None, :, :]
+        s_main = tl.load(row[:, None, None] + i_main[None, :, :], mask=ok_main,
+                         other=float("-inf"))
+        acc = tl.sum(_exp(s_main - lse[:, None, None], PRECISE), axis=0)  # Eq. 10: [CH, RP]
+        w_main = tl.where(u < R, tl.minimum(u + MM, R) - u, 0).to(tl.float32)
+        score = tl.sum(acc * w_main[None, :], axis=1)
         if MM > 1:
-            s_halo = tl.load(row + i_halo, mask=ok_halo, other=float("-inf"))
-            acc_halo += _exp(s_halo - lse, PRECISE)
-    score = tl.sum(acc * w_main[None, :], axis=1)
-    if MM > 1:
-        score += tl.sum(acc_halo * w_halo[None, :], axis=1)
-    cand = j <= bcur
-    forced = cand & ((j < INIT) | (j > bcur - LOCAL))
-    key = tl.where(forced, float("inf"), score)
-    key = tl.where(cand, key, float("-inf"))
+            t = tl.arange(0, MP)
+            i_halo = j[:, None] * R - (MM - 1) + t[None, :]  # [CH, MP]
+            ok_halo = hok[:, None, None] & (
+                (t[None, :] < MM - 1) & (i_halo >= 0) & (i_halo < M))[None, :, :]
+            s_halo = tl.load(row[:, None, None] + i_halo[None, :, :], mask=ok_halo,
+                             other=float("-inf"))
+            acc_halo = tl.sum(_exp(s_halo - lse[:, None, None], PRECISE), axis=0)
+            w_halo = tl.where(t < MM - 1, tl.minimum(t + 1, R), 0).to(tl.float32)
+            score += tl.sum(acc_halo * w_halo[None, :], axis=1)
+        cand = j <= bcur
+        forced = cand & ((j < INIT) | (j > bcur - LOCAL))
+        key = tl.where(forced, float("inf"), score)
+        key = tl.where(cand, key, float("-inf"))
+        slot = tl.arange(0, NLP)
+        top_key = tl.full([NLP], float("-inf"), tl.float32)
+        top_blk = tl.full([NLP], -1, tl.int32)
+        for it in tl.static_range(NL):
+            best, at = tl.max(key, axis=0, return_indices=True,
+                              return_indices_tie_break_left=True)
+            top_key = tl.where(slot == it, best, top_key)
+            top_blk = tl.where(slot == it, j0 + at, top_blk)
+            key = tl.where(jl == at, float("-inf"), key)
+        base = ((r * G + g) * NQ + c) * NLP
+        tl.store(CKEY + base + slot, top_key)
+        tl.store(CIDX + base + slot, top_blk)
+
+
+@_helper
+def _merge_top_n(CKEY, CIDX, rg, bcur, NQ, CH: tl.constexpr, NQP: tl.constexpr,
+                 NLP: tl.constexpr, N_TOP: tl.constexpr, NP: tl.constexpr):
+    """The global top-n of a (row, group) from K2's chunk lists: ``[NP]`` blocks in selection
+    order (forced, then higher score, then lower index), ``-1`` for empty slots.
+
+    The lists are read chunk by chunk, each in rank order, so among equal keys the position in
+    the ``[NQP * NLP]`` array orders them by block index (a chunk's blocks all precede the next
+    chunk's, and a list places tied blocks lower index first): ``N_TOP`` rounds of an argmax
+    taking the leftmost position are the spec's order exactly. ``-inf`` keys (non-candidates,
+    empty slots, chunks past ``b(p)``, which K2 did not write) are never chosen.
+    """
+    e = tl.arange(0, NQP * NLP)
+    ok = (e // NLP) <= bcur // CH  # chunks past b(p) hold nothing (and were not written)
+    ok = ok & ((e // NLP) < NQ)
+    key = tl.load(CKEY + rg * NQ * NLP + e, mask=ok, other=float("-inf"))
+    blk = tl.load(CIDX + rg * NQ * NLP + e, mask=ok, other=-1)
     slot = tl.arange(0, NP)
-    big = SP + 1  # an empty slot
-    chosen = tl.full([NP], big, tl.int32)
+    chosen = tl.full([NP], -1, tl.int32)
     for it in tl.static_range(N_TOP):
         best, at = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        chosen = tl.where(_and(slot == it, best > float("-inf")), at, chosen)
-        key = tl.where(j == at, float("-inf"), key)
-    chosen = tl.where(chosen == big, -1, chosen)  # in selection order: forced, then by score
-    keys = tl.minimum(tl.maximum(p + 1 - chosen.to(tl.int64) * LS, 0), LS)
-    count = tl.sum(tl.where(chosen >= 0, keys, 0), axis=0)
-    tl.store(SELIDX + (r * G + g) * NP + slot, chosen)
-    tl.store(SELCNT + r * G + g, count.to(tl.int32))
+        pick = tl.sum(tl.where(e == at, blk, 0), axis=0)
+        chosen = tl.where(_and(slot == it, best > float("-inf")), pick, chosen)
+        key = tl.where(e == at, float("-inf"), key)
+    return chosen
 
 
 @triton.jit
 def _sel_kernel(
-    Q, KR_S, VR_S, SEQ, POS, SELIDX, PM, PL, PACC,
+    Q, KR_S, VR_S, SEQ, POS, CKEY, CIDX, SELIDX, SELCNT, PM, PL, PACC,
     stride_qr, stride_qh, stride_krb, stride_krg, stride_vrb, stride_vrg,
-    scale, G, NSPLIT, SLOT0, NS, CAP,
+    scale, G, NSPLIT, SLOT0, NS, NQ, CAP,
     HPG: tl.constexpr, BH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LS: tl.constexpr, BN: tl.constexpr,
+    CH: tl.constexpr, NQP: tl.constexpr, NLP: tl.constexpr,
     N_TOP: tl.constexpr, NP: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """K3: selection attention (Eq. 12) over the chosen blocks' keys ``<= p``; the ``N_TOP``
-    slots are split over ``NS`` programs; grid ``(R, G, NS)``. ``-1`` slots read nothing."""
+    """K3: top-n from K2's chunk lists (`_merge_top_n`, every program of the (row, group) the
+    same), then selection attention (Eq. 12) over the chosen blocks' keys ``<= p``, the ``N_TOP``
+    slots split over ``NS`` programs; grid ``(R, G, NS)``. ``-1`` slots read nothing. Program 0
+    stores the blocks in selection order and the number of their keys ``<= p`` (spec I.9)."""
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     b = tl.load(SEQ + r).to(tl.int64)
     p, _ = _position(POS, r, CAP)
-    q = _load_q(Q, r, g, stride_qr, stride_qh, HPG, BH, DK, BDK)
+    rg = r * G + g
+    q = _load_q(Q, r, g, stride_qr, stride_qh, HPG, BH, DK, BDK)  # in flight during the merge
+    chosen = _merge_top_n(CKEY, CIDX, rg, p // LS, NQ, CH, NQP, NLP, N_TOP, NP)
+    slot = tl.arange(0, NP)
+    if s == 0:
+        keys = tl.minimum(tl.maximum(p + 1 - chosen.to(tl.int64) * LS, 0), LS)
+        count = tl.sum(tl.where(chosen >= 0, keys, 0), axis=0)
+        tl.store(SELIDX + rg * NP + slot, chosen)
+        tl.store(SELCNT + rg, count.to(tl.int32))
     ks_base = b * stride_krb + g * stride_krg
     vs_base = b * stride_vrb + g * stride_vrg
     m_i = tl.full([BH], float("-inf"), tl.float32)
@@ -418,10 +473,12 @@ def _sel_kernel(
     acc = tl.zeros([BH, BDV], tl.float32)
     per = (N_TOP + NS - 1) // NS
     for u in range(0, per):
-        slot = s * per + u
-        blk = tl.load(SELIDX + (r * G + g) * NP + slot, mask=slot < N_TOP, other=-1)
+        # chosen[s*per + u], -1 past the list: a gather from registers (+1 so no match is -1)
+        blk = tl.sum(tl.where(slot == s * per + u, chosen + 1, 0), axis=0) - 1
         blk = blk.to(tl.int64)
-        for c in tl.static_range(0, LS, BN):
+        # A loop, not unrolled: two unrolled float64-logit tiles spilled 840 bytes (fp32,
+        # Dk=192; 0 as a loop, and bf16 has one tile per block anyway).
+        for c in range(0, LS, BN):
             off = c + tl.arange(0, BN)
             kk = blk * LS + off
             kv = _and((off < LS) & (kk <= p), blk >= 0)
@@ -429,7 +486,7 @@ def _sel_kernel(
             v = _load_rows(VR_S, vs_base, kk, kv, DV, BDV)
             sc = tl.where(kv[None, :], _logits(q, k, scale, IEEE), float("-inf"))
             m_i, l_i, acc = _online(sc, v, m_i, l_i, acc, IEEE, PRECISE)
-    _store_partial(PM, PL, PACC, ((r * G + g) * NSPLIT + SLOT0 + s) * BH, m_i, l_i, acc, BH, BDV)
+    _store_partial(PM, PL, PACC, (rg * NSPLIT + SLOT0 + s) * BH, m_i, l_i, acc, BH, BDV)
 
 
 @_helper
@@ -460,13 +517,14 @@ def _combine_kernel(
     stride_or, stride_oh, stride_gr, stride_gh, stride_gc,
     G, NSPLIT, NC, NW, NS,
     HPG: tl.constexpr, BH: tl.constexpr, HB: tl.constexpr, HBP: tl.constexpr,
-    DV: tl.constexpr, BDV: tl.constexpr, NSP: tl.constexpr, INC: tl.constexpr,
-    PRECISE: tl.constexpr, HALF: tl.constexpr,
+    DV: tl.constexpr, BDV: tl.constexpr, NCP: tl.constexpr, NWP: tl.constexpr,
+    NSP: tl.constexpr, INC: tl.constexpr, PRECISE: tl.constexpr, HALF: tl.constexpr,
 ):
     """K4: merge each branch's splits, round each branch to the output dtype, gate (Eq. 5) as
     `nsa_ref.reference.gate` does: float32 outputs with one rounding per operation, fp16/bf16
     (``HALF``) in float32 rounded once; grid ``(R, G, cdiv(HPG, HB))``, ``HB`` heads of group
-    ``g`` per program.
+    ``g`` per program. ``NCP``/``NWP``/``NSP``: each branch's split count padded to a power of
+    two (its partials are one load).
 
     With ``INC`` (a decode step, where ``POS`` is the lengths tensor) the first program of row
     ``r`` advances ``LEN[b]`` to ``p + 1``; no other program of this launch reads it.
@@ -478,8 +536,8 @@ def _combine_kernel(
     hh = c * HB + j
     hok = (j < HB) & (hh < HPG)
     base = (r * G + g) * NSPLIT
-    o_cmp = _merge(PM, PL, PACC, base, NC, hh, BH, BDV, NSP, PRECISE)
-    o_win = _merge(PM, PL, PACC, base + NC, NW, hh, BH, BDV, NSP, PRECISE)
+    o_cmp = _merge(PM, PL, PACC, base, NC, hh, BH, BDV, NCP, PRECISE)
+    o_win = _merge(PM, PL, PACC, base + NC, NW, hh, BH, BDV, NWP, PRECISE)
     o_sel = _merge(PM, PL, PACC, base + NC + NW, NS, hh, BH, BDV, NSP, PRECISE)
     dt = OUT.dtype.element_ty
     head = (g * HPG + hh).to(tl.int64)

@@ -17,6 +17,13 @@ score, then lower index): a candidate replaces the current worst entry iff it ra
 Bands come in ascending block order and each band's candidates in descending rank (argmax,
 lowest index on ties), and every candidate that enters beat the band's initial worst, so the
 number of merge rounds per band is bounded by that count (few after the first bands).
+
+float32 inputs (``IEEE``) form the logits in float64. A resident float64 query tile of
+``P * HP = 256`` rows by 128 dims, staged through shared memory for the dot, needs 256 KB on its
+own (sm_90 has 227 KB per block). So with ``KC > 0`` the query tile is not kept: each band's
+logits are summed over ``KC``-column slices of ``q`` and of the band's keys, both reloaded per
+band (L1/L2 hits; only the float32 parity path pays it). The sum over slices is a float64 sum of
+exact float64 products, as in one dot.
 """
 
 from __future__ import annotations
@@ -47,6 +54,19 @@ def _worst(tv, ti):
 
 
 @triton.jit
+def _sliced_logits(Q, q_off, q_ok, K, k_off, k_ok, qk_scale, BM: tl.constexpr, BN: tl.constexpr,
+                   DK: tl.constexpr, KC: tl.constexpr):
+    """``qk_scale * q @ k^T`` as float32 ``[BM, BN]`` from float64 dots over ``KC``-column
+    slices of the query rows ``q_off`` and key rows ``k_off`` (module docstring)."""
+    acc = tl.zeros([BM, BN], tl.float64)
+    for c0 in tl.static_range(0, DK, KC):
+        qc = _load_tile(Q + c0, q_off, q_ok, DK - c0, KC, True)
+        kc = _load_tile(K + c0, k_off, k_ok, DK - c0, KC, True)
+        acc += tl.dot(qc.to(tl.float64), tl.trans(kc).to(tl.float64))
+    return (acc * qk_scale).to(tl.float32)
+
+
+@triton.jit
 def _select_kernel(
     Q, K, LSE, IDX, SC, QSTART, KSTART,
     sqn, sqh, skn, skg, sln, sin, sig, ssn, ssg,
@@ -55,9 +75,10 @@ def _select_kernel(
     NTOP: tl.constexpr, NP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
-    IEEE: tl.constexpr, PRECISE: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    KC: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
-    """Block indices (and optionally the scores) of ``P`` positions of one sequence and group."""
+    """Block indices (and optionally the scores) of ``P`` positions of one sequence and group.
+    ``KC > 0``: float64 logits over ``KC``-column slices, nothing resident (module docstring)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2)
@@ -70,7 +91,9 @@ def _select_kernel(
     hh = r % HP
     valid_r = (hh < H_PER_G) & (pr < L)
     head = g * H_PER_G + hh
-    q = _load_tile(Q, (qs + pr) * sqn + head * sqh, valid_r, DK, BDK, True)
+    q_off = (qs + pr) * sqn + head * sqh
+    if KC == 0:
+        q = _load_tile(Q, q_off, valid_r, DK, BDK, True)
     lse = tl.load(LSE + (qs + pr) * sln + head, mask=valid_r, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse) * DOM  # such rows see no block: p = 0
     cnt_r = _num_cmp(pr, CL, CD)
@@ -97,14 +120,23 @@ def _select_kernel(
     # The band loop holds the merge loop, so Triton does not software-pipeline it: the next
     # band's keys are loaded one iteration ahead by hand (their L2 latency hides behind the MMA).
     c_first = i - (M - 1)
-    k_next = _load_tile(K, (ks + c_first) * skn + kcol, (c_first >= 0) & (c_first < cnt_max), DK,
-                        BDK, True)
+    if KC == 0:
+        k_next = _load_tile(K, (ks + c_first) * skn + kcol, (c_first >= 0) & (c_first < cnt_max),
+                            DK, BDK, True)
     for js0 in range(0, b_end, BS):
         ci = js0 * R - (M - 1) + i
-        k = k_next
-        cn = ci + BS * R
-        k_next = _load_tile(K, (ks + cn) * skn + kcol, (cn >= 0) & (cn < cnt_max), DK, BDK, True)
-        prob = _exp_d(_logits(q, tl.trans(k), qk_scale, IEEE) - lse[:, None], IEEE, PRECISE)
+        if KC == 0:
+            k = k_next
+            cn = ci + BS * R
+            k_next = _load_tile(K, (ks + cn) * skn + kcol, (cn >= 0) & (cn < cnt_max), DK, BDK,
+                                True)
+            logit = _logits(q, tl.trans(k), qk_scale, IEEE)
+        else:
+            # The query slices depend on the band (a mask always true inside the loop): loaded
+            # loop-invariantly they would be hoisted out of it and all stay resident again.
+            logit = _sliced_logits(Q, q_off, valid_r & (js0 < b_end), K, (ks + ci) * skn + kcol,
+                               (ci >= 0) & (ci < cnt_max), qk_scale, BM, BN, DK, KC)
+        prob = _exp_d(logit - lse[:, None], IEEE, PRECISE)
         vis = valid_r[:, None] & (ci[None, :] >= 0) & (ci[None, :] < cnt_r[:, None])
         prob = tl.where(vis, prob, 0.0)
         pc = tl.sum(tl.reshape(prob, [P, HP, BN]), 1)  # Eq. 10: sum over the group's heads

@@ -11,10 +11,12 @@ Design (why it looks like this)
 -------------------------------
 *Four launches.* K1 attends to the visible compressed blocks (split over ``NC`` programs) and to
 the window (split over ``NW``) and stores the compressed logits; K2 turns the logits into the
-group's block scores (Eqs. 9-10) and takes top-n (Eq. 11); K3 attends to the chosen blocks
-(split over ``NS``); K4 merges the splits, rounds each branch, gates (Eq. 5) and, in a step,
-advances the lengths. A step cannot be fewer launches without a grid-wide barrier: top-n needs
-every compressed probability of the group, and the selection needs top-n.
+group's block scores (Eqs. 9-10) chunk by chunk of ``CH`` selection blocks, each program keeping
+its chunk's top-n (Eq. 11's order); K3 merges those lists into the exact top-n and attends to
+the chosen blocks (split over ``NS``); K4 merges the splits, rounds each branch, gates (Eq. 5)
+and, in a step, advances the lengths. A step cannot be fewer launches without a grid-wide
+barrier: the scores need every compressed split's log-sum-exp, top-n needs every chunk, and
+the gate needs every selection split.
 
 *Append and emission inside K1.* In a step (``new`` given) K1's split 0 writes the new token's
 raw K/V at row ``p`` of each branch buffer, and the split that holds compressed block
@@ -24,7 +26,8 @@ cache and uses it; the window splits take row ``p`` from the input. So no progra
 another program of the same launch writes, and the append costs no launch.
 
 *Flash-decoding splits.* At small batch a (row, group) pair has 4k compressed blocks and 1.5k
-raw keys to read, too much for one SM; the splits spread them (K1 at about 4 programs per SM).
+raw keys to read, too much for one SM; the splits spread them (K1 and K3 at about 4 programs
+per SM each, a window split as long as a compressed one: `default_splits`).
 A split's range is computed in the kernel from ``p``: splits past a row's visible range store an
 empty partial at once, so a ragged batch costs what each row reads. Partials are float32
 ``(m, l, acc)`` in the workspace; K4 merges them in a fixed order (deterministic).
@@ -33,8 +36,17 @@ empty partial at once, so a ragged batch costs what each row reads. Partials are
 ``R*H*num_cmp`` values: 1 MB per sequence at 64k, a quarter of a re-read of the compressed
 keys); K2 forms ``exp(s - lse)`` with the log-sum-exp merged from K1's partials, sums the
 group's heads (Eq. 10 before Eq. 9, like `nsa_impl.scoring`) and applies the band weights.
-Top-n is ``n`` rounds of a tie-break-left argmax over ``[S]`` with forced blocks at ``+inf``:
-the spec's order (forced, then higher score, then lower index), as `nsa_impl.scoring.top_n`.
+
+*Split top-n.* One program per (row, group) scoring all ``T/l'`` blocks and taking ``n`` argmax
+rounds over them was 36-41 µs at every batch on an H200 (4 programs at B=1, each walking 16
+heads x 4k logits). K2 is ``(R, G, NQ)`` programs of ``CH`` blocks each (one gather of the
+chunk's logits for all heads), each storing its chunk's top-``min(n, CH)`` as (key, block) in
+rank order; the global top-n is inside the union of those lists (a block of the global top-n
+has fewer than ``n`` blocks of its chunk above it). K3's programs each merge the
+``NQ * min(n, CH)`` candidates with ``n`` leftmost-argmax rounds: lists are laid out chunk by
+chunk, so among equal keys the array position orders blocks by index and the merge is the
+spec's order exactly (forced, then higher score, then lower index), as
+`nsa_impl.scoring.top_n`; program 0 of K3 stores the blocks and their key count.
 
 *Numerics.* fp16/bf16: MMAs in the input dtype with float32 accumulation and softmax (the
 probabilities are rounded to the input dtype for ``p @ v``, as in FlashAttention). float32 (the
@@ -56,6 +68,7 @@ tensors: compiled; CPU tensors under ``TRITON_INTERPRET=1``: interpreted).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -76,8 +89,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: uses half: its float64 logit operands need twice the registers).
 TILE = 64
 
-#: Target K1 programs per SM when choosing the splits.
+#: Target programs per SM when choosing the splits (K1, K3) and the heads per K4 program.
 PROGRAMS_PER_SM = 4
+
+#: Most selection blocks one K2 program scores, and most elements of its logit gather.
+SCORE_CHUNK = 64
+SCORE_ELEMS = 8192
 
 
 def _next_pow2(x: int) -> int:
@@ -86,6 +103,11 @@ def _next_pow2(x: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _cap_cmp(cap: int, l: int, d: int) -> int:
+    """Compressed blocks a cache of ``cap`` tokens holds: ``max(1, num_cmp(cap - 1))``."""
+    return max(1, (cap - l) // d + 1) if cap >= l else 1
 
 
 def interpret_mode() -> bool:
@@ -143,21 +165,93 @@ class Splits:
         return self.cmp + self.win + self.sel
 
 
-def default_splits(rows: int, G: int, max_cmp: int, window: int, n_top: int,
-                   device: torch.device) -> Splits:
-    """Splits for ``rows * G`` (row, group) pairs: about `PROGRAMS_PER_SM` compressed programs
-    per SM (a power of two, at most 64 and never more than the tiles at full length), the
-    window with 1/8 and the selection with 1/4 as many (their bytes at 64k, relative to the
-    compressed branch's)."""
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 4 for the interpreter (its splits only need to be several)."""
     device = torch.device(device)
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 4)
-    per_pair = max(1, PROGRAMS_PER_SM * sms // max(1, rows * G))
-    cmp = 1 << (per_pair.bit_length() - 1)  # the power of two at or below
-    cmp = max(1, min(cmp, 64, _next_pow2(_cdiv(max(1, max_cmp), TILE))))
-    win = max(1, min(cmp // 8, _cdiv(window, TILE)))
-    sel = max(1, min(cmp // 4, n_top))
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def default_splits(rows: int, G: int, max_cmp: int, window: int, n_top: int,
+                   device: torch.device, *, sms: int | None = None,
+                   programs_per_sm: int | None = None) -> Splits:
+    """Splits for ``rows * G`` (row, group) pairs on a device with ``sms`` SMs (default: the
+    device's), aiming at ``programs_per_sm`` (default `PROGRAMS_PER_SM`) programs per SM.
+
+    * compressed: about ``programs_per_sm`` programs per SM (a power of two, at most 64 and
+      never more than the tiles at full length);
+    * window: as many programs as give each about the keys of one compressed split (the
+      longest program sets K1's time: at ``T = 16k`` one window program per pair read 4x what
+      a compressed split did);
+    * selection: its own launch (K3), so again about ``programs_per_sm`` programs per SM, at
+      most one per selected block (one program per pair at ``B = 32`` was a single CTA per SM
+      streaming 512 KB: 33 µs for a 17 µs floor).
+    """
+    sms = _sm_count(device) if sms is None else int(sms)
+    pps = PROGRAMS_PER_SM if programs_per_sm is None else int(programs_per_sm)
+    per_pair = max(1, pps * sms // max(1, rows * G))
+    cmp = max(1, min(_pow2_floor(per_pair), 64, _next_pow2(_cdiv(max(1, max_cmp), TILE))))
+    per_cmp = _cdiv(_cdiv(max(1, max_cmp), cmp), TILE) * TILE  # blocks of one split (tiles)
+    win = max(1, min(_cdiv(window, per_cmp), _cdiv(window, TILE)))
+    sel = max(1, min(_pow2_floor(per_pair), n_top))
     return Splits(cmp, win, sel)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Static launch geometry of a `Workspace` (everything a grid or a buffer size depends on).
+
+    Attributes:
+        splits: programs per (row, group) of each branch (K1, K3).
+        chunk: selection blocks per K2 program (``CH``, a power of two).
+        chunks: K2 programs per (row, group) (``NQ = cdiv(ceil(cap / l'), CH)``).
+        local_top: entries of a chunk's list (``NL = min(n, CH)``).
+        sel_slots: ``NP = next_pow2(n)``.
+        combine_heads: heads per K4 program.
+    """
+
+    splits: Splits
+    chunk: int
+    chunks: int
+    local_top: int
+    sel_slots: int
+    combine_heads: int
+
+
+def score_chunk(h: int, cfg: tuple[int, ...], sel_blocks: int) -> int:
+    """``CH``: selection blocks per K2 program: at most `SCORE_CHUNK`, and few enough that the
+    chunk's logit gather ``[BH, CH, next_pow2(l'/d) + next_pow2(l/d - 1)]`` stays within
+    `SCORE_ELEMS` elements (four warps' registers)."""
+    l, d, ls = (int(x) for x in cfg[:3])
+    BH = max(16, _next_pow2(h))
+    per_block = _next_pow2(ls // d) + _next_pow2(max(1, l // d - 1))
+    fit = _pow2_floor(max(1, SCORE_ELEMS // (BH * per_block)))
+    return max(1, min(SCORE_CHUNK, fit, _next_pow2(max(1, sel_blocks))))
+
+
+def geometry(rows: int, G: int, h: int, cap: int, cfg: tuple[int, ...], device,
+             splits: Splits | None = None, *, sms: int | None = None) -> Geometry:
+    """The `Geometry` of ``rows`` rows over caches of ``cap`` tokens (``cfg``: the 7 ints of
+    `decode_rows`); ``splits`` default to `default_splits`."""
+    l, d, ls, n_top, _, _, w = (int(x) for x in cfg)
+    device = torch.device(device)
+    sms = _sm_count(device) if sms is None else int(sms)
+    cap_cmp = _cap_cmp(cap, l, d)
+    if splits is None:
+        splits = default_splits(rows, G, cap_cmp, w, n_top, device, sms=sms)
+    sel_blocks = _cdiv(cap, ls)
+    ch = score_chunk(h, cfg, sel_blocks)
+    if device.type == "cpu":  # the interpreter pays per program: all heads in one
+        hb = _next_pow2(h)
+    else:  # about PROGRAMS_PER_SM programs per SM
+        hb = min(_next_pow2(h), _next_pow2(_cdiv(rows * G * h, PROGRAMS_PER_SM * sms)))
+    return Geometry(splits=splits, chunk=ch, chunks=_cdiv(sel_blocks, ch),
+                    local_top=min(n_top, ch), sel_slots=_next_pow2(n_top), combine_heads=hb)
 
 
 @dataclass
@@ -168,55 +262,71 @@ class Workspace:
         logits: ``[rows, H, max(1, cap_cmp)]`` float32 compressed logits (K1 -> K2).
         pm, pl: ``[rows, G, splits.total, BH]`` float32 partial max / sum.
         pacc: ``[rows, G, splits.total, BH, BDV]`` float32 partial outputs.
+        cand_key, cand_blk: ``[rows, G, chunks, NLP]`` float32 / int32: each K2 chunk's top-n
+            (Eq. 11 key, block) in rank order (K2 -> K3).
         sel_idx: ``[rows, G, NP]`` int32 chosen blocks in selection order, ``-1`` padded.
         sel_cnt: ``[rows, G]`` int32 selected keys ``<= p`` (spec I.9 ``sel``).
-        splits: the `Splits` the grids use.
+        geo: the `Geometry` the grids use.
     """
 
     logits: torch.Tensor
     pm: torch.Tensor
     pl: torch.Tensor
     pacc: torch.Tensor
+    cand_key: torch.Tensor
+    cand_blk: torch.Tensor
     sel_idx: torch.Tensor
     sel_cnt: torch.Tensor
-    splits: Splits
-    sel_slots: int  # NP = next_pow2(n)
+    geo: Geometry
 
     @classmethod
-    def allocate(cls, rows: int, G: int, h: int, Dv: int, cap_cmp: int, n_top: int,
-                 splits: Splits, device) -> Workspace:
-        """Buffers for ``rows`` rows of ``G`` groups of ``h`` heads and ``cap_cmp`` compressed
-        blocks."""
-        BH, BDV, NP = max(16, _next_pow2(h)), max(16, _next_pow2(Dv)), _next_pow2(n_top)
+    def allocate(cls, rows: int, G: int, h: int, Dv: int, cap: int, cfg: tuple[int, ...],
+                 splits: Splits | None, device) -> Workspace:
+        """Buffers for ``rows`` rows of ``G`` groups of ``h`` heads over caches of ``cap``
+        tokens (``cfg``: the 7 ints of `decode_rows`; ``splits=None``: `default_splits`)."""
+        geo = geometry(rows, G, h, cap, cfg, device, splits)
+        cap_cmp = _cap_cmp(cap, int(cfg[0]), int(cfg[1]))
+        BH, BDV = max(16, _next_pow2(h)), max(16, _next_pow2(Dv))
         f32 = dict(device=device, dtype=torch.float32)
-        S = splits.total
+        S = geo.splits.total
+        NLP = _next_pow2(geo.local_top)
         return cls(
-            logits=torch.empty(rows, G * h, max(1, cap_cmp), **f32),
+            logits=torch.empty(rows, G * h, cap_cmp, **f32),
             pm=torch.empty(rows, G, S, BH, **f32),
             pl=torch.empty(rows, G, S, BH, **f32),
             pacc=torch.empty(rows, G, S, BH, BDV, **f32),
-            sel_idx=torch.full((rows, G, NP), -1, device=device, dtype=torch.int32),
+            cand_key=torch.empty(rows, G, geo.chunks, NLP, **f32),
+            cand_blk=torch.empty(rows, G, geo.chunks, NLP, device=device, dtype=torch.int32),
+            sel_idx=torch.full((rows, G, geo.sel_slots), -1, device=device, dtype=torch.int32),
             sel_cnt=torch.zeros(rows, G, device=device, dtype=torch.int32),
-            splits=splits,
-            sel_slots=NP,
+            geo=geo,
         )
 
     @property
     def rows(self) -> int:
         return self.pm.shape[0]
 
+    @property
+    def splits(self) -> Splits:
+        return self.geo.splits
+
     def buffers(self) -> list[torch.Tensor]:
-        """The six buffers, in field order (how the custom op takes them)."""
-        return [self.logits, self.pm, self.pl, self.pacc, self.sel_idx, self.sel_cnt]
+        """The eight buffers, in field order (how the custom op takes them)."""
+        return [self.logits, self.pm, self.pl, self.pacc, self.cand_key, self.cand_blk,
+                self.sel_idx, self.sel_cnt]  # fmt: skip
 
     def sizes(self) -> list[int]:
-        """``[splits.cmp, splits.win, splits.sel, sel_slots]`` (how the custom op takes them)."""
-        return [self.splits.cmp, self.splits.win, self.splits.sel, self.sel_slots]
+        """The `Geometry` as ints (how the custom op takes it): ``[splits.cmp, splits.win,
+        splits.sel, chunk, chunks, local_top, sel_slots, combine_heads]``."""
+        g = self.geo
+        return [*dataclasses.astuple(g.splits), g.chunk, g.chunks, g.local_top, g.sel_slots,
+                g.combine_heads]  # fmt: skip
 
     @classmethod
     def of(cls, buffers: list[torch.Tensor], sizes: list[int]) -> Workspace:
         """Inverse of `buffers` / `sizes`."""
-        return cls(*buffers, splits=Splits(*sizes[:3]), sel_slots=sizes[3])
+        geo = Geometry(Splits(*sizes[:3]), *sizes[3:])
+        return cls(*buffers, geo=geo)
 
 
 def _kernels(interpret: bool):
@@ -224,8 +334,52 @@ def _kernels(interpret: bool):
     return load_kernel_module("_decode_kernels.py", interpret)
 
 
-def _options(interpret: bool, warps: int, stages: int = 1) -> dict:
-    return {} if interpret else dict(num_warps=warps, num_stages=stages)
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a step: grid, constexpr arguments, compile options."""
+
+    grid: tuple[int, int, int]
+    constexprs: dict
+    options: dict
+
+
+def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo: Geometry,
+             dtype: torch.dtype, interpret: bool, *, append: bool,
+             shared: bool) -> dict[str, Launch]:
+    """The four launches of `decode_rows` for ``R`` rows (by kernel name, in launch order).
+
+    The one place the constexprs and options are derived: `decode_rows` launches these and
+    ``bench/aot_compile.py --decode`` builds exactly these for sm_90 without a GPU.
+    """
+    l, d, ls, n_top, init, local, w = (int(x) for x in cfg)
+    ieee = dtype == torch.float32
+    precise = ieee and not interpret
+    BH, BDK, BDV = max(16, _next_pow2(h)), max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))
+    tile = TILE // 2 if ieee else TILE
+    sp = geo.splits
+    NLP = _next_pow2(geo.local_top)
+    hb = geo.combine_heads
+
+    def opts(warps: int, stages: int = 1) -> dict:
+        return {} if interpret else dict(num_warps=warps, num_stages=stages)
+
+    return {
+        "cmp_win": Launch((R, G, sp.cmp + sp.win), dict(
+            HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, L=l, D=d, BL=_next_pow2(l), W=w,
+            BN=tile, APPEND=append, SHARED=shared, IEEE=ieee, PRECISE=precise), opts(4, 2)),
+        "score": Launch((R, G, geo.chunks), dict(
+            HPG=h, BH=BH, NCP=_next_pow2(sp.cmp), L=l, D=d, LS=ls, R=ls // d, MM=l // d,
+            RP=_next_pow2(ls // d), MP=_next_pow2(max(1, l // d - 1)), CH=geo.chunk,
+            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, PRECISE=precise), opts(4)),
+        "sel": Launch((R, G, sp.sel), dict(
+            HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,
+            BN=max(16, min(tile, _next_pow2(ls))), CH=geo.chunk, NQP=_next_pow2(geo.chunks),
+            NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, IEEE=ieee, PRECISE=precise), opts(4, 2)),
+        "combine": Launch((R, G, _cdiv(h, hb)), dict(
+            HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV, NCP=_next_pow2(sp.cmp),
+            NWP=_next_pow2(sp.win), NSP=_next_pow2(sp.sel), INC=append, PRECISE=precise,
+            HALF=dtype in (torch.float16, torch.bfloat16)), opts(4)),
+    }
 
 
 def decode_rows(
@@ -253,7 +407,7 @@ def decode_rows(
         raw: ``(k_cmp_raw, v_cmp_raw, k_sel, v_sel, k_win, v_win)`` caches ``[B, G, cap, D]``
             (contiguous; the same tensors three times when the branches share K/V).
         k_cmp, v_cmp: compressed caches ``[B, G, cap_cmp, D]`` (contiguous).
-        ws: a `Workspace` of at least ``R`` rows.
+        ws: a `Workspace` of at least ``R`` rows, allocated for these caches' ``cap``.
         cfg: ``(l, d, l', n, init_blocks, local_blocks, w)`` of the `NSAConfig`.
         scale: softmax scale.
         new: a decode step: the new token's ``(k, v)`` per branch as six ``[R, G, D]`` tensors
@@ -264,8 +418,11 @@ def decode_rows(
     """
     l, d, ls, n_top, init, local, w = (int(x) for x in cfg)
     R = q.shape[0]
+    cap = raw[0].shape[2]
     if ws.rows < R:
         raise ValueError(f"workspace holds {ws.rows} rows, {R} requested")
+    if ws.geo.chunks * ws.geo.chunk < _cdiv(cap, ls) or ws.logits.shape[-1] < k_cmp.shape[2]:
+        raise ValueError(f"workspace was allocated for a smaller cache than cap={cap}")
     if (new is None) != (lengths is None):
         raise ValueError("new and lengths go together (a decode step) or are both None")
     sizes = [l, d, ls, n_top, init, local, w]
@@ -279,20 +436,17 @@ def decode_rows(
 
 def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scale, new, lengths):
     """The four launches of `decode_rows` (arguments checked there)."""
-    l, d, ls, n_top, init, local, w = cfg
     R, H, Dk = q.shape
     B, G, cap, _ = raw[0].shape
     Dv = raw[1].shape[-1]
     h = H // G
     interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
-    ieee = q.dtype == torch.float32
-    precise = ieee and not interpret
-    BH, BDK, BDV = max(16, _next_pow2(h)), max(16, _next_pow2(Dk)), max(16, _next_pow2(Dv))
-    tile = TILE // 2 if ieee else TILE
-    sp = ws.splits
+    geo, sp = ws.geo, ws.geo.splits
     S = sp.total
     shared = _same(raw[0], raw[2], raw[4]) and _same(raw[1], raw[3], raw[5])
+    plan = launches(R, G, h, Dk, Dv, cfg, geo, q.dtype, interpret, append=new is not None,
+                    shared=shared)
     kn = new if new is not None else (raw[0],) * 6  # unused pointers when not appending
     if new is not None:
         knew, vnew = new[0], new[1]
@@ -306,43 +460,32 @@ def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scal
         kn_strides = (0, 0, 0, 0)
     kr, vr, kc = raw[0], raw[1], k_cmp
     logits = ws.logits
-    n_sel = _cdiv(cap, ls)
-    kern._cmp_win_kernel[(R, G, sp.cmp + sp.win)](
+    k1, k2, k3, k4 = (plan[name] for name in ("cmp_win", "score", "sel", "combine"))
+    kern._cmp_win_kernel[k1.grid](
         q, *kn, *raw, k_cmp, v_cmp, seq, pos, logits, ws.pm, ws.pl, ws.pacc,
         q.stride(0), q.stride(1), *kn_strides,
         kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1),
         kc.stride(0), kc.stride(1), v_cmp.stride(0), v_cmp.stride(1),
         logits.stride(0), logits.stride(1),
-        float(scale), G, sp.cmp, sp.win, S, cap,
-        HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, L=l, D=d, BL=_next_pow2(l), W=w,
-        BN=tile, APPEND=new is not None, SHARED=shared, IEEE=ieee, PRECISE=precise,
-        **_options(interpret, 4, 2),
+        float(scale), G, sp.cmp, sp.win, S, cap, **k1.constexprs, **k1.options,
     )
-    kern._score_topn_kernel[(R, G)](
-        pos, logits, ws.pm, ws.pl, ws.sel_idx, ws.sel_cnt,
-        logits.stride(0), logits.stride(1), G, sp.cmp, S, cap,
-        HPG=h, BH=BH, NCP=_next_pow2(sp.cmp), L=l, D=d, LS=ls, R=ls // d, MM=l // d,
-        RP=_next_pow2(ls // d), MP=_next_pow2(max(1, l // d - 1)), SP=_next_pow2(n_sel),
-        N_TOP=n_top, NP=ws.sel_slots, INIT=init, LOCAL=local, PRECISE=precise,
-        **_options(interpret, 8),
+    kern._score_kernel[k2.grid](
+        pos, logits, ws.pm, ws.pl, ws.cand_key, ws.cand_blk,
+        logits.stride(0), logits.stride(1), G, sp.cmp, S, geo.chunks, cap,
+        **k2.constexprs, **k2.options,
     )
     ks, vs = raw[2], raw[3]
-    kern._sel_kernel[(R, G, sp.sel)](
-        q, ks, vs, seq, pos, ws.sel_idx, ws.pm, ws.pl, ws.pacc,
+    kern._sel_kernel[k3.grid](
+        q, ks, vs, seq, pos, ws.cand_key, ws.cand_blk, ws.sel_idx, ws.sel_cnt,
+        ws.pm, ws.pl, ws.pacc,
         q.stride(0), q.stride(1), ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
-        float(scale), G, S, sp.cmp + sp.win, sp.sel, cap,
-        HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,
-        BN=max(16, min(tile, _next_pow2(ls))), N_TOP=n_top, NP=ws.sel_slots, IEEE=ieee,
-        PRECISE=precise, **_options(interpret, 4, 2),
+        float(scale), G, S, sp.cmp + sp.win, sp.sel, geo.chunks, cap,
+        **k3.constexprs, **k3.options,
     )
-    hb = h if interpret else 1  # the interpreter pays per program, a GPU wants parallelism
-    kern._combine_kernel[(R, G, _cdiv(h, hb))](
+    kern._combine_kernel[k4.grid](
         out, gates, ws.pm, ws.pl, ws.pacc, seq, pos, pos if lengths is None else lengths,
         out.stride(0), out.stride(1), gates.stride(0), gates.stride(1), gates.stride(2),
-        G, S, sp.cmp, sp.win, sp.sel,
-        HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV,
-        NSP=_next_pow2(max(sp.cmp, sp.win, sp.sel)), INC=lengths is not None, PRECISE=precise,
-        HALF=out.dtype in (torch.float16, torch.bfloat16), **_options(interpret, 4),
+        G, S, sp.cmp, sp.win, sp.sel, **k4.constexprs, **k4.options,
     )
 
 

@@ -91,14 +91,14 @@ def select_op(
     if top_n == 0 or NQ == 0:
         idx.fill_(-1)
         return idx, scores
-    tn = _tuning.TopNTuning(*launch)
     interpret = dev.type == "cpu"
     ieee = q.dtype == torch.float32
+    tile = _tuning.resolve_topn(_tuning.TopNTuning(*launch), ieee, DK)
     dom = 1.0 if ieee else _LOG2E
     h = H // G
     HP = _tuning.next_pow2(h)
-    P = tn.positions
-    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tn.block_n)
+    P = tile.P
+    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tile.BN)
     grid = (-(-int(max_len) // P), qstart.numel() - 1, G)
     _kernels(interpret)._select_kernel[grid](
         q, k_cmp, lse, idx, scores, qstart, kstart,
@@ -108,9 +108,9 @@ def select_op(
         CL=cmp_block, CD=cmp_stride, SELB=sel_block, R=sel_block // cmp_stride,
         M=cmp_block // cmp_stride, NTOP=top_n, NP=max(2, _tuning.next_pow2(top_n)),
         INIT=init_blocks, LOCAL=local_blocks, H_PER_G=h, HP=HP, P=P, BM=P * HP, BN=bn, BS=bs,
-        BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), IEEE=ieee,
+        BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), KC=tile.KC, IEEE=ieee,
         PRECISE=ieee and not interpret, WRITE_SCORES=num_scores > 0,
-        **({} if interpret else dict(num_warps=tn.warps, num_stages=tn.stages)),
+        **({} if interpret else dict(num_warps=tile.warps, num_stages=tile.stages)),
     )  # fmt: skip
     return idx, scores
 
@@ -147,7 +147,8 @@ def select_blocks(
         scale: softmax scale of the compressed attention (default ``1/sqrt(Dk)``).
         num_scores: when positive, also return the scores ``[NQ, G, num_scores]`` float32
             (zeros beyond each position's current block), the spec's ``p_slc``.
-        tuning: launch shape (default: the device profile's ``topn``).
+        tuning: launch shape (default: the device profile's ``topn``); float32 inputs adapt it
+            (`nsa_impl.kernels.tuning.resolve_topn`).
 
     Not differentiable (the selection is discrete): ``q``, ``k_cmp`` are read detached.
     """

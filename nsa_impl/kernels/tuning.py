@@ -119,6 +119,43 @@ class TopNTuning:
 
 
 @dataclass(frozen=True)
+class TopNTile:
+    """A `TopNTuning` resolved for one call (see `resolve_topn`).
+
+    Attributes:
+        P: positions per program; BN: compressed blocks per band; warps, stages: launch options.
+        KC: ``0``: the query tile stays in registers for the whole program; ``> 0``: float64
+            logits summed over ``KC``-column slices of ``q`` and the keys, reloaded per band.
+    """
+
+    P: int
+    BN: int
+    warps: int
+    stages: int
+    KC: int
+
+
+#: float32 top-n (float64 logits): compressed blocks per band, warps, column slice of q / keys.
+#: Chosen with ``bench/aot_compile.py`` for sm_90 (shared memory and spills at h=16, Dk=128/192).
+TOPN_FP32 = dict(block_n=32, warps=16, kc=32)
+
+
+def resolve_topn(tn: TopNTuning, ieee: bool, dk: int = 128) -> TopNTile:
+    """Concrete tile of ``tn`` for head dim ``dk``. float32 inputs (``ieee``) form float64
+    logits: a resident float64 query tile of ``positions * 16`` rows does not fit in shared
+    memory (256 KB at Dk=128 against sm_90's 227 KB), so they take `TOPN_FP32`: at most 32
+    blocks per band, at least 16 warps and 32-column slices (`nsa_impl.kernels._topn_kernels`).
+    fp16/bf16 keep ``tn``, with at least 8 warps above 128 head dims (the resident ``[256, 256]``
+    query tile spilled 568 bytes at 4 warps, none at 8: ``bench/aot_compile.py``, Dk=192)."""
+    if not ieee:
+        warps = tn.warps if next_pow2(dk) <= 128 else max(tn.warps, 8)
+        return TopNTile(P=tn.positions, BN=tn.block_n, warps=warps, stages=tn.stages, KC=0)
+    return TopNTile(P=tn.positions, BN=min(tn.block_n, TOPN_FP32["block_n"]),
+                    warps=max(tn.warps, TOPN_FP32["warps"]), stages=tn.stages,
+                    KC=TOPN_FP32["kc"])
+
+
+@dataclass(frozen=True)
 class GateTuning:
     """Launch shape of the fused gate combine: (token, head) rows per program, warps."""
 

@@ -12,6 +12,7 @@ with a reason where no CUDA GPU is present.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ import nsa_ref  # noqa: E402
 from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
 from nsa_impl.kernels import decode_step  # noqa: E402
 from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
+from nsa_ref import rules  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -59,8 +61,9 @@ def kernel_cache(cfg, *, splits=(1, 1, 1), **kwargs) -> NSACache:
         fresh = rows not in cache._workspaces
         ws = allocate(rows)
         if fresh:
-            for t in (ws.logits, ws.pm, ws.pl, ws.pacc):
+            for t in (ws.logits, ws.pm, ws.pl, ws.pacc, ws.cand_key):
                 t.fill_(float("nan"))
+            ws.cand_blk.fill_(-7)
             ws.sel_idx.fill_(-7)
             ws.sel_cnt.fill_(-7)
         return ws
@@ -195,12 +198,157 @@ def test_splits_over_a_longer_context(monkeypatch):
 def test_needle_64k_kernel_path():
     """The 64k needle through the interpreted kernels (small heads, float32): K1 appends the last
     token and emits block 4094 in place, K2 ranks the needle's block into the top 16, K3
-    returns its value, and the read counters say 4095 + 1024 + 512 = 5631."""
+    returns each group's value to its heads, and the read counters say 4095 + 1024 + 512 = 5631
+    (2 groups of 2 heads: the same group-to-head mapping as the paper-shape GPU test)."""
     cfg = NSAConfig()
-    q_last, k, v, _ = needle_context(65536, 1, 2, 16, torch.float32)
+    q_last, k, v, _ = needle_context(65536, 2, 2, 16, torch.float32)
     cache = NSACache(cfg, max_len=65536, path="triton")
     out, expected = check_needle(cache, q_last, k, v, cfg, 2)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+# The split top-n (K2 chunk lists, K3 merge) against `nsa_impl.scoring.top_n` on crafted ties.
+
+TIE_CONFIGS = {  # R = l'/d, MM = l/d: halo 1, none, 3 (wider than R)
+    "overlap": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, sel_top_n=5, window=8),
+    "identity": NSAConfig(cmp_block=4, cmp_stride=4, sel_block=4, sel_top_n=4,
+                          sel_init_blocks=2, sel_local_blocks=1, window=8),
+    "long-cmp": NSAConfig(cmp_block=8, cmp_stride=2, sel_block=4, sel_top_n=3,
+                          sel_init_blocks=0, sel_local_blocks=1, window=8),
+}
+
+
+def tie_levels(pattern: str, n: int, R: int, gen) -> torch.Tensor:
+    """Levels (logit steps of 1) of ``n`` compressed keys whose Eq. 9 scores tie exactly: the
+    level of compressed block ``i`` depends only on its selection-block class ``(i // R) % k``
+    and offset ``i % R``, so blocks of one class see the same band values in the same order
+    (bitwise-equal scores in float32 and float64). Classes must differ clearly: equal exact
+    scores from different arrangements (say, an even/odd pattern under a symmetric band) round
+    differently and are near-ties that no float32 kernel orders like float64 (the test checks
+    the gaps)."""
+    i = torch.arange(n)
+    if pattern == "flat":  # every block ties (identity band: score = p_cmp)
+        return torch.zeros(n, dtype=torch.float64)
+    if pattern == "periodic":  # every third selection block high
+        return 2.0 * ((i // R) % 3 == 0).double()
+    table = torch.randint(0, 3, (3, R), generator=gen).double()  # three random classes
+    return table[(i // R) % 3, i % R]
+
+
+def reference_selection(cfg, q_row, kc, p, h, scale):
+    """float64 Eqs. 7, 9-11 for one row: ``[G, n]`` blocks ascending, ``-1`` padded, and the
+    group scores (to check that distinct scores are well apart)."""
+    from nsa_impl import scoring
+
+    G = kc.shape[0]
+    M = cfg.num_cmp(p)
+    S = -(-kc.shape[1] * cfg.cmp_stride // cfg.sel_block) + 1  # covers every compressed block
+    logits = torch.einsum("ghd,gnd->ghn", q_row.double().reshape(G, h, -1),
+                          kc[:, :M].double()) * scale
+    p_cmp = torch.softmax(logits, -1) if M > 0 else logits.new_zeros(G, h, 0)
+    scores = scoring.overlap_scores(p_cmp.sum(1), S, cfg)  # [G, S]
+    b = torch.tensor([p // cfg.sel_block])
+    return scoring.top_n(scores[:, None], b, cfg)[:, 0], scores[:, : p // cfg.sel_block + 1]
+
+
+@pytest.mark.parametrize(("cfg_name", "chunk"), [("overlap", 1), ("overlap", 4), ("identity", 2),
+                                               ("long-cmp", 2)])
+def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chunk):
+    """K2 scores chunks of ``chunk`` selection blocks and keeps a top-n per chunk, K3 merges the
+    lists: over crafted compressed keys (flat, periodic and few-level logits, so scores tie
+    exactly across chunk boundaries), rows at ragged positions (fewer candidates than n early
+    on, forced blocks in different chunks) the selection equals `nsa_impl.scoring.top_n` on the
+    float64 scores, and the counts equal spec I.9. Unwritten workspace entries are NaN/-7."""
+    monkeypatch.setattr(decode_step, "SCORE_CHUNK", chunk)
+    cfg = TIE_CONFIGS[cfg_name]
+    G, h, D, cap = 2, 3, 16, 72
+    gen = torch.Generator().manual_seed(7)
+    ncmp = cfg.num_cmp(cap - 1)
+    # "flat" ties blocks at the ends of the band (partly visible) with interior ones by equal
+    # exact sums in different orders (near-ties): only where Eq. 9 is one term per block.
+    banded = cfg.sel_block != cfg.cmp_stride or cfg.cmp_block != cfg.cmp_stride
+    patterns = ("classes", "periodic", "classes") if banded else ("flat", "periodic", "classes")
+    e0 = torch.zeros(D, dtype=torch.float64)
+    e0[0] = 1.0
+    R_ = cfg.sel_block // cfg.cmp_stride
+    kc = torch.stack([torch.stack([tie_levels(pt, ncmp, R_, gen)[:, None] * e0 for pt in (a, b)])
+                      for a, b in zip(patterns, patterns[1:] + patterns[:1], strict=True)])
+    B = kc.shape[0]  # sequence b: group 0 pattern b, group 1 the next one
+    raw = torch.randn(B, G, cap, D, generator=gen, dtype=torch.float64)
+    positions = [0, 3, 4, 7, 8, 15, 16, 33, 47, 64, 71]
+    seqs = [i % B for i in range(len(positions))]
+    R = len(positions)
+    scale = 1.0 / math.sqrt(D)
+    q = (math.sqrt(D) * e0).expand(R, G * h, D)  # logit = level: steps of exp(1)
+    f32 = torch.float32
+    ws = decode_step.Workspace.allocate(R, G, h, D, cap, cfg_ints(cfg), None, "cpu")
+    assert ws.geo.chunk == min(chunk, decode_step._next_pow2(-(-cap // cfg.sel_block)))
+    for t in (ws.logits, ws.pm, ws.pl, ws.pacc, ws.cand_key):
+        t.fill_(float("nan"))
+    ws.cand_blk.fill_(-7)
+    out = torch.empty(R, G * h, D, dtype=f32)
+    gates = torch.full((R, G * h, 3), 1.0 / 3, dtype=f32)
+    decode_step.decode_rows(
+        q.to(f32).contiguous(), gates, out, torch.tensor(seqs, dtype=torch.int32),
+        torch.tensor(positions, dtype=torch.int32), (raw.to(f32),) * 6,
+        kc.to(f32).contiguous(), raw[:, :, :ncmp].to(f32).contiguous(), ws, cfg_ints(cfg),
+        scale)
+    assert torch.isfinite(out).all()
+    got = ws.sel_idx[:, :, : cfg.sel_top_n].long()
+    got = torch.where(got < 0, 1 << 20, got).sort(-1).values
+    got = torch.where(got == 1 << 20, -1, got)
+    ties = 0
+    for r, (b, p) in enumerate(zip(seqs, positions, strict=True)):
+        want, scores = reference_selection(cfg, q[r], kc[b], p, h, scale)
+        for g in range(G):  # the data is fit for the test: distinct scores are far apart
+            u = scores[g].unique()
+            ties += scores[g].numel() - u.numel()
+            if u.numel() > 1:
+                assert ((u[1:] - u[:-1]) / u[1:].abs()).min() > 1e-4, (r, g, u.tolist())
+        assert torch.equal(got[r], want), (r, p, got[r].tolist(), want.tolist())
+        for g in range(G):
+            assert ws.sel_cnt[r, g].item() == len(rules.selected_keys(want[g].tolist(), p, cfg))
+    assert ties > 20  # the crafted keys do tie
+
+
+def cfg_ints(cfg):
+    """The 7 ints `decode_step.decode_rows` takes."""
+    return (cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_top_n, cfg.sel_init_blocks,
+            cfg.sel_local_blocks, cfg.window)
+
+
+def test_float32_prefill_top_n_over_column_slices():
+    """`NSACache.prefill`'s fused top-n on the Triton path (`triton_topn.select_blocks`) forms
+    float32 inputs' float64 logits over 32-column slices of q and the keys (a resident float64
+    query tile does not fit sm_90's shared memory): at Dk = 80 (slices at 0, 32 and a partly
+    masked one at 64) it selects exactly the blocks nsa_ref selects."""
+    from nsa_impl import scoring
+    from nsa_impl.branches import cmp_triton
+    from nsa_impl.branches.compressed import CmpLayout
+    from nsa_impl.kernels import triton_attn, triton_topn, tuning
+    from nsa_impl.varlen import PackedLayout
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=4, sel_local_blocks=1,
+                    window=8)  # two of the four blocks chosen by score
+    tn = tuning.TopNTuning(positions=16, block_n=16)
+    assert tuning.resolve_topn(tn, True, 80).KC == 32  # three slices
+    B, T, G, h, D = 1, 160, 2, 2, 80
+    q, k, v, gates, _ = make_inputs(B, T, G, h, D, D, torch.float32, seed=80)
+    layout = PackedLayout.build(T, None)
+    cl = CmpLayout.build(cfg, layout)
+    kc = scoring.compress(k, cfg, cl)
+    qs, ks = cmp_triton.boundaries(cfg, layout, B, q.device)
+    q3, k3 = q.reshape(B * T, G * h, D), kc.reshape(-1, G, D)
+    small = tuning.AttnTuning(fwd=tuning.Launch(rows=16, block_n=16))
+    _, lse = triton_attn.cmp_attention(q3, k3, k3, qs, ks, T, cfg.cmp_block, cfg.cmp_stride,
+                                       tuning=small)
+    idx, _ = triton_topn.select_blocks(
+        q3, k3, lse, qs, ks, T, cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride,
+        sel_block=cfg.sel_block, top_n=cfg.sel_top_n, init_blocks=cfg.sel_init_blocks,
+        local_blocks=cfg.sel_local_blocks, tuning=tn)
+    _, ref = nsa_ref.nsa_attention(q.double(), k.double(), v.double(), gates.double(), cfg,
+                                   return_aux=True)
+    assert torch.equal(idx.reshape(B, T, G, -1), ref.block_indices)
 
 
 def test_replay_bookkeeping_and_supports():
