@@ -35,6 +35,8 @@ from nsa_impl.kernels import decode_step  # noqa: E402
 from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
 from nsa_ref import rules  # noqa: E402
 
+from ..helpers import plan_of  # noqa: E402
+
 pytestmark = pytest.mark.triton
 
 
@@ -323,10 +325,7 @@ def test_float32_prefill_top_n_over_column_slices():
     query tile does not fit sm_90's shared memory): at Dk = 80 (slices at 0, 32 and a partly
     masked one at 64) it selects exactly the blocks nsa_ref selects."""
     from nsa_impl import scoring
-    from nsa_impl.branches import cmp_triton
-    from nsa_impl.branches.compressed import CmpLayout
     from nsa_impl.kernels import triton_attn, triton_topn, tuning
-    from nsa_impl.varlen import PackedLayout
 
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=4, sel_local_blocks=1,
                     window=8)  # two of the four blocks chosen by score
@@ -334,10 +333,9 @@ def test_float32_prefill_top_n_over_column_slices():
     assert tuning.resolve_topn(tn, True, 80).KC == 32  # three slices
     B, T, G, h, D = 1, 160, 2, 2, 80
     q, k, v, gates, _ = make_inputs(B, T, G, h, D, D, torch.float32, seed=80)
-    layout = PackedLayout.build(T, None)
-    cl = CmpLayout.build(cfg, layout)
-    kc = scoring.compress(k, cfg, cl)
-    qs, ks = cmp_triton.boundaries(cfg, layout, B, q.device)
+    p = plan_of(q, k, v, cfg)
+    kc = scoring.compress(k, cfg, p.cmp)
+    qs, ks = p.cmp_triton.qstart, p.cmp_triton.kstart
     q3, k3 = q.reshape(B * T, G * h, D), kc.reshape(-1, G, D)
     small = tuning.AttnTuning(fwd=tuning.Launch(rows=16, block_n=16))
     _, lse = triton_attn.cmp_attention(q3, k3, k3, qs, ks, T, cfg.cmp_block, cfg.cmp_stride,
