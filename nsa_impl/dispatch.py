@@ -127,6 +127,9 @@ class PathDecl:
             path is forced and ``TRITON_INTERPRET=1``.
         finite_fallback: with ``validate=True``, a non-finite output from finite inputs is
             recomputed on this path (``None``: no check).
+        rows: serves a subset of the query rows against all ``T`` keys (`Inputs.row_subset`:
+            the context-parallel shards of `nsa_impl.parallel`); the torch paths do, from the
+            plan's per-row layouts.
     """
 
     name: str
@@ -145,6 +148,7 @@ class PathDecl:
     min_seqlen: int = 0
     interpretable: bool = False
     finite_fallback: str | None = None
+    rows: bool = False
 
     def available(self) -> tuple[bool, str]:
         """``(True, why)`` when the software it needs is present, else ``(False, reason)``."""
@@ -178,6 +182,8 @@ class PathDecl:
             return False, "no backward and gradients are needed"
         if inp.varlen and not self.varlen:
             return False, "no cu_seqlens support"
+        if inp.row_subset and not self.rows:
+            return False, "no row-subset support (context parallelism runs the torch paths)"
         ok, why = self.available()
         if not ok:
             return False, f"unavailable: {why}"
@@ -230,6 +236,7 @@ PATHS: dict[str, PathDecl] = {
                 "win": "nsa_impl.branches.sliding:masked",
             },
             layouts={"cmp": "cmp_masked", "win": "win_masked"},
+            rows=True,
         ),
         PathDecl(
             "packed",
@@ -240,6 +247,7 @@ PATHS: dict[str, PathDecl] = {
             True,
             doc="selection rows bucketed by selected length, one SDPA call per bucket",
             impls={"sel": "nsa_impl.branches.selection:packed"},
+            rows=True,
         ),
         PathDecl(
             "varlen",
@@ -251,6 +259,7 @@ PATHS: dict[str, PathDecl] = {
             doc="selection flat-packed with cu_seqlens (FA-2 varlen on GPU, dense buckets else)",
             impls={"sel": "nsa_impl.branches.selection:varlen"},
             layouts={"sel": "sel_varlen_flash"},
+            rows=True,
         ),
         PathDecl(
             "triton",
@@ -457,13 +466,15 @@ def choose(inp: Inputs) -> Route:
     return Route({b: _choose(b, inp, s) for b in BRANCHES})
 
 
-def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None) -> Route:
+def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None,
+            row_subset: bool = False) -> Route:  # fmt: skip
     """The routing table for ``q`` (optionally ``k``, ``v``, ``cu_seqlens``): branch -> path, why.
 
     ``cfg`` defaults to the paper configuration; ``k``/``v`` give the KV groups and ``Dv``
     (default: as many groups as heads, ``Dv = Dk``); ``backward`` defaults to whether autograd
-    will need gradients. The same decision `nsa_impl.plan` makes for these inputs. Print the
-    result for a table; index it by branch for the `Decision`.
+    will need gradients; ``row_subset`` asks for a context-parallel shard's rows (only the torch
+    paths serve them: `PathDecl.rows`). The same decision `nsa_impl.plan` makes for these
+    inputs. Print the result for a table; index it by branch for the `Decision`.
     """
     cfg = nsa_ref.NSAConfig() if cfg is None else cfg
     B, T, H, Dk = q.shape
@@ -475,7 +486,7 @@ def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None) -> R
         )
     max_seqlen = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     inp = Inputs(q.device, q.dtype, B, T, H, G, Dk, Dv, max_seqlen, cu_seqlens is not None,
-                 bool(backward), cfg)  # fmt: skip
+                 bool(backward), cfg, bool(row_subset))  # fmt: skip
     return choose(inp)
 
 
