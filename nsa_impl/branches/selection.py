@@ -148,8 +148,9 @@ class _Rows:
     """Per-row metadata, rows ``r = (b*T + t)*G + g`` in the order of ``block_indices``.
 
     Key ``s`` (local to the row's sequence) of row ``r`` lives at row ``kbase[r] + s*G`` of
-    ``k.reshape(B*S*G, Dk)`` (``S`` keys per batch row: ``T``, or more for a row subset). ``starts``/``ends``/``lengths`` (merged ranges, see
-    `block_ranges`) are computed only for the paths that compact keys.
+    ``k.reshape(B*S*G, Dk)`` (``S`` keys per batch row: ``T``, or more for a row subset).
+    ``starts``/``ends``/``lengths`` (merged ranges, see `block_ranges`) are computed only for the
+    paths that compact keys.
     """
 
     G: int
