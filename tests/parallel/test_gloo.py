@@ -17,7 +17,8 @@ the checks on the 2-core CI machine), and each property is checked by its own fu
   the saved parameters bit for bit, and its next step equals the uninterrupted run's; the
   ``python -m nsa_impl.parallel.train`` command line trains, checkpoints and resumes;
 * mixed precision (2 processes): bf16 parameters with fp32 reduction keep fp32 master weights
-  and land near the fp32 step.
+  and land near the fp32 step;
+* the GPU benchmark's measuring code (``bench/cp_bench.py``) runs (2 processes, tiny shapes).
 
 Selected by ``-m distributed``; part of the default CPU suite.
 """
@@ -165,3 +166,11 @@ def test_mixed_precision_policy_keeps_fp32_master_weights(run2):
                        for n in params]).double().mean()  # fmt: skip
     assert float(agree) > 0.95
     assert _worst(params, want[0]) <= 2 * workers.TRAIN["lr"] * 1.01  # a flip moves 2 lr
+
+
+def test_the_cp_benchmark_measures_on_gloo(run2):
+    """``bench/cp_bench.py``'s measurement (tiny shapes, 2 processes): every row is timed."""
+    rows = run2[2][0]["bench"]
+    assert [r["metric"] for r in rows] == ["cp fwd", "cp fwd+bwd", "all-gather", "reduce-scatter"]
+    assert all(r["world"] == 2 and r["T"] == 40 and r["ms"] > 0 for r in rows)
+    assert rows[0]["bytes"] == 40 * 2 * (8 + 8) * 4  # T * G * (Dk + Dv) float32 values

@@ -115,8 +115,15 @@ def suite(rank: int, world: int, tmp: str, problems: list, dtypes: list, T: int,
     """Everything one spawn checks (process start-up dominates on a 2-core machine): the
     attention cases, the collectives, and the training steps (with ``full``: checkpoints, the
     command line and mixed precision too)."""
-    return {
+    out = {
         "attention": attention(rank, world, problems, dtypes),
         "collectives": collectives(rank, world),
         "training": training(rank, world, tmp, T, checkpoint=full, mixed=full),
     }
+    if full:  # the GPU benchmark's measuring code, on tiny shapes (it must not rot on the CPU)
+        from bench import cp_bench
+
+        cfg = cases.EDGE_CFG
+        out["bench"] = cp_bench.measure(40, cfg=cfg, H=4, G=2, Dk=8, Dv=8, dtype=torch.float32,
+                                        reps=1, budget_s=1.0, baseline=False)  # fmt: skip
+    return out
