@@ -33,6 +33,10 @@ Path names (one per path, used by the router, `explain`, the conformance adapter
                Triton scores from its log-sum-exp)
 =============  ==============================================================================
 
+A plan built for a subset of the query rows (``nsa_impl.plan(..., rows=)``, the shards of
+context parallelism in `nsa_impl.parallel`) routes only to paths declaring ``rows``: the torch
+paths "masked", "packed" and "varlen"; the others decline with "no row-subset support".
+
 A branch implementation named in ``impls`` has the branch's signature (``plan`` is a
 `nsa_impl.plan.Plan`, read for its layouts):
 
