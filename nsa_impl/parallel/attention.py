@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 
 from nsa_ref.config import NSAConfig
-from nsa_ref.reference import branch_pairs, gate
+from nsa_ref.reference import branch_pairs
 from nsa_ref.validate import check_inputs
 
-from .. import dispatch
+from .. import amp
+from ..api import data_path
 from ..plan import Plan
 from ..plan import plan as make_plan
-from ..scoring import compress
 from .collectives import gather_rows
 from .layout import CPLayout
 
@@ -122,6 +122,7 @@ def context_parallel(
     return ContextParallel(group, layout, plan)
 
 
+@amp.entry("q", "k", "v", "gates", "branch_kv")
 def cp_nsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -176,15 +177,11 @@ def attend_rows(q, kv: dict, gates, cfg: NSAConfig, plan: Plan, *, scale: float 
         raise ValueError("gradients are needed but the plan was built with backward=False")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    # The steps of nsa_impl.api.nsa_attention, on the rows' plan (no "reference" path: it
-    # cannot serve row subsets, so the router never picks it and no delegate is needed).
-    k_cmp = compress(kv["cmp"][0], cfg, plan.cmp, phi_k, name="phi_k")
-    v_cmp = compress(kv["cmp"][1], cfg, plan.cmp, phi_v, name="phi_v")
-    scores = dispatch.compressed(q, k_cmp, v_cmp, plan, scale, want_aux=False, validate=validate,
-                                 reference=None)  # fmt: skip
-    o_sel = dispatch.selection(q, *kv["sel"], scores.block_indices, plan, scale, reference=None)
-    o_win = dispatch.window(q, *kv["win"], plan, scale, validate=validate, reference=None)
-    return gate(scores.o_cmp, o_sel, o_win, gates)
+    # nsa_impl.api's data path on the rows' plan (no "reference" path: it cannot serve row
+    # subsets, so the router never picks it and no delegate is needed).
+    o, *_ = data_path(q, kv, gates, cfg, plan, scale, phi_k=phi_k, phi_v=phi_v,
+                      validate=validate)  # fmt: skip
+    return o
 
 
 def _gather_pairs(kv: dict, cp: ContextParallel) -> dict:

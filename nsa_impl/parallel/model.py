@@ -22,13 +22,11 @@ from torch import nn
 
 from nsa_ref.validate import BRANCHES
 
+from ..data import IGNORE_INDEX
 from ..model import NSADecoderBlock, NSAToyLM
 from ..module import NSAAttention
 from .attention import ContextParallel, context_parallel, cp_nsa_attention
 
-#: Target of positions without a next token (``torch.nn.functional.cross_entropy``'s default;
-#: the same value as the training data's ``nsa_impl.data.IGNORE_INDEX``).
-IGNORE_INDEX = -100
 
 
 def cp_attention(attn: NSAAttention, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:

@@ -37,7 +37,8 @@ from nsa_ref.config import NSAConfig
 from ..model import NSAToyLM
 from ..model.toy import TOY_CONFIG
 from .fsdp import DTYPES, load_checkpoint, mixed_precision, save_checkpoint, shard_model
-from .model import IGNORE_INDEX, CPToyLM, cp_loss
+from ..data import IGNORE_INDEX
+from .model import CPToyLM, cp_loss
 
 #: Named NSA configurations (``--nsa-config``).
 NSA_CONFIGS = {

@@ -43,7 +43,7 @@ TRAIN = dict(layers=2, hidden=16, heads=2, kv_heads=1, head_dim=8, nsa_config="t
 def train_batches(T: int, count: int, seed: int = 5) -> list:
     """``count`` packed rows of ``T`` random bytes with documents that cross chunk boundaries
     (labels: next byte of the same document, ignored at document ends)."""
-    from nsa_impl.parallel.model import IGNORE_INDEX
+    from nsa_impl.data import IGNORE_INDEX
     from nsa_impl.parallel.train import Batch
 
     gen = torch.Generator().manual_seed(seed)
