@@ -103,6 +103,28 @@ def nsa_attention(
         dict(scale=scale, phi_k=phi_k, phi_v=phi_v, branch_kv=branch_kv,
              cu_seqlens=plan.cu_seqlens if plan.varlen else None),
     )  # fmt: skip
+    o, scores, o_sel, o_win = data_path(q, kv, gates, cfg, plan, scale, phi_k=phi_k,
+                                        phi_v=phi_v, validate=validate, reference=ref,
+                                        want_aux=return_aux)  # fmt: skip
+    if not return_aux:
+        return o
+    p_slc, p_cmp, o_cmp, o_sel, o_win = (
+        t.to(q.dtype) for t in (scores.p_slc, scores.p_cmp, scores.o_cmp, o_sel, o_win)
+    )
+    return o, NSAAux(scores.block_indices, p_slc, p_cmp, o_cmp, o_sel, o_win)
+
+
+def data_path(q, kv: dict, gates, cfg, plan: Plan, scale: float, *, phi_k=None, phi_v=None,
+              validate: bool = True, reference=None, want_aux: bool = False):
+    """The NSA data path on a plan the inputs were checked against: compress (Eq. 7), the
+    compressed branch with scores and top-n (Eqs. 8-11), selection (Eq. 12), window, gate (Eq. 5).
+
+    ``kv``: branch -> ``(k, v)`` (`nsa_ref.reference.branch_pairs`), the whole row's keys even
+    when ``q`` holds a row subset (`nsa_impl.parallel`). ``reference``: the
+    `dispatch.ReferenceDelegate` of the "reference" path (``None`` where the route cannot take
+    it). Returns ``(o, scores, o_sel, o_win)``: ``o`` in the input dtype, the branch outputs in
+    the plan's work dtype (`nsa_impl.numerics.work_dtype`).
+    """
     observe.mark("begin", q)
     # The torch paths' inputs in the work dtype (numerics.work_dtype: float32 for half precision
     # on the CPU), each input cast once so that its branches' gradients meet in that dtype.
@@ -118,17 +140,17 @@ def nsa_attention(
         v_src = kvw["cmp"][1] if phi_v is None else kv["cmp"][1]
         k_cmp = compress(k_src, cfg, plan.cmp, phi_k, name="phi_k").to(work)
         v_cmp = compress(v_src, cfg, plan.cmp, phi_v, name="phi_v").to(work)
-    scores = dispatch.compressed(
-        qw, k_cmp, v_cmp, plan, scale, want_aux=return_aux, validate=validate, reference=ref
-    )
+    scores = dispatch.compressed(qw, k_cmp, v_cmp, plan, scale, want_aux=want_aux,
+                                 validate=validate, reference=reference)  # fmt: skip
     observe.mark("cmp", q)
 
     # Selection branch (Eq. 12) over the selected blocks.
-    o_sel = dispatch.selection(qw, *kvw["sel"], scores.block_indices, plan, scale, reference=ref)
+    o_sel = dispatch.selection(qw, *kvw["sel"], scores.block_indices, plan, scale,
+                               reference=reference)  # fmt: skip
     observe.mark("sel", q)
 
     # Sliding window (spec I.7).
-    o_win = dispatch.window(qw, *kvw["win"], plan, scale, validate=validate, reference=ref)
+    o_win = dispatch.window(qw, *kvw["win"], plan, scale, validate=validate, reference=reference)
     observe.mark("win", q)
 
     # Gate (Eq. 5): the fused Triton kernel where the plan decided so (`dispatch.gate`); the
@@ -140,12 +162,7 @@ def nsa_attention(
             block_indices=scores.block_indices, sel_block=cfg.sel_block,
             positions=plan.positions, route=plan.route,
         )  # fmt: skip
-    if not return_aux:
-        return o
-    p_slc, p_cmp, o_cmp, o_sel, o_win = (
-        t.to(q.dtype) for t in (scores.p_slc, scores.p_cmp, scores.o_cmp, o_sel, o_win)
-    )
-    return o, NSAAux(scores.block_indices, p_slc, p_cmp, o_cmp, o_sel, o_win)
+    return o, scores, o_sel, o_win
 
 
 @amp.entry("q", "k", "v")

@@ -46,6 +46,10 @@ Path names (one per path, used by the router, `explain`, the conformance adapter
                Triton scores from its log-sum-exp)
 =============  ==============================================================================
 
+A plan built for a subset of the query rows (``nsa_impl.plan(..., rows=)``, the shards of
+context parallelism in `nsa_impl.parallel`) routes only to paths declaring ``rows``: the torch
+paths "masked", "packed" and "varlen"; the others decline with "no row-subset support".
+
 A branch implementation named in ``impls`` has the branch's signature (``plan`` is a
 `nsa_impl.plan.Plan`, read for its layouts):
 
@@ -147,6 +151,9 @@ class PathDecl:
         own_dtype: the path's kernels compute in the plan's dtype themselves, so the runners
             cast its inputs to it; torch paths take the plan's `nsa_impl.plan.Plan.work_dtype`
             (`nsa_impl.numerics.work_dtype`).
+        rows: serves a subset of the query rows against all ``T`` keys (`Inputs.row_subset`:
+            the context-parallel shards of `nsa_impl.parallel`); the torch paths do, from the
+            plan's per-row layouts.
     """
 
     name: str
@@ -166,6 +173,7 @@ class PathDecl:
     interpretable: bool = False
     finite_fallback: str | None = None
     own_dtype: bool = False
+    rows: bool = False
 
     def served_devices(self) -> frozenset[str]:
         """Device types a forced run may use: ``devices``, plus ``cpu`` for an `interpretable`
@@ -206,6 +214,8 @@ class PathDecl:
             return False, "no backward and gradients are needed"
         if inp.varlen and not self.varlen:
             return False, "no cu_seqlens support"
+        if inp.row_subset and not self.rows:
+            return False, "no row-subset support (context parallelism runs the torch paths)"
         ok, why = self.available()
         if not ok:
             return False, f"unavailable: {why}"
@@ -258,6 +268,7 @@ PATHS: dict[str, PathDecl] = {
                 "win": "nsa_impl.branches.sliding:masked",
             },
             layouts={"cmp": "cmp_masked", "win": "win_masked"},
+            rows=True,
         ),
         PathDecl(
             "packed",
@@ -268,6 +279,7 @@ PATHS: dict[str, PathDecl] = {
             True,
             doc="selection rows bucketed by selected length, one SDPA call per bucket",
             impls={"sel": "nsa_impl.branches.selection:packed"},
+            rows=True,
         ),
         PathDecl(
             "varlen",
@@ -279,6 +291,7 @@ PATHS: dict[str, PathDecl] = {
             doc="selection flat-packed with cu_seqlens (FA-2 varlen on GPU, dense buckets else)",
             impls={"sel": "nsa_impl.branches.selection:varlen"},
             layouts={"sel": "sel_varlen_flash"},
+            rows=True,
         ),
         PathDecl(
             "triton",
@@ -587,13 +600,15 @@ def choose(inp: Inputs) -> Route:
     return route
 
 
-def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None) -> Route:
+def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None,
+            row_subset: bool = False) -> Route:  # fmt: skip
     """The routing table for ``q`` (optionally ``k``, ``v``, ``cu_seqlens``): branch -> path, why.
 
     ``cfg`` defaults to the paper configuration; ``k``/``v`` give the KV groups and ``Dv``
     (default: as many groups as heads, ``Dv = Dk``); ``backward`` defaults to whether autograd
-    will need gradients. The same decision `nsa_impl.plan` makes for these inputs. Print the
-    result for a table; index it by branch for the `Decision`.
+    will need gradients; ``row_subset`` asks for a context-parallel shard's rows (only the torch
+    paths serve them: `PathDecl.rows`). The same decision `nsa_impl.plan` makes for these
+    inputs. Print the result for a table; index it by branch for the `Decision`.
     """
     cfg = nsa_ref.NSAConfig() if cfg is None else cfg
     B, T, H, Dk = q.shape
@@ -605,7 +620,7 @@ def explain(q, cfg=None, *, k=None, v=None, cu_seqlens=None, backward=None) -> R
         )
     max_seqlen = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     inp = Inputs(q.device, q.dtype, B, T, H, G, Dk, Dv, max_seqlen, cu_seqlens is not None,
-                 bool(backward), cfg)  # fmt: skip
+                 bool(backward), cfg, bool(row_subset))  # fmt: skip
     return choose(inp)
 
 

@@ -20,6 +20,13 @@ bucketing) a forward and backward then perform no host synchronisation at all. B
 per forward and hand it to every layer (`nsa_impl.model` does); the layouts the route needs are
 built eagerly, a fallback's layouts on first use.
 
+Row subsets (context parallelism, `nsa_impl.parallel`): a plan built with ``rows`` serves a
+``q`` that holds only those rows of the ``T``-row problem while ``k``/``v`` hold all ``T`` keys.
+The per-row layouts (window and compressed ranges, selection positions and key bases) are then
+built for those rows at their global positions; only the paths declaring
+`nsa_impl.dispatch.PathDecl.rows` (the torch paths "masked", "packed", "varlen") serve it, so
+the route says so and a forced FlashAttention/Triton/reference path is an error.
+
 ``nsa_impl.plan`` (this module's `plan` function, exported by the package) builds one; import
 the class as ``from nsa_impl import Plan``.
 """
@@ -55,6 +62,8 @@ class Plan:
     Attributes:
         cfg: the `NSAConfig`.
         B, T, H, G, Dk, Dv: sizes (``q [B, T, H, Dk]``, ``k/v [B, T, G, D]``).
+        rows: host int64 ``[T_q]``, the query rows ``q`` holds (``q [B, T_q, H, Dk]``), or
+            ``None`` (all ``T``; ``T_q == T``).
         device, dtype: where and in what the inputs are.
         backward: whether the route serves calls that need gradients.
         varlen: ``cu_seqlens`` packs sequences (``B == 1``).
@@ -64,14 +73,18 @@ class Plan:
         route: `nsa_impl.dispatch.Route` (``print(plan.route)`` explains it).
         inputs: the `nsa_impl.kernels.ops.Inputs` the route was chosen for.
         layout: host `PackedLayout`; ``positions``/``seq_start``: its local positions and
-            sequence starts (int64 ``[T]``) on the device.
+            sequence starts (int64 ``[T]``) on the device; ``row_positions``/``row_seq_start``
+            the same for the query rows (``[T_q]``; the very same tensors without ``rows``):
+            what RoPE of ``q`` and the selection read.
         cu_seqlens: int32 ``[N+1]`` on the device (``None`` without varlen).
         cmp: the `CmpLayout` (compressed-block geometry, with device copies).
     """
 
     def __init__(self, cfg, B, T, H, G, Dk, Dv, device, dtype, backward, bounds, varlen,
-                 cu_source, budget_bytes, branches=dispatch.BRANCHES):  # fmt: skip
+                 cu_source, budget_bytes, branches=dispatch.BRANCHES, rows=None):  # fmt: skip
         self.cfg, self.B, self.T, self.H, self.G, self.Dk, self.Dv = cfg, B, T, H, G, Dk, Dv
+        self.rows = rows
+        self.T_q = T if rows is None else rows.numel()
         self.device, self.dtype, self.backward, self.varlen = device, dtype, backward, varlen
         self.bounds = tuple(bounds)
         self.budget_bytes = budget_bytes
@@ -80,11 +93,15 @@ class Plan:
         self.max_seqlen = max(self.layout.lengths)
         self.bounds_tensor = torch.tensor(self.bounds, dtype=torch.int64)
         self.inputs = Inputs(device, dtype, B, T, H, G, Dk, Dv, self.max_seqlen, varlen,
-                             backward, cfg)  # fmt: skip
+                             backward, cfg, rows is not None)  # fmt: skip
         self.route = dispatch.choose(self.inputs)
         self.route.raise_errors()
         self.positions = self.layout.pos.to(device)
         self.seq_start = self.layout.seq_start.to(device)
+        self.row_positions, self.row_seq_start = self.positions, self.seq_start
+        if rows is not None:
+            self.row_positions = self.layout.pos[rows].to(device)
+            self.row_seq_start = self.layout.seq_start[rows].to(device)
         self.cu_seqlens = self.bounds_tensor.to(device, torch.int32) if varlen else None
         self.cmp = CmpLayout.build(cfg, self.layout, device)
         self._built: dict[tuple[str, str], object] = {}
@@ -93,11 +110,12 @@ class Plan:
                 self.layout_of(branch, decision.path)
 
     def __repr__(self) -> str:
-        shape = (self.B, self.T, self.H, self.Dk)
+        shape = (self.B, self.T_q, self.H, self.Dk)
         paths = ", ".join(f"{b}={d.path}" for b, d in self.route.items())
+        keys = "" if self.rows is None else f", rows {self.T_q} of T={self.T}"
         return (
             f"Plan(q={list(shape)}, G={self.G}, Dv={self.Dv}, {self.dtype}, {self.device}, "
-            f"sequences={len(self.bounds) - 1}, max_seqlen={self.max_seqlen}; {paths})"
+            f"sequences={len(self.bounds) - 1}, max_seqlen={self.max_seqlen}{keys}; {paths})"
         )
 
     # --- layouts of the paths (built eagerly for the route, lazily for a fallback) ------------
@@ -117,7 +135,7 @@ class Plan:
     def cmp_masked(self) -> CmpMaskedLayout:
         """The "masked" compressed path's chunk table and scoring sizes."""
         return CmpMaskedLayout.build(self.cfg, self.cmp, self.layout, self.B * self.H,
-                                     self.device, self.budget_bytes)  # fmt: skip
+                                     self.device, self.budget_bytes, self.rows)  # fmt: skip
 
     @functools.cached_property
     def cmp_flash(self) -> FlashCmpLayout:
@@ -131,6 +149,8 @@ class Plan:
     def win_masked(self) -> RangeLayout:
         """The "masked" window path's chunk table."""
         ranges = window_ranges(self.cfg, self.layout)
+        if self.rows is not None:
+            ranges = ranges.subset(self.rows)
         return RangeLayout.build(ranges, self.B * self.H, self.device, self.budget_bytes)
 
     @functools.cached_property
@@ -185,7 +205,7 @@ class Plan:
         """
         if cfg is not self.cfg and cfg != self.cfg:
             raise ValueError(f"cfg {cfg} differs from the plan's {self.cfg}")
-        want = (self.B, self.T, self.H, self.Dk)
+        want = (self.B, self.T_q, self.H, self.Dk)
         if tuple(q.shape) != want:
             raise ValueError(f"q must have the plan's shape {list(want)}, got {list(q.shape)}")
         if q.dtype != self.dtype:
@@ -197,6 +217,11 @@ class Plan:
                 raise ValueError(
                     f"k/v must have G={self.G} groups and Dv={self.Dv}, got k {list(k.shape)}, "
                     f"v {list(v.shape)}"
+                )
+            if self.rows is not None and (k.shape[1] != self.T or v.shape[1] != self.T):
+                raise ValueError(
+                    f"k/v must hold all T={self.T} keys of a row-subset plan, got k "
+                    f"{list(k.shape)}, v {list(v.shape)}"
                 )
         if cu_seqlens is not None and cu_seqlens is not self._cu_source:
             raise ValueError(
@@ -218,6 +243,7 @@ def plan(
     dtype: torch.dtype = torch.float32,
     backward: bool = True,
     budget_bytes: int | None = None,
+    rows: torch.Tensor | None = None,
     _bounds: list[int] | None = None,
     _branches: tuple[str, ...] = dispatch.BRANCHES,
 ) -> Plan:
@@ -234,6 +260,11 @@ def plan(
         device, dtype: of the inputs the plan will serve.
         backward: the calls will need gradients (the route must have a backward).
         budget_bytes: chunk budget of the masked paths (default: per device; tests shrink it).
+        rows: the query rows the calls compute (host int64 ``[T_q]``, strictly increasing, in
+            ``[0, T)``): ``q`` is then ``[B, T_q, H, Dk]`` while ``k``/``v`` hold all ``T`` keys
+            (``q_shape`` is the whole problem's). Routed to the torch paths (module docstring).
+            Only `nsa_impl.parallel` calls the branches with such a plan (`nsa_attention` takes
+            ``q`` and ``k`` of one length).
 
     Under ``torch.compile`` this function is not traced (it is host work with data-dependent
     Python); build the plan outside the compiled function for ``fullgraph=True``.
@@ -265,5 +296,11 @@ def plan(
         longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
         if as_int("max_seqlen", max_seqlen, minimum=1) != longest:
             raise ValueError(f"max_seqlen={max_seqlen} but the longest sequence is {longest}")
+    if rows is not None:
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype != torch.int64:
+            raise TypeError(f"rows must be a 1-D int64 tensor, got {rows!r:.80}")
+        rows = rows.cpu()
+        if rows.numel() == 0 or bool((rows.diff() <= 0).any()) or rows[0] < 0 or rows[-1] >= T:
+            raise ValueError(f"rows must be non-empty, strictly increasing and in [0, T={T})")
     return Plan(cfg, B, T, H, G, Dk, Dv, device, dtype, bool(backward), bounds, varlen,
-                cu_seqlens, budget_bytes, _branches)  # fmt: skip
+                cu_seqlens, budget_bytes, _branches, rows)  # fmt: skip

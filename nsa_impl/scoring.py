@@ -145,11 +145,15 @@ class CmpMaskedLayout:
 
     @classmethod
     def build(cls, cfg: NSAConfig, cmp_layout: CmpLayout, layout: PackedLayout, heads: int,
-              device, budget_bytes: int | None = None) -> CmpMaskedLayout:  # fmt: skip
-        """Chunk ``cmp_layout``'s ranges for ``heads = B * H`` (host work)."""
-        rr = cmp_layout.ranges
+              device, budget_bytes: int | None = None,
+              rows: torch.Tensor | None = None) -> CmpMaskedLayout:  # fmt: skip
+        """Chunk ``cmp_layout``'s ranges for ``heads = B * H`` (host work); with ``rows`` (host
+        int64, strictly increasing) only for those query rows of the layout, in that order."""
+        rr, pos = cmp_layout.ranges, layout.pos
+        if rows is not None:
+            rr, pos = rr.subset(rows), pos[rows]
         ranges = RangeLayout.build(rr, heads, device, budget_bytes)
-        count, pos = rr.hi - rr.lo, layout.pos
+        count = rr.hi - rr.lo
         meta = [
             (int(count[r0:r1].max()), int(pos[r0:r1].max()) // cfg.sel_block + 1)
             for r0, r1, _, _ in ranges.chunks.tolist()

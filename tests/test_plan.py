@@ -229,8 +229,9 @@ def test_masked_route_has_no_host_sync_proxy(meta_gpu_paths):
                                              sizes, True, False)  # fmt: skip
         win = p.win_masked
         branches.chunk_backward(o, q, k, v, o, win.lo, win.hi, win.chunks.tolist(), 0.25)
-        selection._sel_chunked._init_fn(q, k, v, blocks, p.seq_start, p.bounds_tensor, "masked",
-                                        [16, 1 << 18, 64], 0.25, False)  # fmt: skip
+        selection._sel_chunked._init_fn(q, k, v, blocks, p.positions, p.seq_start,
+                                        p.bounds_tensor, "masked", [16, 1 << 18, 64], 0.25,
+                                        False)  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -75,15 +75,20 @@ class RowRanges:
 
     Requirements (checked): ``lo`` non-decreasing and ``hi`` growing by at most one key per row,
     so a chunk of ``c`` rows spans at most ``width + c - 1`` keys (``width = max(hi - lo)``).
+    A row subset (`subset`: e.g. a context-parallel shard's two chunks of a longer sequence) is
+    several such runs: ``breaks`` are the rows where a new run starts, the requirements hold
+    within each run, and no chunk crosses a break.
 
     Attributes:
         lo, hi: the ranges.
         num_keys: length of the key axis the ranges index.
+        breaks: ascending rows ``0 < b < T`` that start a new run (``()``: one run).
     """
 
     lo: torch.Tensor
     hi: torch.Tensor
     num_keys: int
+    breaks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         lo, hi = self.lo, self.hi
@@ -91,8 +96,34 @@ class RowRanges:
             raise ValueError("RowRanges.lo/hi must be host 1-D tensors of one shape")
         if bool((hi < lo).any()) or bool((lo < 0).any()) or bool((hi > self.num_keys).any()):
             raise ValueError("RowRanges need 0 <= lo <= hi <= num_keys")
-        if lo.numel() > 1 and (bool((lo.diff() < 0).any()) or bool((hi.diff() > 1).any())):
-            raise ValueError("RowRanges need lo non-decreasing and hi growing by <= 1 per row")
+        T = lo.numel()
+        if any(not 0 < b < T for b in self.breaks) or list(self.breaks) != sorted(
+            set(self.breaks)
+        ):
+            raise ValueError(f"RowRanges.breaks must be ascending rows in (0, {T}), got "
+                             f"{self.breaks}")  # fmt: skip
+        if T > 1:
+            inside = torch.ones(T - 1, dtype=torch.bool)  # diff i compares rows i and i + 1
+            inside[[b - 1 for b in self.breaks]] = False
+            if bool((lo.diff() < 0)[inside].any()) or bool((hi.diff() > 1)[inside].any()):
+                raise ValueError(
+                    "RowRanges need lo non-decreasing and hi growing by <= 1 per row (within "
+                    "each run)"
+                )
+
+    def subset(self, rows: torch.Tensor) -> RowRanges:
+        """The ranges of rows ``rows`` (host int64, strictly increasing) in that order: a run
+        starts wherever ``rows`` skips a row (or at one of this object's breaks)."""
+        if rows.dim() != 1 or rows.dtype != torch.int64 or rows.device.type != "cpu":
+            raise ValueError("rows must be a host 1-D int64 tensor")
+        T = self.lo.numel()
+        if rows.numel() and (bool((rows.diff() <= 0).any()) or rows[0] < 0 or rows[-1] >= T):
+            raise ValueError(f"rows must be strictly increasing and in [0, {T})")
+        starts = torch.zeros(T + 1, dtype=torch.bool)
+        starts[list(self.breaks)] = True
+        jump = (rows.diff() != 1) | starts[rows[1:]]
+        breaks = tuple((torch.nonzero(jump).flatten() + 1).tolist())
+        return RowRanges(self.lo[rows], self.hi[rows], self.num_keys, breaks)
 
     @property
     def width(self) -> int:
@@ -123,10 +154,15 @@ class RowRanges:
         return lo
 
     def chunks(self, rows: int) -> torch.Tensor:
-        """Host int64 ``[C, 4]``: row chunk ``[r0, r1)`` and the key span ``[s0, s1)`` it reads."""
+        """Host int64 ``[C, 4]``: row chunk ``[r0, r1)`` and the key span ``[s0, s1)`` it reads
+        (chunks of ``rows`` rows, each run cut separately)."""
         T = self.lo.numel()
-        r0 = torch.arange(0, T, rows, dtype=torch.int64)
-        r1 = torch.clamp(r0 + rows, max=T)
+        edges = [0, *self.breaks, T]
+        runs = list(zip(edges, edges[1:], strict=False))
+        starts = [torch.arange(a, b, rows, dtype=torch.int64) for a, b in runs]
+        ends = [torch.full_like(r, b) for r, (_, b) in zip(starts, runs, strict=True)]
+        r0 = torch.cat(starts)
+        r1 = torch.minimum(r0 + rows, torch.cat(ends))  # a chunk ends at its run's end
         s0 = self.lo[r0] if T else r0
         s1 = torch.maximum(s0, self.hi[r1 - 1]) if T else r0
         return torch.stack([r0, r1, s0, s1], dim=1)

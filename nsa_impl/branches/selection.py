@@ -148,8 +148,9 @@ class _Rows:
     """Per-row metadata, rows ``r = (b*T + t)*G + g`` in the order of ``block_indices``.
 
     Key ``s`` (local to the row's sequence) of row ``r`` lives at row ``kbase[r] + s*G`` of
-    ``k.reshape(B*T*G, Dk)``. ``starts``/``ends``/``lengths`` (merged ranges, see
-    `block_ranges`) are computed only for the paths that compact keys.
+    ``k.reshape(B*S*G, Dk)`` (``S`` keys per batch row: ``T``, or more for a row subset).
+    ``starts``/``ends``/``lengths`` (merged ranges, see `block_ranges`) are computed only for the
+    paths that compact keys.
     """
 
     G: int
@@ -167,16 +168,19 @@ class _Rows:
         return self.pos.numel()
 
 
-def _build_rows(block_indices, sel_block: int, G: int, seq_start: torch.Tensor, *, ranges: bool):
+def _build_rows(block_indices, sel_block: int, G: int, positions: torch.Tensor,
+                seq_start: torch.Tensor, num_keys: int, *, ranges: bool):  # fmt: skip
     """Positions (local to each sequence), key bases and, with ``ranges``, merged ranges.
 
-    ``seq_start`` (int64 ``[T]`` on the device) is each token's sequence start: no host data.
+    ``positions`` and ``seq_start`` (int64 ``[T]`` on the device) are each query row's position
+    in its sequence and the key row where that sequence starts, among ``num_keys`` keys per
+    batch row (``positions = arange(T) - seq_start`` when every row is present; a row subset,
+    `nsa_impl.plan.Plan.rows`, gives its own): no host data.
     """
     B, T = block_indices.shape[:2]
     dev = block_indices.device
-    t = torch.arange(T, device=dev)
-    pos = (t - seq_start).view(1, T, 1).expand(B, T, G).reshape(-1)
-    tok0 = torch.arange(B, device=dev).view(B, 1) * T + seq_start.view(1, T)  # [B, T]
+    pos = positions.view(1, T, 1).expand(B, T, G).reshape(-1)
+    tok0 = torch.arange(B, device=dev).view(B, 1) * num_keys + seq_start.view(1, T)  # [B, T]
     kbase = (tok0.view(B, T, 1) * G + torch.arange(G, device=dev)).reshape(-1)
     blocks = block_indices.reshape(B * T * G, -1).to(torch.int64)
     rows = _Rows(G, sel_block, blocks, pos, kbase)
@@ -511,14 +515,16 @@ class _Work:
     prefix: RangeLayout | None
 
 
-def _work(q, blocks, seq_start, bounds_t, kind, sel_block, chunk_slots, varlen_min_len) -> _Work:
+def _work(q, k, blocks, positions, seq_start, bounds_t, kind, sel_block, chunk_slots,
+          varlen_min_len) -> _Work:  # fmt: skip
     B, T, H, _ = q.shape
-    G = blocks.shape[2]
-    rows = _build_rows(blocks, sel_block, G, seq_start, ranges=kind != "masked")
+    G, S = blocks.shape[2], k.shape[1]
+    rows = _build_rows(blocks, sel_block, G, positions, seq_start, S, ranges=kind != "masked")
     if kind == "masked":
         return _Work(rows, _natural_chunks(rows, chunk_slots), None)
     bounds = bounds_t.tolist()
-    prefix = _causal_prefixes(rows, B, T, G, bounds)
+    # The causal-prefix shortcut reads query rows as key rows: not for a row subset (S > T).
+    prefix = _causal_prefixes(rows, B, T, G, bounds) if S == T else []
     rest = torch.ones_like(rows.pos, dtype=torch.bool)
     layout = None
     if prefix and any(prefix):
@@ -534,7 +540,7 @@ def _work(q, blocks, seq_start, bounds_t, kind, sel_block, chunk_slots, varlen_m
     return _Work(rows, chunks, layout)
 
 
-def _chunked_fake(q, k, v, blocks, seq_start, bounds, kind, sizes, scale, flash):
+def _chunked_fake(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -544,6 +550,7 @@ def _sel_chunked(
     k: torch.Tensor,
     v: torch.Tensor,
     blocks: torch.Tensor,
+    positions: torch.Tensor,
     seq_start: torch.Tensor,
     bounds: torch.Tensor,
     kind: str,
@@ -554,7 +561,8 @@ def _sel_chunked(
     sel_block, chunk_slots, varlen_min_len = sizes
     B, T, H, Dk = q.shape
     G, Dv = k.shape[2], v.shape[-1]
-    work = _work(q, blocks, seq_start, bounds, kind, sel_block, chunk_slots, varlen_min_len)
+    work = _work(q, k, blocks, positions, seq_start, bounds, kind, sel_block, chunk_slots,
+                 varlen_min_len)  # fmt: skip
     q_rows = q.reshape(B * T * G, H // G, Dk)
     k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
     o = q.new_zeros(B * T * G, H // G, Dv)
@@ -568,7 +576,8 @@ def _sel_chunked(
     return o
 
 
-def _chunked_backward_fake(do, q, k, v, o, blocks, seq_start, bounds, kind, sizes, scale):
+def _chunked_backward_fake(do, q, k, v, o, blocks, positions, seq_start, bounds, kind, sizes,
+                           scale):  # fmt: skip
     # contiguous, like the real outputs (a fake must match their strides, not the inputs')
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -581,6 +590,7 @@ def _sel_chunked_backward(
     v: torch.Tensor,
     o: torch.Tensor,
     blocks: torch.Tensor,
+    positions: torch.Tensor,
     seq_start: torch.Tensor,
     bounds: torch.Tensor,
     kind: str,
@@ -588,7 +598,8 @@ def _sel_chunked_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sel_block, chunk_slots, varlen_min_len = sizes
-    work = _work(q, blocks, seq_start, bounds, kind, sel_block, chunk_slots, varlen_min_len)
+    work = _work(q, k, blocks, positions, seq_start, bounds, kind, sel_block, chunk_slots,
+                 varlen_min_len)  # fmt: skip
     do = do.to(q.dtype)
     dq, dk, dv = _chunks_backward(do, q, k, v, o, work.rows, work.chunks, scale)
     if work.prefix is not None:
@@ -602,13 +613,14 @@ class _SelectionAttention(torch.autograd.Function):
     """The torch paths' autograd wrapper; saves only tensors (``torch.func`` compatible)."""
 
     @staticmethod
-    def forward(q, k, v, blocks, seq_start, bounds, kind, sizes, scale, flash):
-        return _sel_chunked(q, k, v, blocks, seq_start, bounds, kind, sizes, scale, flash)
+    def forward(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash):
+        return _sel_chunked(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale,
+                            flash)  # fmt: skip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, blocks, seq_start, bounds, kind, sizes, scale, flash = inputs
-        ctx.save_for_backward(q, k, v, output, blocks, seq_start, bounds)
+        q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash = inputs
+        ctx.save_for_backward(q, k, v, output, blocks, positions, seq_start, bounds)
         ctx.kind, ctx.sizes, ctx.scale = kind, sizes, scale
 
     @staticmethod
@@ -618,10 +630,10 @@ class _SelectionAttention(torch.autograd.Function):
             dq, dk, dv = _sel_chunked_backward(
                 do, *ctx.saved_tensors, ctx.kind, ctx.sizes, ctx.scale
             )
-        return dq, dk, dv, *([None] * 7)
+        return dq, dk, dv, *([None] * 8)
 
 
-def _run(q, k, v, block_indices, sel_block, scale, seq_start, bounds, kind, *,
+def _run(q, k, v, block_indices, sel_block, scale, positions, seq_start, bounds, kind, *,
          chunk_slots=None, varlen_min_len=None, flash=False) -> torch.Tensor:  # fmt: skip
     chunk_slots = DEFAULT_CHUNK_SLOTS if chunk_slots is None else int(chunk_slots)
     varlen_min_len = DEFAULT_VARLEN_MIN_L if varlen_min_len is None else int(varlen_min_len)
@@ -629,8 +641,8 @@ def _run(q, k, v, block_indices, sel_block, scale, seq_start, bounds, kind, *,
         raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
     sizes = [int(sel_block), chunk_slots, varlen_min_len]
     return _SelectionAttention.apply(
-        q, k, v, block_indices.to(torch.int64), seq_start, bounds, kind, sizes, float(scale),
-        bool(flash),
+        q, k, v, block_indices.to(torch.int64), positions, seq_start, bounds, kind, sizes,
+        float(scale), bool(flash),
     )  # fmt: skip
 
 
@@ -640,22 +652,23 @@ def _run(q, k, v, block_indices, sel_block, scale, seq_start, bounds, kind, *,
 
 
 def masked(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
-    """The "masked" path from a plan (sync-free)."""
-    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.seq_start,
-                plan.bounds_tensor, "masked")  # fmt: skip
+    """The "masked" path from a plan (sync-free); a row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "masked")  # fmt: skip
 
 
 def packed(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
-    """The "packed" path from a plan."""
-    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.seq_start,
-                plan.bounds_tensor, "packed")  # fmt: skip
+    """The "packed" path from a plan; a row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "packed")  # fmt: skip
 
 
 def varlen(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
-    """The "varlen" path from a plan (FlashAttention-2 varlen where the plan found it)."""
-    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.seq_start,
-                plan.bounds_tensor, "varlen", varlen_min_len=plan.sel_varlen_min_len,
-                flash=plan.sel_varlen_flash)  # fmt: skip
+    """The "varlen" path from a plan (FlashAttention-2 varlen where the plan found it); a
+    row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "varlen",
+                varlen_min_len=plan.sel_varlen_min_len, flash=plan.sel_varlen_flash)  # fmt: skip
 
 
 def triton(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
@@ -742,9 +755,10 @@ def selection_attention(
         )
     b = torch.tensor(bounds, dtype=torch.int64)
     seq_start = torch.repeat_interleave(b[:-1], b.diff()).to(q.device)
+    positions = torch.arange(T, device=q.device) - seq_start
     flash = path == "varlen" and flash_varlen_available(
         Inputs(q.device, q.dtype, B, T, H, k.shape[2], q.shape[-1], v.shape[-1], T,
                cu_seqlens is not None, True, cfg)  # fmt: skip
     )[0]
-    return _run(q, k, v, block_indices, cfg.sel_block, scale, seq_start, b, path,
+    return _run(q, k, v, block_indices, cfg.sel_block, scale, positions, seq_start, b, path,
                 chunk_slots=chunk_slots, varlen_min_len=varlen_min_len, flash=flash)  # fmt: skip

@@ -47,6 +47,8 @@ class Inputs:
         varlen: ``cu_seqlens`` packs several sequences into ``B = 1``.
         backward: gradients will be asked for.
         cfg: the `nsa_ref.NSAConfig`.
+        row_subset: ``q`` holds only some of the ``T`` query rows (a context-parallel shard,
+            `nsa_impl.parallel`) while ``k``/``v`` hold all ``T`` keys.
     """
 
     device: torch.device
@@ -61,6 +63,7 @@ class Inputs:
     varlen: bool
     backward: bool
     cfg: Any
+    row_subset: bool = False
 
     @property
     def device_type(self) -> str:

@@ -15,10 +15,11 @@ from nsa_impl.branches import (
 )
 from nsa_impl.branches.compressed import CmpLayout
 from nsa_impl.branches.sliding import window_ranges
+from nsa_impl.tolerances import EXACT_ATOL
 from nsa_impl.varlen import PackedLayout
 from nsa_ref import NSAConfig
 
-from ..helpers import inputs
+from ..helpers import err, inputs
 
 
 def test_chunks_respect_the_budget_at_long_T():
@@ -125,3 +126,41 @@ def test_empty_rows_are_exact_zeros_and_stay_so_next_to_nan():
     o = chunk_forward(q, k, v, lo, hi, [(0, 4, 0, 2)], 0.5)
     assert torch.equal(o[0, [0, 3]], torch.zeros_like(o[0, [0, 3]]))
     assert torch.isnan(o[0, [1, 2]]).all()
+
+
+def test_a_row_subset_is_chunked_per_run_and_attends_like_the_whole():
+    """`RowRanges.subset` (a context-parallel shard: two runs of a longer row) cuts chunks at the
+    run boundary, so no chunk spans the gap, and each row attends exactly as in the whole."""
+    T = 20
+    whole = window_ranges(NSAConfig(window=4), PackedLayout.build(T, [0, 7, 20]))
+    rows = torch.cat([torch.arange(2, 6), torch.arange(13, 19)])
+    sub = whole.subset(rows)
+    assert sub.breaks == (4,) and sub.num_keys == T
+    assert torch.equal(sub.lo, whole.lo[rows]) and torch.equal(sub.hi, whole.hi[rows])
+    chunks = sub.chunks(3).tolist()
+    assert [c[:2] for c in chunks] == [[0, 3], [3, 4], [4, 7], [7, 10]]  # none crosses row 4
+    assert all(s1 - s0 <= (r1 - r0) + 3 for r0, r1, s0, s1 in chunks)  # still banded
+    q, k, v, _ = inputs(1, T, 2, 2, 4, 3, dtype=torch.float64)
+    full = range_attention(q, k, v, whole, 0.5)
+    part = range_attention(q[:, rows], k, v, sub, 0.5, budget_bytes=1)  # one-row chunks too
+    assert err(part, full[:, rows]) <= EXACT_ATOL
+    assert whole.subset(torch.arange(T)).breaks == ()
+    assert sub.subset(torch.tensor([0, 1, 4, 5])).breaks == (2,)  # a break kept, a gap added
+
+
+def test_row_ranges_check_their_breaks_and_subsets():
+    lo, hi = torch.tensor([0, 0, 5, 5]), torch.tensor([1, 2, 7, 8])
+    RowRanges(lo, hi, 8, breaks=(2,))  # hi jumps by 5 at the break: allowed there only
+    with pytest.raises(ValueError, match="growing"):
+        RowRanges(lo, hi, 8)
+    with pytest.raises(ValueError, match="breaks"):
+        RowRanges(lo, hi, 8, breaks=(0,))
+    with pytest.raises(ValueError, match="breaks"):
+        RowRanges(lo, hi, 8, breaks=(3, 2))
+    ranges = RowRanges(lo, hi, 8, breaks=(2,))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ranges.subset(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ranges.subset(torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="int64"):
+        ranges.subset(torch.tensor([0.0]))

@@ -177,7 +177,8 @@ def test_causal_prefix_shortcut_stops_at_first_partial_row(cu):
     bounds = [0, T] if cu is None else cu.tolist()
     b = torch.tensor(bounds)
     seq_start = torch.repeat_interleave(b[:-1], b.diff())
-    rows = selection._build_rows(bi, CFG.sel_block, G, seq_start, ranges=True)
+    positions = torch.arange(T) - seq_start
+    rows = selection._build_rows(bi, CFG.sel_block, G, positions, seq_start, T, ranges=True)
     want_prefix = [9] if cu is None else [9, 1, 8]  # local rows >= 16 miss keys >= 16
     assert selection._causal_prefixes(rows, B, T, G, bounds) == want_prefix
     _check_against(q, k, v, bi, CFG, 0.5, cu=cu, chunk_slots=40, varlen_min_len=5)

@@ -49,7 +49,8 @@ def test_opcheck_of_the_torch_path_ops():
     blocks = torch.randint(-1, 3, (1, 9, 2, 2))
     bounds = torch.tensor([0, 9])
     for kind in ("masked", "packed", "varlen"):
-        args = (q, k, v, blocks, torch.zeros(9, dtype=torch.long), bounds, kind, [4, 64, 2], 0.5)
+        args = (q, k, v, blocks, torch.arange(9), torch.zeros(9, dtype=torch.long), bounds, kind,
+                [4, 64, 2], 0.5)  # fmt: skip
         _opcheck(_sel_chunked._opoverload, (*args, False))
         _opcheck(_sel_chunked_backward._opoverload, (torch.randn_like(o), q, k, v, o, *args[3:]))
 
