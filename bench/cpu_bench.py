@@ -132,31 +132,31 @@ def _decode_setup(impl: str, cfg, q, k, v, gates, start: int):
 
 
 def _impl_stages(q, k, v, cfg) -> dict:
-    """Best-of-3 forward time of each nsa_impl stage on its routed path (ms)."""
+    """Best-of-3 forward time of each nsa_impl stage on its routed path (ms), from one plan."""
     import nsa_impl
-    from nsa_impl import scoring
-    from nsa_impl.branches import selection, sliding
-    from nsa_impl.branches.compressed import CmpLayout
-    from nsa_impl.varlen import PackedLayout
+    from nsa_impl import dispatch, scoring
 
     scale = D**-0.5
-    paths = nsa_impl.routing.route(q, k, v).paths()
-    layout = PackedLayout.build(q.shape[1])
-    cmp_layout = CmpLayout.build(cfg, layout)
+    plan = nsa_impl.plan(q.shape, cfg, kv_heads=k.shape[2], v_head_dim=v.shape[-1],
+                         device=q.device, dtype=q.dtype, backward=False)
+    paths = plan.route.paths()
     state = {}
 
     def cmp_and_score():
-        kc, vc = scoring.compress(k, cfg, cmp_layout), scoring.compress(v, cfg, cmp_layout)
-        state["s"] = scoring.compressed_and_select(q, kc, vc, cfg, scale, layout, cmp_layout)
+        kc, vc = scoring.compress(k, cfg, plan.cmp), scoring.compress(v, cfg, plan.cmp)
+        state["s"] = dispatch.compressed(q, kc, vc, plan, scale, want_aux=False,
+                                         validate=False, reference=None)
 
-    sel_path = "gather" if paths["sel"] == "masked" else paths["sel"]
     stages = {
         f"compress+cmp+score ({paths['cmp']})": cmp_and_score,
-        f"selection ({paths['sel']})": lambda: selection.selection_attention(
-            q, k, v, state["s"].block_indices, cfg, scale, path=sel_path
+        f"selection ({paths['sel']})": lambda: dispatch.selection(
+            q, k, v, state["s"].block_indices, plan, scale, reference=None
         ),
-        f"window ({paths['win']})": lambda: sliding.window_attention(
-            q, k, v, cfg, scale, layout, path=paths["win"]
+        f"window ({paths['win']})": lambda: dispatch.window(
+            q, k, v, plan, scale, validate=False, reference=None
+        ),
+        "plan (host work, once per forward)": lambda: nsa_impl.plan(
+            q.shape, cfg, kv_heads=k.shape[2], v_head_dim=v.shape[-1], backward=False
         ),
     }
     out = {}

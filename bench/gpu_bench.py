@@ -189,8 +189,8 @@ def nsa_inputs(T, H, G, Dk, Dv, dtype=torch.bfloat16, seed=0):
 
 def selection_times(T, H, G, Dk, Dv, bench: Bench, coherent=False, dtype=torch.bfloat16,
                     backward=True, label="", reps=10):
+    from bench.workloads import random_block_indices
     from nsa_impl.kernels import triton_sel
-    from nsa_impl.kernels.naive import random_block_indices
 
     q, k, v, _, gen = nsa_inputs(T, H, G, Dk, Dv, dtype)
     idx = random_block_indices(1, T, G, PAPER["sel_top_n"], PAPER["sel_block"], generator=gen,
@@ -213,7 +213,7 @@ def selection_times(T, H, G, Dk, Dv, bench: Bench, coherent=False, dtype=torch.b
     return f, fb
 
 
-#: Launch variants timed by ``--sweep`` (H -> list of `_Tuning` overrides; "coherent" picks the
+#: Launch variants timed by ``--sweep`` (H -> list of `LaunchShape` overrides; "coherent" picks the
 #: index generator). Results per version are in docs/gpu_notes.md.
 SWEEP = {
     64: [{}, {"BKEY": 32}, {"BKEY": 32, "stages_kv": 3}, {"BKEY": 32, "warps_bwd": 8},
@@ -224,25 +224,23 @@ SWEEP = {
 
 
 def sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
-    """Selection timings under launch variants (`triton_sel._TUNING_OVERRIDE`), with the
-    compiled kernels' register and spill counts."""
-    from nsa_impl.kernels import triton_sel
+    """Selection timings under launch variants (``nsa_impl.kernels.ops.tuning(sel=...)``), with
+    the compiled kernels' register and spill counts (``tuning(launches={})``)."""
+    from nsa_impl.kernels.ops import tuning
 
     for H, variants in SWEEP.items():
         for var in variants:
             var = dict(var)
             coherent = var.pop("coherent", False)
-            triton_sel._TUNING_OVERRIDE.clear()
-            triton_sel._TUNING_OVERRIDE.update(var)
-            f, fb = selection_times(T, H, 4, Dk, Dv, bench, coherent=coherent, label=str(var),
-                                    reps=5)
-            regs = {name: (getattr(k, "n_regs", None), getattr(k, "n_spills", None))
-                    for name, k in triton_sel._LAST_LAUNCH.items()}
+            with tuning(sel=var, launches={}) as t:
+                f, fb = selection_times(T, H, 4, Dk, Dv, bench, coherent=coherent,
+                                        label=str(var), reps=5)
+                regs = {name: (getattr(k, "n_regs", None), getattr(k, "n_spills", None))
+                        for name, k in t.launches.items()}
             print(f"   {var} coherent={coherent} H={H}: (regs, spills) {regs}", flush=True)
             bench.add(T=T, dims=f"{Dk}/{Dv}", H=H, G=4,
                       metric=f"sweep {var}{' coherent' if coherent else ''}", ours_ms=f,
                       dense_ms=fb, dense_backend="(fwd+bwd ms)", ratio=None)
-    triton_sel._TUNING_OVERRIDE.clear()
 
 
 #: Launch shapes of the compressed branch's scoring kernel timed by ``--cmp-sweep``.
@@ -253,40 +251,51 @@ CMP_SWEEP = [{}, {"stages": 2}, {"block_m": 128, "block_n": 64}, {"block_n": 32}
 def cmp_sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
     """The compressed branch's flash path in parts (H=64, G=4): FA-2 over query groups, the
     scoring kernel under `CMP_SWEEP` launch shapes, and top-n (Triton kernel vs torch)."""
+    import nsa_impl
     from nsa_impl import scoring
-    from nsa_impl.branches.compressed import CmpLayout
     from nsa_impl.kernels import flash_cmp
-    from nsa_impl.varlen import PackedLayout
+    from nsa_impl.kernels.ops import tuning
 
-    cfg = __import__("nsa_impl").NSAConfig(**PAPER)
+    cfg = nsa_impl.NSAConfig(**PAPER)
     q, k, v, _, _ = nsa_inputs(T, 64, 4, Dk, Dv)
-    layout = PackedLayout.build(T)
-    cl = CmpLayout.build(cfg, layout)
-    k_cmp, v_cmp = scoring.compress(k, cfg, cl), scoring.compress(v, cfg, cl)
-    scale = 1.0 / math.sqrt(Dk)
-    packing = flash_cmp.QueryPacking.build(cfg, layout, cl)
     base = dict(T=T, dims=f"{Dk}/{Dv}", H=64, G=4, dense_ms=None, dense_backend="", ratio=None)
+
+    def layout_with(var):  # the plan holds the score tiles: one plan per launch shape
+        with tuning(score=var), nsa_impl.dispatch.force_path(cmp="flash"):
+            return nsa_impl.plan(q.shape, cfg, kv_heads=4, v_head_dim=Dv, device="cuda",
+                                 dtype=q.dtype, backward=False)
+
+    plan = layout_with({})
+    k_cmp, v_cmp = scoring.compress(k, cfg, plan.cmp), scoring.compress(v, cfg, plan.cmp)
+    scale = 1.0 / math.sqrt(Dk)
+    lay = plan.cmp_flash
     with torch.no_grad():
         t = bench.run("cmp attention", lambda: timeit(
-            lambda: flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, packing, scale)))
+            lambda: flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, lay, scale)))
         bench.add(**base, metric="cmp: FA-2 over query groups", ours_ms=t)
-        _, lse = flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, packing, scale)
-        S = cfg.num_sel_blocks(T)
+        _, lse = flash_cmp.cmp_attention(q, k_cmp, v_cmp, cfg, lay, scale)
+
+        def scores(layout, c):
+            sizes = [cfg.sel_block, cfg.cmp_block, cfg.cmp_stride, layout.block_m,
+                     layout.block_n]
+            return flash_cmp.cmp_scores(q, k_cmp, lse, c.start, c.rows, c.cmp0, layout.count,
+                                        c.r0, c.r1, c.S, sizes, scale)
+
         for var in CMP_SWEEP:
-            saved = dict(flash_cmp.SCORE_TUNING)
-            flash_cmp.SCORE_TUNING.update(var)
-            t = bench.run(f"cmp scores {var}", lambda: timeit(lambda: flash_cmp.selection_scores(
-                q, k_cmp, lse, cfg, scale, layout, cl, 0, T, S)))
-            flash_cmp.SCORE_TUNING.clear()
-            flash_cmp.SCORE_TUNING.update(saved)
+            lv = layout_with(var).cmp_flash
+            with tuning(score=var):
+                t = bench.run(f"cmp scores {var}", lambda lv=lv: timeit(
+                    lambda: [scores(lv, c) for c in lv.chunks]))
             bench.add(**base, metric=f"cmp: scores {var or 'default'}", ours_ms=t)
-        rows = T // 4  # one default-budget chunk at 64k
-        sc = flash_cmp.selection_scores(q, k_cmp, lse, cfg, scale, layout, cl, T - rows, T, S)
-        block = (layout.pos[T - rows:] // cfg.sel_block).cuda()
-        out = torch.empty(1, rows, 4, cfg.sel_top_n, dtype=torch.long, device="cuda")
+        c = lay.chunks[-1]  # one default-budget chunk
+        sc = scores(lay, c)
+        block = lay.block[c.r0:c.r1]
+        n, init, local = cfg.sel_top_n, cfg.sel_init_blocks, cfg.sel_local_blocks
         t_tr = bench.run("top-n triton", lambda: timeit(
-            lambda: flash_cmp.top_n(sc, block, cfg, out)))
+            lambda: flash_cmp.top_n(sc, block, n, init, local)))
         t_pt = bench.run("top-n torch", lambda: timeit(lambda: scoring.top_n(sc, block, cfg)))
+        out = flash_cmp.top_n(sc, block, n, init, local)
+        rows = c.r1 - c.r0
         same = torch.equal(out, scoring.top_n(sc, block, cfg).permute(0, 2, 1, 3))
         bench.add(**base, metric=f"cmp: top-n of {rows} rows, triton (equal to torch: {same})",
                   ours_ms=t_tr)
@@ -296,8 +305,8 @@ def cmp_sweep(T: int, Dk: int, Dv: int, bench: Bench) -> None:
 def profile(T: int, Dk: int, Dv: int, bench: Bench) -> None:
     """Top CUDA kernels of one selection fwd+bwd (H=64), one full NSA fwd and one fwd+bwd."""
     import nsa_impl
+    from bench.workloads import random_block_indices
     from nsa_impl.kernels import triton_sel
-    from nsa_impl.kernels.naive import random_block_indices
 
     def table(fn):
         fn()
@@ -336,26 +345,30 @@ def profile(T: int, Dk: int, Dv: int, bench: Bench) -> None:
         print(f"== profile: {name}, T={T}\n{text}", flush=True)
 
 
-def nsa_times(T, H, G, Dk, Dv, bench: Bench, dtype=torch.bfloat16):
+def nsa_times(T, H, G, Dk, Dv, bench: Bench, dtype=torch.bfloat16, planned=False):
+    """Full NSA forward and forward+backward; ``planned``: with a plan built once and reused
+    (what a model does), else a plan per call (the plain functional call)."""
     import nsa_impl
-    from nsa_impl import routing
 
     cfg = nsa_impl.NSAConfig(**PAPER)
     q, k, v, gates, _ = nsa_inputs(T, H, G, Dk, Dv, dtype)
-    print(routing.explain(q, cfg, k=k, v=v, backward=True), flush=True)
+    print(nsa_impl.explain(q, cfg, k=k, v=v, backward=True), flush=True)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
     do = torch.randn(1, T, H, Dv, device="cuda", dtype=dtype)
+    plan = nsa_impl.plan(q.shape, cfg, kv_heads=G, v_head_dim=Dv, device=q.device,
+                         dtype=dtype) if planned else None
+    label = " (plan reused)" if planned else ""
 
     def fwd():
         with torch.no_grad():
-            nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
+            nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False, plan=plan)
 
     def fwdbwd():
-        o = nsa_impl.nsa_attention(*leaves, cfg, validate=False)
+        o = nsa_impl.nsa_attention(*leaves, cfg, validate=False, plan=plan)
         torch.autograd.grad(o, leaves, do)
 
-    f = bench.run(f"nsa fwd T={T}", lambda: timeit(fwd, warmup=1, reps=5))
-    fb = bench.run(f"nsa fwd+bwd T={T}", lambda: timeit(fwdbwd, warmup=1, reps=3))
+    f = bench.run(f"nsa fwd T={T}{label}", lambda: timeit(fwd, warmup=1, reps=5))
+    fb = bench.run(f"nsa fwd+bwd T={T}{label}", lambda: timeit(fwdbwd, warmup=1, reps=3))
     return f, fb
 
 
@@ -437,6 +450,9 @@ def main(argv=None):
                 f, fb = nsa_times(T, H, G, Dk, Dv, bench)
                 add("nsa fwd", f, best["fwd"])
                 add("nsa fwd+bwd", fb, best["fwdbwd"])
+                f, fb = nsa_times(T, H, G, Dk, Dv, bench, planned=True)
+                add("nsa fwd (plan reused)", f, best["fwd"])
+                add("nsa fwd+bwd (plan reused)", fb, best["fwdbwd"])
             if "decode" in parts:
                 add("decode step", decode_time(T, H, G, Dk, Dv, bench),
                     dense_decode(T, H, G, Dk, Dv, bench))

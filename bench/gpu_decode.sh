@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 on one GPU in ONE device call (H200, torch 2.11 + triton 3.6, no network), <= 8 min
 # (stage timeouts add up to 470 s):
-#   1. the GPU decode tests (pytest -m gpu on tests/test_decode_step.py and tests/test_decode.py)
+#   1. the GPU decode tests (pytest -m gpu on tests/kernels/test_decode_step.py and tests/test_decode.py)
 #   2. the decode clauses of the conformance suite for nsa_impl on cuda (NSACache -> Triton path)
 #   3. bench/decode_bench.py   (the issue's B x T grid + a ragged batch: CSV, table, PNG)
 #   4. bench/generate_bench.py (toy LM tokens/s, NSA vs dense, 8k/32k/64k: CSV, table, PNG)
@@ -34,7 +34,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run, tee into the log, remember the ex
   git log --oneline -1 2>/dev/null || true
 } 2>&1 | tee -a "$LOG"
 
-stage gpu_tests 140 python3 -m pytest -m gpu tests/test_decode_step.py tests/test_decode.py \
+stage gpu_tests 140 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py \
   -q -rA -p no:cacheprovider -n 3
 for clause in NSA-P5-DECODE-PREFILL NSA-I9-READS; do
   stage "conformance_$clause" 40 python3 -m conformance run --impl nsa_impl --device cuda \

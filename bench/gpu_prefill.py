@@ -182,8 +182,9 @@ def kernel_call(name: str, cfg, sh: Shapes, base):
     if name == "gate":
         def run():
             s = sh.next()
-            o = triton_gate._forward(s["cmp_o"], s["win_o"], s["q"], s["g"], cfg)
-            triton_gate._backward(s["do"], s["cmp_o"], s["win_o"], s["q"], s["g"], cfg)
+            o = triton_gate.gate_forward(s["cmp_o"], s["win_o"], s["q"], s["g"], cfg.as_list())
+            triton_gate.gate_backward(s["do"], s["cmp_o"], s["win_o"], s["q"], s["g"],
+                                      cfg.as_list())
             return o
         return run
     tn = dataclasses.replace(base[mode], **{name.split("_")[1]: cfg})
@@ -288,7 +289,7 @@ def parts(T: int, bench: Bench, prof, rows: list):
     from nsa_impl import scoring
     from nsa_impl.branches.compressed import CmpLayout
     from nsa_impl.kernels import triton_attn, triton_gate, triton_sel, triton_topn
-    from nsa_impl.kernels.naive import random_block_indices
+    from bench.workloads import random_block_indices
     from nsa_impl.varlen import PackedLayout
 
     cfg = nsa_impl.NSAConfig(**PAPER)
@@ -318,9 +319,10 @@ def parts(T: int, bench: Bench, prof, rows: list):
         ("fwd selection (random paper indices)", lambda: triton_sel.selection_attention(
             q4, k4, v4, idx, cfg.sel_block, sh.scale)),
         ("fwd window", lambda: triton_attn._forward(*a_win, sh.scale, prof.win)),
-        ("fwd gate", lambda: triton_gate._forward(s["cmp_o"], s["win_o"], s["q"], g, prof.gate)),
-        ("bwd gate", lambda: triton_gate._backward(s["do"], s["cmp_o"], s["win_o"], s["q"], g,
-                                                   prof.gate)),
+        ("fwd gate", lambda: triton_gate.gate_forward(s["cmp_o"], s["win_o"], s["q"], g,
+                                                      prof.gate.as_list())),
+        ("bwd gate", lambda: triton_gate.gate_backward(s["do"], s["cmp_o"], s["win_o"], s["q"], g,
+                                                       prof.gate.as_list())),
         ("bwd cmp dq", lambda: triton_attn._dq(s["do"], *a_cmp[:3], s["cmp_o"], s["cmp_lse"],
                                                *a_cmp[3:6], *a_cmp[6:], sh.scale, prof.cmp)),
         ("bwd cmp dk/dv", lambda: triton_attn._dkdv(
@@ -353,7 +355,7 @@ def nsa_times(T: int, bench: Bench, prof, rows: list):
     import contextlib
 
     import nsa_impl
-    from nsa_impl import routing
+    from nsa_impl import dispatch
     from nsa_impl.kernels import tuning
 
     cfg = nsa_impl.NSAConfig(**PAPER)
@@ -365,12 +367,12 @@ def nsa_times(T: int, bench: Bench, prof, rows: list):
 
     @contextlib.contextmanager
     def v4():
-        with tuning.use_profile(prof), (routing.force_path("triton") if SMOKE
+        with tuning.use_profile(prof), (dispatch.force_path("triton") if SMOKE
                                         else contextlib.nullcontext()):
             yield
 
     for who, ctx in (("nsa v4", v4),
-                     ("nsa v3 (flash cmp/win)", lambda: routing.force_path("flash"))):
+                     ("nsa v3 (flash cmp/win)", lambda: dispatch.force_path("flash"))):
         def fwd():
             with ctx(), torch.no_grad():
                 nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
@@ -381,7 +383,7 @@ def nsa_times(T: int, bench: Bench, prof, rows: list):
             torch.autograd.grad(o, leaves, do)
 
         with ctx():
-            plan = routing.explain(q, cfg, k=k, v=v, backward=True)
+            plan = nsa_impl.explain(q, cfg, k=k, v=v, backward=True)
         f = bench.run(f"{who} fwd T={T}", lambda: wall_ms(fwd, reps=10))
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()

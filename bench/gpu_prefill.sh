@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,cl
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_tests.log"
 
 # 1. correctness of the v4 kernels compiled (bf16/fp16 lowp class, fp32 class, 64k rows)
-timeout 170 python3 -m pytest tests/gpu/test_triton_attn_gpu.py -q -rA -n 4 -p no:cacheprovider \
+timeout 170 python3 -m pytest tests/kernels/test_triton_attn.py tests/kernels/test_triton_topn.py -m gpu -q -rA -n 4 -p no:cacheprovider \
     2>&1 | tee -a "$OUT/gpu_tests.log" | grep -E "FAIL|ERROR|passed|failed|Error" | head -30
 
 # 2. peers in their own process (flash_attn stand-in on their path only), same call; two

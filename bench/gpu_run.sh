@@ -19,7 +19,7 @@ stage="${1:-check}"
 case "$stage" in
 cmp)
   # the compressed branch's flash path: GPU tests, then full NSA at 64k with a profile
-  timeout 120 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error|slack" | head -60
+  timeout 120 python3 -m pytest tests -m gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error|slack" | head -60
   timeout 200 python3 bench/gpu_bench.py --out "$OUT/nsa64k" --T 16384,65536 --dims 128/128 \
       --parts nsa --cmp-sweep 65536 --profile 65536 --budget-s 170 2>&1 | tee "$OUT/nsa64k.log" | grep -v "^ *void\|^---\|^ *Name" | tail -60
   timeout 230 python3 -m conformance run --impl nsa_impl:flash --device cuda --no-mutants \
@@ -40,14 +40,14 @@ matrix)
   (cd "$OUT" && tar czf conformance.tgz conf_* && rm -rf conf_*)
   ;;
 check)
-  timeout 230 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150
+  timeout 230 python3 -m pytest tests -m gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -150
   timeout 220 python3 bench/gpu_bench.py --out "$OUT/sel" --dims 128/128 --parts sel,h4 \
       --sweep 16384 --budget-s 170 2>&1 | tee "$OUT/sel.log" | tail -60
   timeout 120 python3 bench/gpu_bench.py --out "$OUT/nsa_scout" --T 8192 --dims 128/128 \
       --parts nsa,decode --budget-s 80 2>&1 | tee "$OUT/nsa_scout.log" | tail -40
   ;;
 tune)
-  timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
+  timeout 150 python3 -m pytest tests -m gpu -q -rA -n 4 -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|err |passed|failed|Error" | head -60
   timeout 400 python3 bench/gpu_bench.py --out "$OUT/tune" --dims 128/128 --parts none \
       --sweep 65536 --budget-s 330 2>&1 | tee "$OUT/tune.log" | tail -60
@@ -74,7 +74,7 @@ final3)
   ;;
 verify)
   # after the last changes: GPU tests, the decode clauses, full NSA at 64k
-  timeout 120 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|ERROR|passed|failed" | head -20
+  timeout 120 python3 -m pytest tests -m gpu -q -rA -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|ERROR|passed|failed" | head -20
   for c in NSA-P5-DECODE-PREFILL NSA-I9-READS NSA-LONG-INDEX-BOUNDS-64K; do
     timeout 100 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants \
         --clause "$c" --report "$OUT/conf_$c" 2>&1 | grep -E "FAIL|pass,"
@@ -84,7 +84,7 @@ verify)
       --parts nsa,decode --budget-s 100 2>&1 | grep -E "^\|" | tail -4
   ;;
 final)
-  timeout 150 python3 -m pytest tests/gpu -q -rA -n 4 -p no:cacheprovider \
+  timeout 150 python3 -m pytest tests -m gpu -q -rA -n 4 -p no:cacheprovider \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "FAIL|SKIP|ERROR|passed|failed|Error" | head -40
   timeout 400 python3 bench/gpu_bench.py --out "$OUT/gpu_bench" --budget-s 350 2>&1 \
       | tee "$OUT/bench.log" | tail -75

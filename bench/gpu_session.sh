@@ -3,6 +3,12 @@
 #   bash bench/gpu_session.sh kernels   # GPU tests of the v4 prefill and the decode kernels
 #                                       # (in parallel), the prefill launch-shape sweep + parts +
 #                                       # table (8k..64k), the decode benchmark grid
+#   bash bench/gpu_session.sh verify    # 2026-12-02: every GPU test and the router's GPU
+#                                       # conformance (in parallel), the profile of a planned
+#                                       # 64k call, then ours / dense / flash_nsa / fla-core side
+#                                       # by side (.peers/peer_bench.py; wheels from .whl/)
+#   bash bench/gpu_session.sh serve     # 2026-12-02: the triton path's and the peers' GPU
+#                                       # conformance, the decode benchmark grid
 # Results under $OUT, packed so that at most 8 files come back: summary.txt (the tables),
 # prefill.tgz, decode.tgz, tests.tgz.
 set -u -o pipefail
@@ -38,6 +44,63 @@ kernels)
       --T 8192,16384,32768,65536 --sections sweep,parts,table > "$OUT/prefill/gpu_prefill.log" 2>&1
   note "prefill rc=$?"
   tail -40 "$OUT/prefill/gpu_prefill.log" | grep -vE "^ +(File|\^|~)" | tee -a "$SUM"
+  left=$(( 570 - (SECONDS - t0) ))
+  note "decode bench, ${left}s left"
+  timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
+      --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
+  note "decode bench rc=$?"
+  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
+      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
+  ;;
+verify)
+  note "GPU tests (all, -m gpu) and the router's GPU conformance, in parallel"
+  timeout 300 python3 -m pytest tests gpu_matrix conformance/tests -m gpu -q -rfEs -n 4 \
+      -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
+  p1=$!
+  timeout 300 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants --examples 1 \
+      --report "$OUT/tests/conf_nsa_impl" > "$OUT/tests/conf_nsa_impl.log" 2>&1 &
+  p2=$!
+  wait $p1; r1=$?; wait $p2; r2=$?
+  note "gpu tests rc=$r1: $(tail -1 "$OUT/tests/gpu_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -30 | tee -a "$SUM"
+  note "conformance nsa_impl cuda rc=$r2: $(grep -E 'pass, .* fail' "$OUT/tests/conf_nsa_impl.log" | tail -1)"
+  grep -E "FAIL|ERROR" "$OUT/tests/conf_nsa_impl.log" | head -20 | tee -a "$SUM"
+  rm -f "$OUT/tests/conf_nsa_impl/junit.xml"
+  note "profile of a planned call at 64k"
+  timeout 90 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" \
+      > "$OUT/prefill/profile.log" 2>&1
+  note "profile rc=$?"; cat "$OUT/prefill/profile.log" | tee -a "$SUM"
+  pip install --no-deps -q .whl/fla_core-*.whl > "$OUT/tests/pip.log" 2>&1
+  left=$(( 575 - (SECONDS - t0) ))
+  note "side by side (peer_bench ours, then peers), ${left}s left"
+  timeout $(( left / 2 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
+      > "$OUT/prefill/peer_ours.jsonl" 2>&1
+  note "ours rc=$?"
+  left=$(( 580 - (SECONDS - t0) ))
+  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$PWD" timeout $(( left > 20 ? left : 20 )) \
+      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
+  note "peers rc=$?"
+  grep -hE "^\{|failed" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
+  ;;
+serve)
+  pip install --no-deps -q .whl/fla_core-*.whl > "$OUT/tests/pip.log" 2>&1
+  note "GPU conformance: nsa_impl:triton, fla:parallel, flash_nsa (in parallel)"
+  timeout 280 python3 -m conformance run --impl nsa_impl:triton --device cuda --no-mutants \
+      --examples 1 --report "$OUT/tests/conf_triton" > "$OUT/tests/conf_triton.log" 2>&1 &
+  p1=$!
+  PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 280 python3 -m conformance run --impl fla:parallel --peer \
+      --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
+      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
+  p2=$!
+  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 280 \
+      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
+      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
+  p3=$!
+  for p in $p1 $p2 $p3; do wait $p; done
+  for n in triton fla_parallel flash_nsa; do
+    note "conformance $n: $(grep -E 'pass, .* fail' "$OUT/tests/conf_$n.log" | tail -1)"
+    rm -f "$OUT/tests/conf_$n/junit.xml"
+  done
   left=$(( 570 - (SECONDS - t0) ))
   note "decode bench, ${left}s left"
   timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \

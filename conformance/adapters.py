@@ -6,10 +6,12 @@ cpu|cuda`` or ``NSA_CONFORMANCE_DEVICE`` (default ``cpu``). Built-in names:
 
 * ``nsa_ref``: the exact reference.
 * ``nsa_impl``: the library, each branch on the path its router chooses.
-* ``nsa_impl:<path>`` for ``parity`` (= the ``reference`` path), ``masked``, ``packed``,
-  ``varlen``, ``triton``, ``flash``: the library inside ``nsa_impl.routing.force_path(<path>)``,
-  with the capabilities of ``nsa_impl.routing.PATHS[<path>]``; an unavailable path (no triton,
-  no GPU) makes every test skip with the path's own reason.
+* ``nsa_impl:<path>`` for ``reference``, ``masked``, ``packed``, ``varlen``, ``triton``,
+  ``flash`` (the dispatcher's path names): the library inside
+  ``nsa_impl.dispatch.force_path(<path>)``, with the capabilities of
+  ``nsa_impl.dispatch.PATHS[<path>]``; an unavailable path (no triton, no GPU) makes every test
+  skip with the path's own reason. ``nsa_impl:parity`` is kept as an alias of
+  ``nsa_impl:reference`` (its former name).
 * ``fla:naive``, ``fla:parallel``, ``flash_nsa``, ``lucidrains``: public NSA implementations
   (`conformance.peers`), each with its declared capabilities and translation profile.
 
@@ -66,7 +68,9 @@ ENV_DEVICE = "NSA_CONFORMANCE_DEVICE"
 DEFAULT_IMPL = "nsa_ref"
 DEVICES = ("cpu", "cuda")
 ENTRY_POINT_GROUP = "nsa_conformance.adapters"
-IMPL_PATHS = ("parity", "masked", "packed", "varlen", "triton", "flash")
+IMPL_PATHS = ("reference", "masked", "packed", "varlen", "triton", "flash")
+#: Former adapter path names, still accepted.
+PATH_ALIASES = {"parity": "reference"}
 ALL_FLOATS = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 
@@ -329,38 +333,36 @@ class NsaImplAdapter(Adapter):
     """`nsa_impl.nsa_attention`, on the router's choice or inside ``force_path(<path>)``."""
 
     def __init__(self, path: str | None = None):
+        path = PATH_ALIASES.get(path, path)
         if path is not None and path not in IMPL_PATHS:
             raise ValueError(f"unknown nsa_impl path {path!r}; known: {', '.join(IMPL_PATHS)}")
-        self.path = path
-        self.route_name = None if path is None else ("reference" if path == "parity" else path)
+        self.path = self.route_name = path
         self.name = "nsa_impl" if path is None else f"nsa_impl:{path}"
         self.description = (
             "nsa_impl, each branch on the router's choice"
             if path is None
-            else f"nsa_impl inside routing.force_path({self.route_name!r})"
+            else f"nsa_impl inside dispatch.force_path({path!r})"
         )
         self._caps: Capabilities | None = None
 
     @property
     def capabilities(self) -> Capabilities:
-        """Read from ``nsa_impl.routing.PATHS`` (the union of all paths for the router)."""
+        """Read from ``nsa_impl.dispatch.PATHS`` (the union of all paths for the router)."""
         if self._caps is None:
             impl, _ = _import_impl()
             if impl is None:
                 return Capabilities()
             decls = (
-                list(impl.routing.PATHS.values())
+                list(impl.dispatch.PATHS.values())
                 if self.route_name is None
-                else [impl.routing.PATHS[self.route_name]]
+                else [impl.dispatch.PATHS[self.route_name]]
             )
             min_dim = min(d.min_head_dim for d in decls)
             maxes = [d.max_head_dim for d in decls]
             self._caps = Capabilities(
                 # A path that CPU tensors may run in Triton's interpreter when forced serves
                 # "cpu" too (nsa_impl:triton under TRITON_INTERPRET=1).
-                devices=frozenset().union(
-                    *(getattr(d, "served_devices", lambda d=d: d.devices)() for d in decls)
-                ),
+                devices=frozenset().union(*(d.served_devices() for d in decls)),
                 dtypes=frozenset().union(*(d.dtypes for d in decls)),
                 backward=any(d.backward for d in decls),
                 varlen=any(d.varlen for d in decls),
@@ -377,9 +379,9 @@ class NsaImplAdapter(Adapter):
             return False, why
         if self.route_name is None:
             return True, ""
-        if self.route_name not in impl.routing.PATHS:
-            return False, f"nsa_impl.routing.PATHS has no path {self.route_name!r}"
-        ok, reason = impl.routing.PATHS[self.route_name].available()
+        if self.route_name not in impl.dispatch.PATHS:
+            return False, f"nsa_impl.dispatch.PATHS has no path {self.route_name!r}"
+        ok, reason = impl.dispatch.PATHS[self.route_name].available()
         return bool(ok), "" if ok else f"path {self.route_name!r} unavailable: {reason}"
 
     def _context(self):
@@ -388,7 +390,7 @@ class NsaImplAdapter(Adapter):
             import contextlib
 
             return contextlib.nullcontext()
-        return impl.routing.force_path(self.route_name)
+        return impl.dispatch.force_path(self.route_name)
 
     def attention(self, q, k, v, gates, cfg, **kwargs):
         """`nsa_impl.nsa_attention`, inside the forced path when one is named."""
@@ -469,6 +471,8 @@ def _entry_points() -> dict:
 REGISTRY = Registry({"nsa_ref": NsaRefAdapter, "nsa_impl": NsaImplAdapter})
 for _path in IMPL_PATHS:
     REGISTRY.factories[f"nsa_impl:{_path}"] = lambda p=_path: NsaImplAdapter(p)
+for _alias in PATH_ALIASES:
+    REGISTRY.factories[f"nsa_impl:{_alias}"] = lambda p=_alias: NsaImplAdapter(p)
 
 #: Public NSA implementations graded by the suite (`conformance.peers`, imported on first use;
 #: each peer package itself is imported only when its adapter runs).

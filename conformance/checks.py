@@ -610,8 +610,15 @@ class Subject:
         return want, tols
 
     def _oracle_lowp(self, inp, cfg, lane, w, grads, impl_idx, indices, **kwargs):
-        """Dense float32 (reference) and dense low dtype (naive), given the impl's indices."""
+        """Dense float32 (reference) and dense low dtype (naive), given the impl's indices.
+
+        Both differentiate ``sum(o * w)`` with ``w`` rounded to the lane's dtype: that rounded
+        ``w`` is the output gradient a low-precision implementation receives (its ``o`` is in
+        that dtype), so the reference runs on the same rounded inputs, ``dO`` included (spec
+        I.10), instead of charging every implementation the rounding of ``w``.
+        """
         low = inp.to(lane.dtype, self.device)
+        w = w.to(lane.dtype).to(w.dtype)
         ref = self._oracle_dense(
             low.to(torch.float32, self.device, requires_grad=grads),
             cfg,

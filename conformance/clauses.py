@@ -491,6 +491,50 @@ CLAUSES: tuple[Clause, ...] = (
         needs=("cuda", "long_context", "aux"),
         tolerance="structural",
     ),
+    # --- robustness: non-finite values, low precision (appended) ------------------------------
+    _c(
+        "NSA-NAN-ROWS",
+        "non-finite values stay in the rows that read them",
+        "Eqs. 2, 5 (each row attends only its own keys)",
+        "I.3, I.6, I.7, I.10",
+        """A NaN at token j of one sequence changes only the rows that read j (j in the row's
+       window, its selected keys or one of its visible compressed blocks), and those rows are
+       not finite; every other row (outputs, branch outputs, dq and dgates) and the dk/dv of
+       keys no such row reads are bit-identical to a clean run. Masked keys contribute exactly
+       nothing (select, never multiply by zero).""",
+        tolerance="structural",
+    ),
+    _c(
+        "NSA-NAN-VARLEN-ISOLATION",
+        "one bad packed sequence leaves the others bit-identical",
+        "Eq. 1 (per sequence)",
+        "I.1, I.10",
+        """With cu_seqlens, a NaN in v of one packed sequence leaves every other sequence's
+       outputs, branch outputs and gradients bit-identical to a clean run.""",
+        needs=("varlen",),
+        tolerance="structural",
+    ),
+    _c(
+        "NSA-NAN-EMPTY-CMP",
+        "empty compressed rows stay zero next to NaN",
+        "Eq. 7 (t < l)",
+        "I.3, P21",
+        """Rows that see no compressed block keep exact-zero o_cmp (and zero gradient through it)
+       when other tokens of the batch hold NaN, in the same sequence or another one.""",
+        needs=("aux",),
+        tolerance="structural",
+    ),
+    _c(
+        "NSA-LOWP-LARGE-LOGITS",
+        "fp16 with large unscaled logits",
+        "Eq. 2 (scaled dot product)",
+        "I.10",
+        """float16 inputs whose unscaled q.k exceeds the float16 range while the scaled logits are
+       moderate give finite outputs within the low-precision bound of a same-dtype formulation
+       that scales before the product: scale before the matmul (or accumulate in float32).
+       Runs wherever the implementation declares float16.""",
+        tolerance="low-precision",
+    ),
 )
 
 BY_ID: dict[str, Clause] = {c.id: c for c in CLAUSES}

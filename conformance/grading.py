@@ -86,6 +86,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "decode": ("NSA-P5-DECODE-PREFILL", "NSA-I9-CMP-EMIT", "NSA-I9-READS", "NSA-P29-READ-BOUND"),
     "errors": ("NSA-I11-BAD-INPUT", "NSA-I2-CONFIG"),
     "64k": ("NSA-LONG-CAUSAL-64K", "NSA-LONG-INDEX-BOUNDS-64K"),
+    "non-finite": ("NSA-NAN-ROWS", "NSA-NAN-VARLEN-ISOLATION", "NSA-NAN-EMPTY-CMP"),
+    "low precision": ("NSA-LOWP-LARGE-LOGITS",),
 }
 
 

@@ -289,6 +289,35 @@ def _empty_cmp_mean_v(original):
     return nsa_row
 
 
+def _zero_weights_over_the_packed_row(original):
+    """Every output row gets ``0 * (sum of every value of its batch row)``: nothing on finite
+    inputs, NaN everywhere once any value is NaN (probability 0 times a masked NaN value)."""
+
+    def nsa_attention(q, k, v, gates, cfg, **kwargs):
+        out = original(q, k, v, gates, cfg, **kwargs)
+        o = out[0] if isinstance(out, tuple) else out
+        values = (kwargs.get("branch_kv") or {}).get("win", (k, v))[1]
+        leak = 0.0 * values.sum(dim=(1, 2), keepdim=True).sum(-1, keepdim=True)  # [B, 1, 1, 1]
+        o = o + leak
+        return (o, out[1]) if isinstance(out, tuple) else o
+
+    return nsa_attention
+
+
+def _empty_cmp_zero_weights(original):
+    """A row that sees no compressed block attends its raw values with zero weights."""
+
+    def nsa_row(p, q_p, seq, scale, W):
+        row = original(p, q_p, seq, scale, W)
+        if row.p_cmp.shape[1]:
+            return row
+        v = seq.heads(seq.raw["cmp"][1][: p + 1])  # [p+1, H, Dv]
+        leak = 0.0 * v.sum(dim=0)  # zero weights, not an excluded set
+        return dataclasses.replace(row, o_cmp=row.o_cmp + leak.to(row.o_cmp.dtype))
+
+    return nsa_row
+
+
 def _window_scale_ignored(original):
     """The window branch at 1/sqrt(Dk) whatever the given scale (a kernel called without it)."""
 
@@ -312,6 +341,19 @@ def _cmp_visible_late(original):
         return original(p - 1, cfg) if p > 0 else 0
 
     return visible_cmp_blocks
+
+
+def _half_product_before_scale(original):
+    """Half precision: ``q.k`` formed in the input dtype, scaled afterwards (it overflows)."""
+
+    def attend(q, k, v, scale):
+        if q.dtype not in (torch.float16, torch.bfloat16) or k.shape[0] == 0:
+            return original(q, k, v, scale)
+        logits = torch.einsum("hd,nhd->hn", q, k.to(q.dtype)) * scale  # q.k in the input dtype
+        probs = torch.softmax(logits.float(), dim=-1)
+        return torch.einsum("hn,nhd->hd", probs, v.float()).to(q.dtype), probs
+
+    return attend
 
 
 def _row_swaps(make):
@@ -433,6 +475,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "a duplicated block index counts its keys twice",
         ("NSA-P20-DUPLICATES",),
         lambda: _swap("nsa_ref.rules", "selected_keys", _duplicates_counted),
+    ),
+    Mutant(
+        "masked-by-zero-weights",
+        "masked keys get probability 0 and are multiplied in (0 * NaN = NaN), over the packed row",
+        ("NSA-NAN-ROWS", "NSA-NAN-VARLEN-ISOLATION"),
+        lambda: _swap("nsa_ref.reference", "nsa_attention", _zero_weights_over_the_packed_row),
+    ),
+    Mutant(
+        "empty-cmp-zero-weights",
+        "a row with no compressed block multiplies its raw values by zero weights",
+        ("NSA-NAN-EMPTY-CMP",),
+        lambda: _swaps(*_row_swaps(_empty_cmp_zero_weights)),
+    ),
+    Mutant(
+        "half-product-before-scale",
+        "float16/bfloat16 logits formed as q.k in the input dtype, scaled afterwards",
+        ("NSA-LOWP-LARGE-LOGITS",),
+        lambda: _swap("nsa_ref.rules", "attend", _half_product_before_scale),
     ),
 )
 

@@ -250,14 +250,14 @@ def attention_backends(torch: ModuleType, device: str) -> list[dict[str, Any]]:
 
 
 def nsa_impl_facts(torch: ModuleType, device: str) -> dict[str, Any]:
-    """Each ``nsa_impl`` path's availability, and ``routing.explain`` on a small tensor."""
+    """Each ``nsa_impl`` path's availability, and ``nsa_impl.explain`` on a small tensor."""
     try:
-        from nsa_impl import NSAConfig, routing
+        from nsa_impl import NSAConfig, dispatch
     except Exception as exc:  # the probe must still report the machine when nsa_impl is broken
         return {"error": f"nsa_impl cannot be imported ({_describe(exc)})"}
     facts: dict[str, Any] = {"device": device, "paths": {}}
     try:
-        for name, decl in routing.PATHS.items():
+        for name, decl in dispatch.PATHS.items():
             ok, why = decl.available()
             facts["paths"][name] = {"ok": bool(ok), "detail": str(why)}
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -265,7 +265,7 @@ def nsa_impl_facts(torch: ModuleType, device: str) -> dict[str, Any]:
         shape = (1, 4096, 4, 64)
         q = torch.randn(*shape, device=device, dtype=dtype)
         facts["query"] = f"q {list(shape)} {dtype} on {device}, NSAConfig() defaults"
-        facts["routing"] = str(routing.explain(q, NSAConfig()))
+        facts["routing"] = str(dispatch.explain(q, NSAConfig()))
     except Exception as exc:
         facts["error"] = f"routing failed ({_describe(exc)})"
     return facts

@@ -15,6 +15,9 @@ and whose custom autograd Functions, index copies and float64 logit tricks expec
   result is cast to the autocast dtype;
 * the casts are differentiable, so gradients reach float32 leaves in float32.
 
+Every autograd Function's backward runs with autocast off as well (`autocast_off_backward`,
+defined beside the custom-op helper in `nsa_impl.kernels.ops` so that the kernels can use it).
+
 With autocast off the decorator costs one ``torch.is_autocast_enabled`` call. float64 inputs are
 left alone, as autocast itself leaves them.
 """
@@ -27,6 +30,10 @@ import inspect
 from collections.abc import Callable
 
 import torch
+
+from .kernels.ops import autocast_off_backward
+
+__all__ = ["autocast_dtype", "autocast_off_backward", "entry", "run_dtype", "user_fn"]
 
 #: ``(device_type, dtype)`` of the caller's autocast while an entry point runs its body with
 #: autocast disabled; ``None`` otherwise. Read by `user_fn`.
@@ -52,11 +59,23 @@ def _cast(x: object, dtype: torch.dtype) -> object:
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype in effect for ``x``'s device type, or ``None`` when autocast is off."""
+    """The autocast dtype in effect for ``x``'s device type, or ``None`` when autocast is off
+    (or has no kernels for that device type, e.g. ``meta``)."""
     device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def run_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an entry point computes in for inputs like ``x``: the autocast dtype when
+    autocast is on for ``x``'s device and ``x`` would be cast (floating point, not float64),
+    else ``x.dtype``. What a plan built outside the entry point must be built for
+    (`nsa_impl.NSAAttention.plan_for`)."""
+    dtype = autocast_dtype(x)
+    return dtype if dtype is not None and _castable(x) else x.dtype
 
 
 def entry(*tensor_args: str) -> Callable:
@@ -108,8 +127,10 @@ def user_fn(fn: Callable | None) -> Callable | None:
     learnable ``phi`` would otherwise see low-precision inputs against float32 weights. Outside
     an entry point, or for ``None``, returns ``fn`` unchanged.
     """
+    if fn is None:  # before the ContextVar read, which torch.compile cannot trace
+        return fn
     caller = _CALLER.get()
-    if fn is None or caller is None:
+    if caller is None:
         return fn
     device_type, dtype = caller
 
@@ -120,23 +141,3 @@ def user_fn(fn: Callable | None) -> Callable | None:
         return _cast(out, dtype)
 
     return under_caller_autocast
-
-
-def autocast_off_backward(backward: Callable) -> Callable:
-    """Decorate an autograd Function's ``backward`` to run with autocast disabled.
-
-    The engine runs a custom ``backward`` under the autocast state of the ``.backward()`` call;
-    a Function whose forward ran inside an entry point (autocast off, one dtype) must see the
-    same in its backward, also when the caller (against PyTorch's advice) calls ``.backward()``
-    inside an autocast region. The device is that of the first tensor gradient.
-    """
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        lead = next((g for g in grads if isinstance(g, torch.Tensor)), None)
-        if lead is None or not torch.is_autocast_enabled(lead.device.type):
-            return backward(ctx, *grads)
-        with torch.autocast(lead.device.type, enabled=False):
-            return backward(ctx, *grads)
-
-    return wrapper

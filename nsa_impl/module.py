@@ -18,8 +18,11 @@ from nsa_ref.config import NSAConfig
 from nsa_ref.scalars import as_int
 from nsa_ref.validate import BRANCHES, check_cu_seqlens
 
+from . import amp
 from .api import nsa_attention
 from .decode import NSACache
+from .plan import Plan
+from .plan import plan as make_plan
 
 PHI_CHOICES = ("mean", "mlp")
 
@@ -83,7 +86,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sequence_positions(T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """Token positions ``[T]``: ``0..T-1``, or restarting at 0 at every ``cu_seqlens`` boundary."""
+    """Token positions ``[T]``: ``0..T-1``, or restarting at 0 at every ``cu_seqlens`` boundary.
+
+    (A `nsa_impl.Plan` holds the same positions on its device: ``plan.positions``.)
+    """
     pos = torch.arange(T, device=device)
     if cu_seqlens is None:
         return pos
@@ -114,6 +120,9 @@ class NSAAttention(nn.Module):
             is ``sigmoid(0) = 0.5`` at initialisation.
         bias: bias in the q/k/v/o projections (the gate's last layer always has one).
     """
+
+    #: `nsa_impl.observe.Collector.attach` labels the calls of modules that set this.
+    nsa_observed = True
 
     def __init__(
         self,
@@ -197,6 +206,22 @@ class NSAAttention(nn.Module):
             **options,
         )
 
+    def plan_for(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> Plan:
+        """The `nsa_impl.Plan` of this layer's attention on ``x [B, T, hidden]``.
+
+        Build it once per forward and pass it to every layer of the same shape (`forward`'s
+        ``plan``): the route, the layouts and ``cu_seqlens`` (read once here) are shared. Under
+        ``torch.autocast`` it is built for the autocast dtype (`nsa_impl.amp.run_dtype`), which
+        is what `nsa_attention` computes in.
+        """
+        self._check_x(x, None, None)
+        B, T, _ = x.shape
+        return make_plan(
+            (B, T, self.num_heads, self.head_dim), self.config, kv_heads=self.num_kv_heads,
+            v_head_dim=self.v_head_dim, cu_seqlens=cu_seqlens, device=x.device,
+            dtype=amp.run_dtype(x), backward=torch.is_grad_enabled(),
+        )  # fmt: skip
+
     def _check_x(self, x, cu_seqlens, cache) -> None:
         """Argument checks of `forward` (spec I.11: name the argument, say what was expected)."""
         if not isinstance(x, torch.Tensor):
@@ -247,6 +272,7 @@ class NSAAttention(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         cache: NSACache | None = None,
+        plan: Plan | None = None,
     ) -> torch.Tensor:
         """NSA attention over ``x [B, T, hidden]``; returns ``[B, T, hidden]``.
 
@@ -254,6 +280,8 @@ class NSAAttention(nn.Module):
             x: hidden states.
             cu_seqlens: int32 ``[N+1]`` boundaries of sequences packed in ``B = 1`` (spec I.1);
                 positions (and RoPE) restart at every boundary.
+            plan: the `nsa_impl.Plan` of this call (`plan_for`), shared by the layers of a
+                model; built here when ``None``. Not used with a cache.
             cache: an `NSACache` from `new_cache`. With a non-empty cache ``x [B, 1, hidden]`` is
                 one decode step (`NSACache.step`) and ``x [B, C, hidden]`` a chunk of ``C`` tokens
                 (`NSACache.extend`), each sequence at its own position ``cache.lengths[b]``;
@@ -263,14 +291,18 @@ class NSAAttention(nn.Module):
         """
         self._check_x(x, cu_seqlens, cache)
         B, T, _ = x.shape
+        if cache is None and plan is None:
+            plan = self.plan_for(x, cu_seqlens)  # checks cu_seqlens (named errors) once
         positions = None
         if self.rope:
             if cache is not None and cache.length:
                 positions = cache.positions(T)  # [B, T]: device lengths on the Triton path
-            else:
+            elif cache is not None:
                 if cu_seqlens is not None:  # named errors before the positions are built
                     check_cu_seqlens(cu_seqlens, B, T, x.device)
                 positions = sequence_positions(T, cu_seqlens, x.device)
+            else:
+                positions = plan.positions  # restart at every boundary; on the device, no sync
         q, pairs, gates = self._project(x, positions)
         k, v = pairs[0]
         branch_kv = dict(zip(BRANCHES, pairs, strict=True)) if self.separate_branch_kv else None
@@ -293,5 +325,6 @@ class NSAAttention(nn.Module):
                 branch_kv=branch_kv,
                 cu_seqlens=cu_seqlens,
                 validate=False,
+                plan=plan,
             )
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))

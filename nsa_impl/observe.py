@@ -2,7 +2,8 @@
 
 `nsa_impl.nsa_attention` does nothing extra unless a `Collector` is active: it checks the
 module-level `ACTIVE` (one ``is None`` test per call) and, when a collector is there, hands it the
-branch outputs, gates, selected blocks and route at the end of the call. Everything the collector
+branch outputs, gates, selected blocks, the plan's positions and its route
+(`nsa_impl.dispatch.Route`) at the end of the call. Everything the collector
 computes stays on the device (running sums in float32/float64 tensors); `Collector.summary` reads
 it all at once. So a training loop activates a collector only on the steps it logs, and the other
 steps pay nothing, not even a host sync::
@@ -21,8 +22,9 @@ Per layer and branch (``cmp``, ``sel``, ``win``), `summary` gives:
 * ``contrib``: mean ``|g_c * o_c|`` over every output element, the branch's share of Eq. 5;
 * ``reads`` (``sel`` only): selected keys ``<= p`` per (query, KV group), averaged (spec I.9);
 * ``path/<name>``: calls that ran the branch on that path, and ``fallbacks``: calls whose route
-  passed over a preferred path that serves this device (a kernel declining the inputs, a length
-  guard, a dtype it lacks); paths for another device (flash, triton on a CPU) do not count;
+  passed over a preferred path that serves this device (`nsa_impl.dispatch.Decision.skipped`: a
+  kernel declining the inputs, a length guard, a dtype it lacks); paths for another device
+  (flash, triton on a CPU) do not count;
 * ``time_ms`` (with ``NSA_DEBUG_TIMING=1`` or ``Collector(timing=True)``): forward time of the
   branch summed over the calls; CUDA events on a GPU (no sync until `summary`), wall time on a
   CPU. Forward only; the compressed branch's time includes compression, scoring and top-n, and a
@@ -115,11 +117,11 @@ class Collector:
         Returns the hook handles (``handle.remove()`` detaches). The hooks only set a label; they
         cost nothing measurable when the collector is not active.
         """
-        from .module import NSAAttention
-
         handles = []
         for name, module in model.named_modules():
-            if isinstance(module, NSAAttention):
+            # NSAAttention says so by a class attribute (observe must not import the layer:
+            # the layer imports the api, which imports observe)
+            if getattr(module, "nsa_observed", False):
                 handles.append(module.register_forward_pre_hook(self._labeller(name or "attn")))
         return handles
 
@@ -151,13 +153,13 @@ class Collector:
         block_indices: torch.Tensor,
         sel_block: int,
         positions: torch.Tensor,
-        plan,
+        route,
     ) -> None:
         """Accumulate one call (`nsa_attention` calls this at its end; no host sync).
 
         ``gates [B, T, H, 3]``, branch outputs ``[B, T, H, Dv]``, ``block_indices [B, T, G, n]``
-        (``-1`` padded), ``positions [T]`` the tokens' positions in their sequences, ``plan`` the
-        `nsa_impl.routing.Plan` of the call.
+        (``-1`` padded), ``positions [T]`` the tokens' positions in their sequences (the plan's
+        device copy), ``route`` the `nsa_impl.dispatch.Route` of the call's plan.
         """
         with torch.no_grad():
             stats = self._layers.get(self.layer)
@@ -186,7 +188,7 @@ class Collector:
             stats.read_rows += idx[..., 0].numel()
 
         device = gates.device.type
-        for branch, decision in plan.items():
+        for branch, decision in route.items():
             stats.paths[branch][decision.path] += 1
             if _fell_back(decision, device):
                 stats.fallbacks[branch] += 1
@@ -250,7 +252,7 @@ class Collector:
 
 def _fell_back(decision, device: str) -> bool:
     """Whether the route passed over a preferred path declared for ``device``."""
-    from .routing import PATHS
+    from .dispatch import PATHS
 
     return any(device in PATHS[name].devices for name, _ in decision.skipped)
 

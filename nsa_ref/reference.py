@@ -3,6 +3,9 @@
 Written for clarity, not speed: one query position at a time, attention over exactly the key set
 each branch defines ("truncation numerics", never a masked full row). Runs in the dtype it is
 given (float64 for the `exact` tolerance class) and is differentiable: it is the gradient oracle.
+float32 and float16/bfloat16 results are the wider computation rounded once (spec I.10): each
+branch by `rules.attend`, then Eq. 5 by `gate`; half-precision K/V gradients are summed in
+float32 (`SequenceKV.widen`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class SequenceKV:
         self.raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cmp_k: torch.Tensor | None = None  # [N, G, Dk]
         self.cmp_v: torch.Tensor | None = None  # [N, G, Dv]
+        self.narrow: dict | None = None  # the half-precision K/V `widen` replaced
 
     def set_raw(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Raw per-branch ``(k [T, G, Dk], v [T, G, Dv])``."""
@@ -71,9 +75,27 @@ class SequenceKV:
     def compress_all(self) -> None:
         """Eq. 7 over the whole sequence: every block that ends inside it."""
         k, v = self.raw["cmp"]
+        nk, nv = self.narrow["cmp"] if self.narrow is not None else (k, v)
         num_blocks = rules.visible_cmp_blocks(k.shape[0] - 1, self.cfg)
-        self.cmp_k = rules.compress(k, num_blocks, self.cfg, self.phi_k, name="phi_k")
-        self.cmp_v = rules.compress(v, num_blocks, self.cfg, self.phi_v, name="phi_v")
+        self.cmp_k = rules.compress(k if self.phi_k is None else nk, num_blocks, self.cfg,
+                                    self.phi_k, name="phi_k").to(k.dtype)  # fmt: skip
+        self.cmp_v = rules.compress(v if self.phi_v is None else nv, num_blocks, self.cfg,
+                                    self.phi_v, name="phi_v").to(v.dtype)  # fmt: skip
+
+    def widen(self) -> None:
+        """float16/bfloat16 raw K/V as float32 copies (each tensor once), before `compress_all`:
+        the rows' branch outputs are float32 (`rules.attend`), the mean pools in float32, and
+        the gradients every row sends are summed in float32 and rounded once (spec I.10). A
+        user ``phi`` still sees the input dtype (its parameters are in it)."""
+        k, _ = self.raw["cmp"]
+        if k.dtype not in _HALF:
+            return
+        self.narrow = self.raw
+        wide: dict[int, torch.Tensor] = {}
+        for pair in self.raw.values():
+            for t in pair:
+                wide.setdefault(id(t), t.float())
+        self.raw = {b: (wide[id(k)], wide[id(v)]) for b, (k, v) in self.raw.items()}
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[n, G, D] -> [n, H, D]``: query head ``i`` reads group ``i // h``."""
@@ -124,8 +146,18 @@ def nsa_row(p: int, q_p: torch.Tensor, seq: SequenceKV, scale: float, W: torch.T
     return RowResult(o_cmp, torch.cat(o_sel), o_win, p_cmp, p_slc, blocks_per_group, sel_reads)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def gate(o_cmp, o_sel, o_win, gates):
-    """Eq. 5: ``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win`` per query head."""
+    """Eq. 5: ``g_cmp * o_cmp + g_sel * o_sel + g_win * o_win`` per query head.
+
+    float16/bfloat16 inputs are combined in float32 and rounded once (spec I.10: the reference
+    rounds the wider result once, as `rules.attend` does for each branch).
+    """
+    if gates.dtype in _HALF:
+        wide = [t.float() for t in (o_cmp, o_sel, o_win, gates)]
+        return gate(*wide).to(gates.dtype)
     return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_sel + gates[..., 2:3] * o_win
 
 
@@ -140,6 +172,7 @@ def _sequence(q, kv, gates, cfg, scale, h, phi_k, phi_v, num_sel_out, num_cmp_ou
     T = q.shape[0]
     seq = SequenceKV(cfg, h, phi_k, phi_v)
     seq.set_raw(kv)
+    seq.widen()
     seq.compress_all()
     W = rules.overlap_weights(cfg.num_sel_blocks(T), seq.cmp_k.shape[0], cfg)
     n = cfg.sel_top_n
@@ -157,7 +190,8 @@ def _sequence(q, kv, gates, cfg, scale, h, phi_k, phi_v, num_sel_out, num_cmp_ou
             idx[p, g, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         p_slc[p, :, : r.p_slc.shape[1]] = r.p_slc.detach()
         p_cmp[p, :, : r.p_cmp.shape[1]] = r.p_cmp.detach()
-    o = gate(o_cmp, o_sel, o_win, gates)
+    o = gate(o_cmp, o_sel, o_win, gates).to(q.dtype)
+    o_cmp, o_sel, o_win = (t.to(q.dtype) for t in (o_cmp, o_sel, o_win))  # half: kept in float32
     return o, NSAAux(idx.to(q.device), p_slc, p_cmp, o_cmp, o_sel, o_win)
 
 
@@ -219,7 +253,12 @@ def nsa_attention(
     )
     outs, auxes = [], []
     for b, s, e in segments:
-        seg_kv = {name: (kk[b, s:e], vv[b, s:e]) for name, (kk, vv) in kv.items()}
+        cut: dict[int, torch.Tensor] = {}  # a tensor the branches share stays one slice
+
+        def piece(t, b=b, s=s, e=e, cut=cut):
+            return cut.setdefault(id(t), t[b, s:e])
+
+        seg_kv = {name: (piece(kk), piece(vv)) for name, (kk, vv) in kv.items()}
         o, aux = _sequence(
             q[b, s:e],
             seg_kv,

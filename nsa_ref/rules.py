@@ -107,11 +107,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     float32 inputs are computed in float64 and ``o`` is rounded to float32 once (spec I.10:
     the float32 reference is the rounding of the exact result, so the ``fp32`` class measures
     the path under test, not float32 reductions here); ``probs`` stay in the wider dtype.
+    float16/bfloat16 inputs are computed in float32 the same way: an fp16 ``q.k`` may overflow
+    although the scaled logit is moderate (spec I.10, NSA-LOWP-LARGE-LOGITS), and their ``o``
+    stays in float32: the callers combine the branches by Eq. 5 in float32 and round once
+    (`nsa_ref.reference`, `nsa_ref.decode`), and the gradients run in float32 too.
     """
     H, Dv = q.shape[0], v.shape[-1]
+    wide = {torch.float32: torch.float64, torch.float16: torch.float32,
+            torch.bfloat16: torch.float32}.get(q.dtype, q.dtype)  # fmt: skip
+    half = q.dtype in (torch.float16, torch.bfloat16)
     if k.shape[0] == 0:
-        return q.new_zeros(H, Dv), q.new_zeros(H, 0)
-    wide = torch.float64 if q.dtype == torch.float32 else q.dtype
+        return q.new_zeros(H, Dv, dtype=wide if half else q.dtype), q.new_zeros(H, 0)
     logits = torch.einsum("hd,nhd->hn", q.to(wide), k.to(wide)) * scale
     probs = torch.softmax(logits, dim=-1)
-    return torch.einsum("hn,nhd->hd", probs, v.to(wide)).to(q.dtype), probs
+    o = torch.einsum("hn,nhd->hd", probs, v.to(wide))
+    if half:  # kept in float32: `nsa_ref.reference` rounds after Eq. 5 (spec I.10)
+        return o, probs
+    return o.to(q.dtype), probs

@@ -76,7 +76,7 @@ def test_p29_decode_reads(s):
     _, aux = reference(x)
     _, reads = _decode(x)
     cfg = s.cfg
-    selected = oracles.selection_mask(aux.block_indices, cfg).sum(dim=-1)  # [B, T, G]
+    selected = oracles.selected_key_counts(x, cfg, aux.block_indices)  # [B, T, G]
     for p, r in enumerate(reads):
         assert r["cmp"] == cfg.num_cmp(p)
         assert r["win"] == min(cfg.window, p + 1)

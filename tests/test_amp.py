@@ -28,7 +28,7 @@ import torch
 from conformance.adapters import Adapter, Capabilities
 from conformance.checks import Lane, Subject, max_err
 from conformance.inputs import Case
-from nsa_impl import NSAAttention, NSAConfig, amp, nsa_attention, routing
+from nsa_impl import NSAAttention, NSAConfig, amp, dispatch, nsa_attention
 from nsa_impl.api import selection_attention
 from nsa_impl.decode import NSACache
 from nsa_impl.model import NSADecoderBlock, NSAToyLM
@@ -53,15 +53,8 @@ def on_path(path: str):
         pytest.importorskip("triton", reason="triton is not installed")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("Triton on a CPU needs TRITON_INTERPRET=1 (set by conftest.py)")
-        saved = dict(os.environ)
-        routing.reload_settings({**saved, "NSA_TRITON_SEL_FORCE": "1"})
-        try:
-            yield
-        finally:
-            routing.reload_settings(saved)
-    else:
-        with routing.force_path(path):
-            yield
+    with dispatch.force_path(path):
+        yield
 
 
 class AutocastAdapter(Adapter):
@@ -351,7 +344,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("path", ["masked", "packed", "varlen", "triton", "flash"])
 @pytest.mark.parametrize("case", ["dense", "varlen"])
 def test_autocast_meets_lowp_criterion_cuda(path, dtype, case):
-    ok, why = routing.PATHS[path].available()
+    ok, why = dispatch.PATHS[path].available()
     if not ok:
         pytest.skip(f"path {path} unavailable: {why}")
     subject = Subject(AutocastAdapter(path, "cuda", dtype), "cuda")

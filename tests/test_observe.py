@@ -12,10 +12,11 @@ import warnings
 import pytest
 import torch
 
+import nsa_impl
 from conformance.inputs import Case
-from nsa_impl import NSAConfig, nsa_attention, observe, routing
+from nsa_impl import NSAConfig, dispatch, nsa_attention, observe, routing
 from nsa_impl.model import NSAToyLM
-from nsa_impl.routing import Decision, Plan
+from nsa_impl.dispatch import Decision, Route
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, sel_top_n=3, window=12)
 
@@ -56,7 +57,7 @@ def test_statistics_match_the_aux_outputs():
         assert stats[f"{key}/contrib"] == pytest.approx(float(contrib), rel=1e-5)
         hist = stats[f"{key}/gate_hist"]
         assert len(hist) == observe.GATE_BINS and sum(hist) == gi.numel()
-        assert stats[f"{key}/path/{routing.explain(x.q, k=x.k, v=x.v)[branch].path}"] == 1.0
+        assert stats[f"{key}/path/{dispatch.explain(x.q, k=x.k, v=x.v)[branch].path}"] == 1.0
         assert stats[f"{key}/fallbacks"] == 0.0
     # Selected keys <= p per (query, group), by a loop over rows.
     bounds = x.cu_seqlens.tolist()
@@ -77,7 +78,7 @@ def test_sums_accumulate_until_reset():
         for _ in range(3):
             nsa_attention(x.q, x.k, x.v, x.gates, CFG, cu_seqlens=x.cu_seqlens)
     stats = c.summary()
-    assert stats["nsa_attention/sel/path/" + routing.explain(x.q)["sel"].path] == 3.0
+    assert stats["nsa_attention/sel/path/" + dispatch.explain(x.q)["sel"].path] == 3.0
     c.reset()
     assert c.summary() == {}
 
@@ -132,14 +133,14 @@ def test_fallbacks_count_only_paths_of_this_device():
     g = torch.full((1, 4, 2, 3), 0.5)
     o = torch.zeros(1, 4, 2, 8)
     idx = torch.zeros(1, 4, 1, 1, dtype=torch.long)
-    plan = Plan(
+    route = Route(
         cmp=Decision("cmp", "masked", "r", skipped=(("flash", "device cpu not in ['cuda']"),)),
         sel=Decision("sel", "masked", "r", skipped=(("packed", "kernel declines: test"),)),
         win=Decision("win", "masked", "r"),
     )
     with c:
         c.record(o_cmp=o, o_sel=o, o_win=o, gates=g, block_indices=idx, sel_block=8,
-                 positions=torch.arange(4), plan=plan)  # fmt: skip
+                 positions=torch.arange(4), route=route)  # fmt: skip
     stats = c.summary()
     assert stats["nsa_attention/cmp/fallbacks"] == 0.0  # flash serves CUDA only: not a fallback
     assert stats["nsa_attention/sel/fallbacks"] == 1.0  # packed runs here and was passed over
@@ -151,7 +152,8 @@ def test_fallbacks_count_only_paths_of_this_device():
 def test_record_makes_no_host_sync_cuda():
     x = inputs().to(torch.float32, "cuda")
     _, aux = nsa_attention(x.q, x.k, x.v, x.gates, CFG, cu_seqlens=x.cu_seqlens, return_aux=True)
-    plan = routing.route(x.q, x.k, x.v, cu_seqlens=x.cu_seqlens)
+    plan = nsa_impl.plan(x.q.shape, CFG, kv_heads=x.k.shape[2], v_head_dim=x.v.shape[-1],
+                         cu_seqlens=x.cu_seqlens, device=x.q.device, dtype=x.q.dtype)
     c = observe.Collector(timing=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -163,7 +165,7 @@ def test_record_makes_no_host_sync_cuda():
                     observe.mark(b, x.q)
                 c.record(o_cmp=aux.o_cmp, o_sel=aux.o_sel, o_win=aux.o_win, gates=x.gates,
                          block_indices=aux.block_indices, sel_block=CFG.sel_block,
-                         positions=torch.arange(40), plan=plan)  # fmt: skip
+                         positions=plan.positions, route=plan.route)  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
     stats = c.summary()

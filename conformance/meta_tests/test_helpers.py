@@ -142,12 +142,14 @@ def test_nsa_impl_adapters_read_the_path_declarations():
         pytest.skip(why)
     for path in adapters.IMPL_PATHS:
         a = adapters.get_adapter(f"nsa_impl:{path}")
-        decl = impl.routing.PATHS["reference" if path == "parity" else path]
+        decl = impl.dispatch.PATHS[path]  # one name per path: adapter suffix == dispatcher name
         # served_devices: "cpu" joins a path CPU tensors may run interpreted when forced.
         assert a.capabilities.devices == decl.served_devices()
         assert a.capabilities.dtypes == decl.dtypes
         ok, reason = a.available()
         assert ok == decl.available()[0] and (ok or reason)
+    for alias, path in adapters.PATH_ALIASES.items():
+        assert adapters.get_adapter(f"nsa_impl:{alias}").name == f"nsa_impl:{path}"
 
 
 def test_device_reason():

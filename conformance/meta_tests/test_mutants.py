@@ -12,6 +12,8 @@ from conformance import adapters, clauses, mutants
 from conformance.checks import Lane, Subject
 from conformance.tests import (
     test_compression,
+    test_low_precision,
+    test_nonfinite,
     test_parity,
     test_scoring,
     test_selection,
@@ -66,6 +68,18 @@ CASES = [
         "cmp-visible-late",
         "NSA-P3-CMP-VISIBILITY",
         lambda s: test_compression.test_visibility_boundary(s, EXACT),
+    ),
+    (
+        "masked-by-zero-weights",
+        "NSA-NAN-VARLEN-ISOLATION",
+        lambda s: test_nonfinite.test_a_nan_in_one_packed_sequence_leaves_the_other_bit_identical(
+            s, EXACT, 0
+        ),
+    ),
+    (
+        "half-product-before-scale",
+        "NSA-LOWP-LARGE-LOGITS",
+        lambda s: test_low_precision.test_float16_large_unscaled_logits(s),
     ),
 ]
 

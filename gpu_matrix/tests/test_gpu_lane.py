@@ -124,15 +124,15 @@ def test_fused_sdpa_backends_agree_with_float64(cuda_device):
 def test_routing_on_cuda_uses_cuda_paths(cuda_device):
     import torch
 
-    from nsa_impl import NSAConfig, routing
+    from nsa_impl import NSAConfig, dispatch
 
     q = torch.randn(1, 256, 4, 64, device=cuda_device, dtype=torch.bfloat16)
-    plan = routing.explain(q, NSAConfig())
-    assert set(plan) == {"cmp", "sel", "win"}
-    for branch, decision in plan.items():
+    route = dispatch.explain(q, NSAConfig())
+    assert set(route) == {"cmp", "sel", "win"}
+    for branch, decision in route.items():
         assert decision.error is None, f"{branch}: {decision.error}"
-        assert "cuda" in routing.PATHS[decision.path].devices, (branch, decision)
-    ok, why = routing.PATHS["triton"].available()
+        assert "cuda" in dispatch.PATHS[decision.path].devices, (branch, decision)
+    ok, why = dispatch.PATHS["triton"].available()
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -1,10 +1,14 @@
-"""The three NSA branches, and the row-range attention the compressed and sliding branches share.
+"""The NSA branches' PyTorch paths, and the row-range attention the compressed and sliding
+branches share.
 
 Both dense branches attend, for each query row ``r``, to one contiguous range of keys
 ``[lo[r], hi[r])`` (window: ``[max(start, p-w+1), p+1)``; compressed: the visible compressed
 blocks of the row's sequence). `range_attention` computes that as an explicit masked softmax over
-chunks of rows, with a custom backward that recomputes the probabilities chunk by chunk, so
-neither direction ever holds more than one chunk's ``[B, H, c, span]`` tile.
+chunks of rows, with a backward that recomputes the probabilities chunk by chunk, so neither
+direction ever holds more than one chunk's ``[B, H, c, span]`` tile. Forward and backward are
+the custom ops ``nsa::range_attention`` / ``nsa::range_attention_backward``
+(`nsa_impl.kernels.ops.kernel_op`): ``torch.compile`` sees one node per call whatever the length,
+so a new ``T`` does not unroll a different chunk loop.
 
 Memory bound (per call, besides inputs, outputs and gradients): one chunk of ``c`` rows over
 ``span`` keys keeps at most `BYTES_PER_ELEM` bytes per element of its ``B * H * c * span`` tile
@@ -13,13 +17,22 @@ scoring hook's working set), and ``c`` is the largest row count with
 ``BYTES_PER_ELEM * B * H * c * span <= budget_bytes`` (default: `default_budget`, 8 MiB on a
 CPU where small cache-resident tiles are fastest, 512 MiB on CUDA where fewer launches are).
 Only when a single row already exceeds the budget (``B * H * span`` huge) does a chunk of one
-row go over it.
+row go over it. The chunk table is computed once per layout (`RangeLayout`, held by the plan).
 
 Numerics follow `nsa_impl.numerics`: float32/float64 inputs compute logits, softmax and
 ``p @ v`` in float64 and round the output once; float16/bfloat16 multiply ``(q * scale) @ k^T``
-and ``p @ v`` in their own dtype (tensor cores) with a float32 softmax.
+and ``p @ v`` in `nsa_impl.numerics.product_dtype` (their own dtype on CUDA's tensor cores,
+float32 on the CPU) with a float32 softmax.
 
-Empty rows (``lo == hi``) give exact zeros forward and backward, never NaN.
+NaN containment: a chunk's key span covers the ranges of all its rows, so a key outside one
+row's range is still inside the tile. Masked keys contribute exactly nothing: logits and
+probabilities are *selected* (``masked_fill``), never multiplied by zero, and every matrix
+product whose contraction runs over masked entries reads a copy of its other operand with
+non-finite values zeroed (``v`` forward; ``q``, ``k`` and ``dO`` backward). A row that really
+reads a non-finite value is then marked NaN (forward: rows that read a non-finite ``v``;
+backward: the ``dV`` of keys read by a row whose ``dO`` is not finite); the others are
+bit-identical to a run without the non-finite value. Empty rows (``lo == hi``) give exact zeros
+forward and backward, never NaN.
 """
 
 from __future__ import annotations
@@ -28,9 +41,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..amp import autocast_off_backward
+from ..kernels.ops import (
+    autocast_off_backward,
+    finite_rows,
+    kernel_op,
+    nan_to_zero,
+    poison,
+)
 from ..numerics import compute_dtype, product_dtype
 
 #: Default byte budget of one chunk's live tiles, per device type (see the module docstring).
@@ -43,7 +61,7 @@ BYTES_PER_ELEM = 24
 
 def default_budget(device: torch.device) -> int:
     """Default chunk budget in bytes for tensors on ``device``."""
-    return DEFAULT_BUDGET_BYTES.get(device.type, DEFAULT_BUDGET_BYTES["cuda"])
+    return DEFAULT_BUDGET_BYTES.get(torch.device(device).type, DEFAULT_BUDGET_BYTES["cuda"])
 
 
 #: ``on_probs(r0, r1, s0, p)``: sees the probabilities ``p [B, G, h, r1-r0, span]`` of rows
@@ -57,15 +75,20 @@ class RowRanges:
 
     Requirements (checked): ``lo`` non-decreasing and ``hi`` growing by at most one key per row,
     so a chunk of ``c`` rows spans at most ``width + c - 1`` keys (``width = max(hi - lo)``).
+    A row subset (`subset`: e.g. a context-parallel shard's two chunks of a longer sequence) is
+    several such runs: ``breaks`` are the rows where a new run starts, the requirements hold
+    within each run, and no chunk crosses a break.
 
     Attributes:
         lo, hi: the ranges.
         num_keys: length of the key axis the ranges index.
+        breaks: ascending rows ``0 < b < T`` that start a new run (``()``: one run).
     """
 
     lo: torch.Tensor
     hi: torch.Tensor
     num_keys: int
+    breaks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         lo, hi = self.lo, self.hi
@@ -73,8 +96,34 @@ class RowRanges:
             raise ValueError("RowRanges.lo/hi must be host 1-D tensors of one shape")
         if bool((hi < lo).any()) or bool((lo < 0).any()) or bool((hi > self.num_keys).any()):
             raise ValueError("RowRanges need 0 <= lo <= hi <= num_keys")
-        if lo.numel() > 1 and (bool((lo.diff() < 0).any()) or bool((hi.diff() > 1).any())):
-            raise ValueError("RowRanges need lo non-decreasing and hi growing by <= 1 per row")
+        T = lo.numel()
+        if any(not 0 < b < T for b in self.breaks) or list(self.breaks) != sorted(
+            set(self.breaks)
+        ):
+            raise ValueError(f"RowRanges.breaks must be ascending rows in (0, {T}), got "
+                             f"{self.breaks}")  # fmt: skip
+        if T > 1:
+            inside = torch.ones(T - 1, dtype=torch.bool)  # diff i compares rows i and i + 1
+            inside[[b - 1 for b in self.breaks]] = False
+            if bool((lo.diff() < 0)[inside].any()) or bool((hi.diff() > 1)[inside].any()):
+                raise ValueError(
+                    "RowRanges need lo non-decreasing and hi growing by <= 1 per row (within "
+                    "each run)"
+                )
+
+    def subset(self, rows: torch.Tensor) -> RowRanges:
+        """The ranges of rows ``rows`` (host int64, strictly increasing) in that order: a run
+        starts wherever ``rows`` skips a row (or at one of this object's breaks)."""
+        if rows.dim() != 1 or rows.dtype != torch.int64 or rows.device.type != "cpu":
+            raise ValueError("rows must be a host 1-D int64 tensor")
+        T = self.lo.numel()
+        if rows.numel() and (bool((rows.diff() <= 0).any()) or rows[0] < 0 or rows[-1] >= T):
+            raise ValueError(f"rows must be strictly increasing and in [0, {T})")
+        starts = torch.zeros(T + 1, dtype=torch.bool)
+        starts[list(self.breaks)] = True
+        jump = (rows.diff() != 1) | starts[rows[1:]]
+        breaks = tuple((torch.nonzero(jump).flatten() + 1).tolist())
+        return RowRanges(self.lo[rows], self.hi[rows], self.num_keys, breaks)
 
     @property
     def width(self) -> int:
@@ -104,16 +153,41 @@ class RowRanges:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
 
-    def chunks(self, rows: int) -> list[tuple[int, int, int, int]]:
-        """``(r0, r1, s0, s1)``: row chunk ``[r0, r1)`` and the key span ``[s0, s1)`` it reads."""
+    def chunks(self, rows: int) -> torch.Tensor:
+        """Host int64 ``[C, 4]``: row chunk ``[r0, r1)`` and the key span ``[s0, s1)`` it reads
+        (chunks of ``rows`` rows, each run cut separately)."""
         T = self.lo.numel()
-        starts = list(range(0, T, rows))
-        lo = self.lo[starts].tolist()
-        ends = [min(r + rows, T) for r in starts]
-        hi = self.hi[[e - 1 for e in ends]].tolist()
-        return [
-            (r0, r1, s0, max(s0, s1)) for r0, r1, s0, s1 in zip(starts, ends, lo, hi, strict=False)
-        ]
+        edges = [0, *self.breaks, T]
+        runs = list(zip(edges, edges[1:], strict=False))
+        starts = [torch.arange(a, b, rows, dtype=torch.int64) for a, b in runs]
+        ends = [torch.full_like(r, b) for r, (_, b) in zip(starts, runs, strict=True)]
+        r0 = torch.cat(starts)
+        r1 = torch.minimum(r0 + rows, torch.cat(ends))  # a chunk ends at its run's end
+        s0 = self.lo[r0] if T else r0
+        s1 = torch.maximum(s0, self.hi[r1 - 1]) if T else r0
+        return torch.stack([r0, r1, s0, s1], dim=1)
+
+
+@dataclass(frozen=True)
+class RangeLayout:
+    """`RowRanges` ready to run: device copies of ``lo``/``hi`` and the chunk table.
+
+    Built once per (ranges, heads, budget) by `build` (host work); a plan keeps it, so a call
+    does no host work. Attributes: ``lo``, ``hi`` (int64 ``[T]`` on the inputs' device),
+    ``chunks`` (host int64 ``[C, 4]``, see `RowRanges.chunks`), ``num_keys``.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    chunks: torch.Tensor
+    num_keys: int
+
+    @classmethod
+    def build(cls, ranges: RowRanges, heads: int, device, budget_bytes: int | None = None):
+        """Chunk ``ranges`` for ``heads = B * H`` under ``budget_bytes`` (default per device)."""
+        budget = default_budget(device) if budget_bytes is None else int(budget_bytes)
+        chunks = ranges.chunks(ranges.chunk_rows(heads, budget))
+        return cls(ranges.lo.to(device), ranges.hi.to(device), chunks, ranges.num_keys)
 
 
 def _rows(x: torch.Tensor, r0: int, r1: int, G: int) -> torch.Tensor:
@@ -130,147 +204,162 @@ def _unrows(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _keys(x: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
-    """``x[:, s0:s1]`` ``[B, span, G, D]`` -> ``[B, G, span, D]``."""
-    return x[:, s0:s1].permute(0, 2, 1, 3)
+    """``x[:, s0:s1]`` ``[B, span, G, ...]`` -> ``[B, G, span, ...]``."""
+    return x[:, s0:s1].transpose(1, 2)
 
 
-@dataclass
-class _Plan:
-    chunks: list[tuple[int, int, int, int]]
-    has_empty: list[bool]  # per chunk: does it hold a row with an empty range?
-    lo: torch.Tensor  # on the device of q
-    hi: torch.Tensor
-    G: int
-
-    def allowed(self, r0: int, r1: int, s0: int, s1: int) -> torch.Tensor:
-        """Bool ``[1, 1, 1, c, span]``: key ``j`` is allowed for row ``r`` iff ``lo <= j < hi``."""
-        j = torch.arange(s0, s1, device=self.lo.device)
-        mask = (j >= self.lo[r0:r1, None]) & (j < self.hi[r0:r1, None])
-        return mask[None, None, None]
-
-    def empty(self, r0: int, r1: int) -> torch.Tensor:
-        """Bool ``[1, 1, 1, c, 1]``: rows whose range is empty."""
-        return (self.hi[r0:r1] == self.lo[r0:r1])[None, None, None, :, None]
+def _allowed(lo, hi, r0: int, r1: int, s0: int, s1: int) -> torch.Tensor:
+    """Bool ``[c, span]``: key ``j`` is allowed for row ``r`` iff ``lo[r] <= j < hi[r]``."""
+    j = torch.arange(s0, s1, device=lo.device)
+    return (j >= lo[r0:r1, None]) & (j < hi[r0:r1, None])
 
 
-def _probs(plan: _Plan, chunk: int, qc, kc, scale: float, acc) -> torch.Tensor:
+def _probs(qc, kc, allowed, scale: float, acc) -> torch.Tensor:
     """Softmax probabilities ``[B, G, h, c, span]`` (``acc`` dtype) of one chunk.
 
-    Disallowed keys get exactly ``-inf`` logits; rows with no allowed key get exact zeros (the
-    softmax of an all ``-inf`` row is NaN, overwritten). Forward and backward call this same
-    function, so the backward's recomputed probabilities equal the forward's bit for bit.
+    Disallowed keys get exactly ``-inf`` logits and then exactly 0 probability, selected (an
+    empty row's NaN softmax is overwritten too). Forward and backward call this same function,
+    so the backward's recomputed probabilities equal the forward's bit for bit.
     """
-    r0, r1, s0, s1 = plan.chunks[chunk]
     B, G, hc, _ = qc.shape
-    shape = (B, G, hc // (r1 - r0), r1 - r0, s1 - s0)
-    mm = product_dtype(qc.dtype)  # scaled before the product: a finite logit never overflows
+    c, span = allowed.shape
+    shape = (B, G, hc // c, c, span)
+    mm = product_dtype(qc.dtype, qc.device)  # scaled before the product: no overflow
     s = torch.matmul(qc.to(mm) * scale, kc.to(mm).transpose(-1, -2)).view(shape).to(acc)
-    p = torch.softmax(s.masked_fill_(~plan.allowed(r0, r1, s0, s1), float("-inf")), dim=-1)
-    if plan.has_empty[chunk]:
-        p.masked_fill_(plan.empty(r0, r1), 0.0)
-    return p
+    p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1)
+    return p.masked_fill_(~allowed, 0.0)
 
 
-def _forward(q, k, v, plan: _Plan, scale: float, on_probs: ProbsHook | None):
+def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHook | None = None):
+    """The forward pass of `range_attention` over a chunk list ``[(r0, r1, s0, s1), ...]``."""
     B, T, H, _ = q.shape
-    G, h, Dv = plan.G, H // plan.G, v.shape[-1]
-    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
+    G, Dv = k.shape[2], v.shape[-1]
+    h = H // G
+    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype, q.device)
+    v_bad = ~finite_rows(v)  # [B, S, G]
+    v_clean = nan_to_zero(v)
     o = q.new_zeros(B, T, H, Dv)
-    for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
+    for r0, r1, s0, s1 in chunks:
         c, span = r1 - r0, s1 - s0
         if span == 0:  # every row of the chunk is empty: o stays 0
             if on_probs is not None:
                 on_probs(r0, r1, s0, q.new_zeros(B, G, h, c, 0, dtype=acc))
             continue
-        p = _probs(plan, i, _rows(q, r0, r1, G), _keys(k, s0, s1), scale, acc)
+        allowed = _allowed(lo, hi, r0, r1, s0, s1)
+        p = _probs(_rows(q, r0, r1, G), _keys(k, s0, s1), allowed, scale, acc)
         if on_probs is not None:
             on_probs(r0, r1, s0, p)
-        oc = torch.matmul(p.view(B, G, h * c, span).to(mm), _keys(v, s0, s1).to(mm))
-        o[:, r0:r1] = _unrows(oc, c)  # the one rounding to q's dtype
+        oc = torch.matmul(p.view(B, G, h * c, span).to(mm), _keys(v_clean, s0, s1).to(mm))
+        reads_bad = (allowed & _keys(v_bad, s0, s1)[:, :, None, :]).any(-1)  # [B, G, c]
+        oc = poison(oc.view(B, G, h, c, Dv), reads_bad[:, :, None, :])
+        o[:, r0:r1] = _unrows(oc.view(B, G, h * c, Dv), c)  # the one rounding to q's dtype
     return o
 
 
+def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
+    """``(dq, dk, dv)`` of `chunk_forward` (probabilities recomputed chunk by chunk)."""
+    B, T, H, _ = q.shape
+    G = k.shape[2]
+    h = H // G
+    acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype, q.device)
+    do = do.to(q.dtype)
+    # Operands of products contracted over masked entries, with non-finite values zeroed.
+    q_clean, k_clean, do_clean = nan_to_zero(q), nan_to_zero(k), nan_to_zero(do)
+    do_bad = ~finite_rows(do)  # [B, T, H]
+    # dq rows are written once (chunks own disjoint rows); dk/dv accumulate across chunks.
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dv_bad = torch.zeros(v.shape[:-1], dtype=torch.bool, device=v.device)  # [B, S, G]
+    for r0, r1, s0, s1 in chunks:
+        c, span = r1 - r0, s1 - s0
+        if span == 0:
+            continue
+        allowed = _allowed(lo, hi, r0, r1, s0, s1)
+        p = _probs(_rows(q, r0, r1, G), _keys(k, s0, s1), allowed, scale, acc)
+        doc = _rows(do, r0, r1, G).to(mm)
+        pt = p.view(B, G, h * c, span).transpose(-1, -2).to(mm)
+        dv[:, s0:s1] += torch.matmul(pt, _rows(do_clean, r0, r1, G).to(mm)).transpose(1, 2)
+        bad_rows = _rows(do_bad[..., None], r0, r1, G).view(B, G, h, c).any(2)  # [B, G, c]
+        dv_bad[:, s0:s1] |= (allowed & bad_rows[..., None]).any(2).transpose(1, 2)
+        dp = torch.matmul(doc, _keys(v, s0, s1).to(mm).transpose(-1, -2)).view(p.shape).to(acc)
+        delta = (doc.to(acc) * _rows(o, r0, r1, G).to(acc)).sum(-1).view(B, G, h, c, 1)
+        ds = p.mul_(dp.sub_(delta)).masked_fill_(~allowed, 0.0)  # dS = P (dP - D), selected
+        ds = ds.view(B, G, h * c, span).to(mm)
+        dq_c = torch.matmul(ds, _keys(k_clean, s0, s1).to(mm)).to(acc).mul_(scale)
+        dq[:, r0:r1] = _unrows(dq_c, c)
+        dk_c = torch.matmul(ds.transpose(-1, -2), _rows(q_clean, r0, r1, G).to(mm))
+        dk[:, s0:s1] += dk_c.to(acc).mul_(scale).transpose(1, 2)
+    dv = poison(dv, dv_bad)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _forward_fake(q, k, v, lo, hi, chunks, scale):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@kernel_op("range_attention", _forward_fake)
+def _range_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    chunks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return chunk_forward(q, k, v, lo, hi, chunks.tolist(), scale)
+
+
+def _backward_fake(do, q, k, v, o, lo, hi, chunks, scale):
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("range_attention_backward", _backward_fake)
+def range_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    chunks: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op of `chunk_backward` (shared with the compressed branch's scoring op)."""
+    return chunk_backward(do, q, k, v, o, lo, hi, chunks.tolist(), scale)
+
+
 class _RangeAttention(torch.autograd.Function):
-    """Chunked masked attention; backward recomputes each chunk's probabilities."""
+    """Chunked masked attention; saves only tensors (``torch.func`` compatible)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, on_probs):
-        o = _forward(q, k, v, plan, scale, on_probs)
-        ctx.save_for_backward(q, k, v, o)
-        ctx.plan, ctx.scale = plan, scale
-        return o
+    def forward(q, k, v, lo, hi, chunks, scale):
+        return _range_attention(q, k, v, lo, hi, chunks, scale)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        q, k, v, lo, hi, chunks, scale = inputs
+        ctx.save_for_backward(q, k, v, output, lo, hi, chunks)
+        ctx.scale = scale
+
+    @staticmethod
     @autocast_off_backward
     def backward(ctx, do):
-        q, k, v, o = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        B, T, H, _ = q.shape
-        G, h = plan.G, H // plan.G
-        acc, mm = compute_dtype(q.dtype), product_dtype(q.dtype)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        # dq rows are written once (chunks own disjoint rows); dk/dv accumulate across chunks.
-        dq = torch.zeros_like(q) if need_q else None
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device) if need_k else None
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device) if need_v else None
-        do = do.to(q.dtype)
-        for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
-            c, span = r1 - r0, s1 - s0
-            if span == 0:
-                continue
-            qc, kc, vc = _rows(q, r0, r1, G), _keys(k, s0, s1), _keys(v, s0, s1)
-            doc = _rows(do, r0, r1, G).to(mm)
-            p = _probs(plan, i, qc, kc, scale, acc)
-            if need_v:
-                pt = p.view(B, G, h * c, span).transpose(-1, -2).to(mm)
-                dv[:, s0:s1] += torch.matmul(pt, doc).permute(0, 2, 1, 3)
-            if not (need_q or need_k):
-                continue
-            dp = torch.matmul(doc, vc.to(mm).transpose(-1, -2)).view(p.shape).to(acc)
-            delta = (doc.to(acc) * _rows(o, r0, r1, G).to(acc)).sum(-1).view(B, G, h, c, 1)
-            ds = p.mul_(dp.sub_(delta)).view(B, G, h * c, span).to(mm)  # dS = P (dP - D)
-            if need_q:
-                dq[:, r0:r1] = _unrows(torch.matmul(ds, kc.to(mm)).to(acc).mul_(scale), c)
-            if need_k:
-                dk_c = torch.matmul(ds.transpose(-1, -2), qc.to(mm)).to(acc).mul_(scale)
-                dk[:, s0:s1] += dk_c.permute(0, 2, 1, 3)
-        return _cast(dq, q), _cast(dk, k), _cast(dv, v), None, None, None
-
-
-def _cast(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if grad is None else grad.to(like.dtype)
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Plain causal attention ``[B, L, H, Dv]`` of ``q [B, L, H, Dk]`` over ``k/v [B, L, G, D]``.
-
-    The fast path for rows whose key set is every key ``0..p`` of their sequence: the selection
-    rows before the first unselected block, and the window rows ``p < w``. PyTorch's fused SDPA,
-    differentiable, in `product_dtype` (float64 for float32 inputs, rounded once).
-    """
-    mm = product_dtype(q.dtype)
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2).to(mm),
-        k.transpose(1, 2).to(mm),
-        v.transpose(1, 2).to(mm),
-        is_causal=True,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return o.transpose(1, 2).to(q.dtype)
+        with torch.no_grad():  # the backward op has no derivative of its own
+            dq, dk, dv = range_attention_backward(do, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def range_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ranges: RowRanges,
+    ranges: RowRanges | RangeLayout,
     scale: float,
     *,
-    on_probs: ProbsHook | None = None,
     budget_bytes: int | None = None,
 ) -> torch.Tensor:
     """Attention of each query row over its own key range, chunked, with autograd.
@@ -279,29 +368,20 @@ def range_attention(
         q: ``[B, T, H, Dk]`` queries.
         k, v: ``[B, S, G, Dk]`` / ``[B, S, G, Dv]`` keys and values (``H % G == 0``; query head
             ``i`` reads group ``i // (H // G)``).
-        ranges: row ``r`` attends to keys ``[ranges.lo[r], ranges.hi[r])``.
+        ranges: row ``r`` attends to keys ``[lo[r], hi[r])``: host `RowRanges` (chunked here
+            with ``budget_bytes``), or a prepared `RangeLayout` (a plan's).
         scale: softmax scale.
-        on_probs: optional hook receiving each chunk's probabilities (see `ProbsHook`).
         budget_bytes: byte budget of the live tiles of one chunk (``None``: `default_budget`).
 
     Returns:
         ``o [B, T, H, Dv]``; rows with an empty range are exactly 0.
     """
     B, T, H, _ = q.shape
+    if isinstance(ranges, RowRanges):
+        ranges = RangeLayout.build(ranges, B * H, q.device, budget_bytes)
     if ranges.lo.numel() != T or ranges.num_keys != k.shape[1]:
         raise ValueError(
             f"ranges cover {ranges.lo.numel()} rows / {ranges.num_keys} keys, "
             f"q has T={T} rows and k has {k.shape[1]} keys"
         )
-    budget = default_budget(q.device) if budget_bytes is None else int(budget_bytes)
-    rows = ranges.chunk_rows(B * H, budget)
-    chunks = ranges.chunks(rows)
-    empty_rows = (ranges.hi == ranges.lo).tolist()
-    plan = _Plan(
-        chunks,
-        [any(empty_rows[r0:r1]) for r0, r1, _, _ in chunks],
-        ranges.lo.to(q.device, non_blocking=True),
-        ranges.hi.to(q.device, non_blocking=True),
-        k.shape[2],
-    )
-    return _RangeAttention.apply(q, k, v, plan, float(scale), on_probs)
+    return _RangeAttention.apply(q, k, v, ranges.lo, ranges.hi, ranges.chunks, float(scale))

@@ -6,10 +6,10 @@ an index past the current block or unsorted input never change that set. Keys af
 excluded exactly (boolean masks become ``-inf`` logits; no finite sentinel), and a row with no
 key gives an exact zero. Selection attention is non-causal over these already-causal keys.
 
-Paths (`selection_attention` ``path=``):
+Paths (the dispatcher's names; `selection_attention` ``path=``):
 
-``gather``
-    The parity fallback: every row gets ``n * l'`` key slots (its ``n`` block windows), a slot is
+``masked``
+    The exact fallback: every row gets ``n * l'`` key slots (its ``n`` block windows), a slot is
     valid iff its block is a first occurrence and its key is ``<= p``; explicit masked softmax.
 ``packed``
     Rows are sorted by selected length ``L`` and cut into chunks ("buckets") of similar length;
@@ -21,29 +21,34 @@ Paths (`selection_attention` ``path=``):
 ``varlen``
     Flat packing over (row, group) pairs: the compacted keys of all rows of a chunk are
     concatenated with ``cu_seqlens_k = cumsum(L)`` and ``cu_seqlens_q = arange * h`` (built with
-    ``repeat_interleave``, no Python loop over rows). On CUDA with fp16/bf16 and ``Dk == Dv``
-    this goes through PyTorch's FlashAttention-2 varlen kernel
+    ``repeat_interleave`` given its ``output_size``, no Python loop over rows). On CUDA with
+    fp16/bf16 and ``Dk == Dv`` this goes through PyTorch's FlashAttention-2 varlen kernel
     (``torch.nn.attention.varlen.varlen_attn``); otherwise the flat packing is unpadded into
     dense buckets and run like ``packed``. Rows with ``0 < L < varlen_min_len`` always take the
     packed buckets (tiny varlen sequences waste FlashAttention tiles).
 ``triton``
-    Delegates to ``nsa_impl.kernels.triton_sel.selection_attention`` (imported lazily).
+    `nsa_impl.kernels.triton_sel.selection_attention` with the plan's token layout.
 
 Causal-prefix shortcut (``packed`` and ``varlen``): a row whose merged ranges are the single
 range ``[0, p]`` is plain causal attention. Each sequence's leading run of such rows (for every
 batch and group; read from the block indices, never assumed; in the paper configuration all rows
-``p < n * l'`` qualify) is computed by one causal ``scaled_dot_product_attention`` over the
-sequence's first ``L`` keys, and only the remaining rows are gathered into chunks. Applied for at
-most `MAX_PREFIX_SEQUENCES` ``cu_seqlens`` sequences (one SDPA call each). Since ``n`` blocks hold
-at most ``n * l'`` keys, ``L <= n * l'``: the SDPA working set does not grow with ``T``.
+``p < n * l'`` qualify) is computed by the shared row-range attention
+(`nsa_impl.branches.chunk_forward`) over the sequence's first ``L`` keys, and only the
+remaining rows are gathered into chunks. Applied for at most `MAX_PREFIX_SEQUENCES`
+``cu_seqlens`` sequences. Since ``n`` blocks hold at most ``n * l'`` keys, ``L <= n * l'``.
 
-Autograd (all paths but ``triton``, which has its own): one `torch.autograd.Function` saves only
-``q, k, v``, the output ``o`` and the small integer row metadata (``[B*T*G, n]`` block indices
-and merged ranges). Backward walks the same chunks as the forward, re-gathers each chunk's keys,
-recomputes its probabilities and applies the FlashAttention backward identities
-(``dS = P * (dP - rowsum(dO * O))``); ``dq`` rows are written once, ``dk``/``dv`` are accumulated
-with ``index_add_``. The log-sum-exp is not saved: each backward chunk recomputes its logits
-anyway, and one extra row reduction lets every forward use plain SDPA (which does not return it).
+Ops and autograd: the three torch paths are one custom op pair, ``nsa::sel_chunked`` and
+``nsa::sel_chunked_backward`` (`nsa_impl.kernels.ops.kernel_op`), inside an autograd Function
+that saves only ``q, k, v``, the output, the block indices and the sequence geometry. The
+backward rebuilds the same chunks from them (the bucketing is deterministic), re-gathers each
+chunk's keys, recomputes its probabilities and applies the FlashAttention backward identities
+(``dS = P * (dP - rowsum(dO * O))``); ``dq`` rows are written once, ``dk``/``dv`` are
+accumulated with ``index_add_``. The "packed" and "varlen" bucketing reads the row lengths on the
+host (a device sync per call): they are CPU-first paths; "masked" and "triton" are sync-free.
+
+NaN containment: each row's slab holds only its own selected keys (padding slots repeat one of
+them, or are selected out in "masked"), probabilities of padded slots are selected to 0 and
+their gradients go to a discarded row, so a row never reads a key outside its key set.
 
 Memory bound (beyond inputs, output and gradients): one chunk holds at most ``chunk_slots``
 key slots (rows x padded width, default `DEFAULT_CHUNK_SLOTS` = 2**18). Its live working set is
@@ -61,17 +66,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from nsa_ref.config import NSAConfig
 from nsa_ref.validate import check_cu_seqlens
 
-from ..amp import autocast_off_backward
+from ..kernels import triton_sel
+from ..kernels.ops import Inputs, autocast_off_backward, kernel_op
 from ..numerics import compute_dtype, product_dtype
-from . import causal_attention
+from . import RangeLayout, RowRanges, chunk_backward, chunk_forward
 
 #: Paths `selection_attention` accepts.
-SELECTION_PATHS = ("gather", "packed", "varlen", "triton")
+SELECTION_PATHS = ("masked", "packed", "varlen", "triton")
 #: Default ``varlen_min_len`` (``NSA_SEL_VARLEN_MIN_L``): rows selecting fewer keys than this
 #: take the packed buckets in the varlen path. One selection block at the paper's ``l' = 64``:
 #: shorter rows fill less than one FlashAttention key tile.
@@ -86,7 +91,7 @@ DEFAULT_CHUNK_SLOTS = 1 << 18
 
 
 def block_ranges(
-    block_indices: torch.Tensor, cfg: NSAConfig, positions: torch.Tensor
+    block_indices: torch.Tensor, cfg: NSAConfig | int, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the selected blocks of each row into sorted, disjoint ``[start, end)`` key ranges.
 
@@ -97,7 +102,7 @@ def block_ranges(
 
     Args:
         block_indices: integer ``[..., n]`` selected blocks (e.g. ``[B, T, G, n]``).
-        cfg: the `NSAConfig` (``sel_block`` is ``l'``).
+        cfg: the `NSAConfig` (``sel_block`` is ``l'``), or ``l'`` itself.
         positions: integer local query positions ``p``, broadcastable to
             ``block_indices.shape[:-1]``.
 
@@ -107,7 +112,7 @@ def block_ranges(
         empty (``start == end`` = the row's last end, or 0), so both stay non-decreasing and
         ``(ends - starts).sum(-1)`` is the number of selected keys.
     """
-    ls = cfg.sel_block
+    ls = cfg if isinstance(cfg, int) else cfg.sel_block
     j = block_indices.to(torch.int64)
     n = j.shape[-1]
     p = positions.to(device=j.device, dtype=torch.int64).expand(j.shape[:-1]).unsqueeze(-1)
@@ -143,7 +148,9 @@ class _Rows:
     """Per-row metadata, rows ``r = (b*T + t)*G + g`` in the order of ``block_indices``.
 
     Key ``s`` (local to the row's sequence) of row ``r`` lives at row ``kbase[r] + s*G`` of
-    ``k.reshape(B*T*G, Dk)``.
+    ``k.reshape(B*S*G, Dk)`` (``S`` keys per batch row: ``T``, or more for a row subset).
+    ``starts``/``ends``/``lengths`` (merged ranges, see `block_ranges`) are computed only for the
+    paths that compact keys.
     """
 
     G: int
@@ -151,9 +158,9 @@ class _Rows:
     blocks: torch.Tensor  # [R, n] int64, raw
     pos: torch.Tensor  # [R] local query position
     kbase: torch.Tensor  # [R] flat key row of the sequence start, group g
-    starts: torch.Tensor  # [R, n] merged ranges (local), see block_ranges
-    ends: torch.Tensor
-    lengths: torch.Tensor  # [R] selected keys per row
+    starts: torch.Tensor | None = None  # [R, n] merged ranges (local), see block_ranges
+    ends: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None  # [R] selected keys per row
 
     @property
     def R(self) -> int:
@@ -161,25 +168,31 @@ class _Rows:
         return self.pos.numel()
 
 
-def _build_rows(block_indices, cfg, B, T, G, device, bounds) -> _Rows:
-    """Positions (local to each ``cu_seqlens`` sequence), key bases and merged ranges."""
-    t = torch.arange(T, device=device)
-    if bounds is None:
-        seq_start = torch.zeros_like(t)
-    else:
-        cu = torch.tensor(bounds, dtype=torch.int64, device=device)
-        seq_start = cu[torch.searchsorted(cu, t, right=True) - 1]
-    pos = (t - seq_start).view(1, T, 1).expand(B, T, G).reshape(-1)
-    tok0 = torch.arange(B, device=device).view(B, 1) * T + seq_start.view(1, T)  # [B, T]
-    kbase = (tok0.view(B, T, 1) * G + torch.arange(G, device=device)).reshape(-1)
+def _build_rows(block_indices, sel_block: int, G: int, positions: torch.Tensor,
+                seq_start: torch.Tensor, num_keys: int, *, ranges: bool):  # fmt: skip
+    """Positions (local to each sequence), key bases and, with ``ranges``, merged ranges.
+
+    ``positions`` and ``seq_start`` (int64 ``[T]`` on the device) are each query row's position
+    in its sequence and the key row where that sequence starts, among ``num_keys`` keys per
+    batch row (``positions = arange(T) - seq_start`` when every row is present; a row subset,
+    `nsa_impl.plan.Plan.rows`, gives its own): no host data.
+    """
+    B, T = block_indices.shape[:2]
+    dev = block_indices.device
+    pos = positions.view(1, T, 1).expand(B, T, G).reshape(-1)
+    tok0 = torch.arange(B, device=dev).view(B, 1) * num_keys + seq_start.view(1, T)  # [B, T]
+    kbase = (tok0.view(B, T, 1) * G + torch.arange(G, device=dev)).reshape(-1)
     blocks = block_indices.reshape(B * T * G, -1).to(torch.int64)
-    starts, ends = block_ranges(blocks, cfg, pos)
-    return _Rows(G, cfg.sel_block, blocks, pos, kbase, starts, ends, (ends - starts).sum(-1))
+    rows = _Rows(G, sel_block, blocks, pos, kbase)
+    if ranges:
+        rows.starts, rows.ends = block_ranges(blocks, sel_block, pos)
+        rows.lengths = (rows.ends - rows.starts).sum(-1)
+    return rows
 
 
 @dataclass
 class _Chunk:
-    """One bucket of rows: ``kind`` in gather/packed/varlen, padded width ``W`` (host int),
+    """One bucket of rows: ``kind`` in masked/packed/varlen, padded width ``W`` (host int),
     ``uniform`` when every row fills ``W`` (no mask), ``total`` = selected keys in the chunk."""
 
     kind: str
@@ -190,13 +203,13 @@ class _Chunk:
 
 
 def _natural_chunks(rows: _Rows, chunk_slots: int) -> list[_Chunk]:
-    """Gather layout: rows in their own order, ``n * l'`` slots each."""
+    """Masked layout: rows in their own order, ``n * l'`` slots each (host ints only)."""
     W = rows.blocks.shape[1] * rows.ls
     if W == 0:
         return []
     step = max(1, chunk_slots // W)
     order = torch.arange(rows.R, device=rows.pos.device)
-    return [_Chunk("gather", order[i : i + step], W, False, -1) for i in range(0, rows.R, step)]
+    return [_Chunk("masked", order[i : i + step], W, False, -1) for i in range(0, rows.R, step)]
 
 
 def _sorted_chunks(rows: _Rows, member: torch.Tensor, kind: str, chunk_slots: int) -> list[_Chunk]:
@@ -289,7 +302,7 @@ def _unpad_index(flat: torch.Tensor, cu: torch.Tensor, L: torch.Tensor, W: int, 
 
 def _dense_index(rows: _Rows, c: _Chunk):
     """The chunk's ``[N, W]`` key rows and validity, built by its own layout."""
-    if c.kind == "gather":
+    if c.kind == "masked":
         return _slot_index(rows, c.rows)
     if c.kind == "packed":
         return _compact_index(rows, c.rows, c.W, c.uniform)
@@ -303,16 +316,19 @@ def _dense_index(rows: _Rows, c: _Chunk):
 
 
 def _probs(qc, kc, valid, scale):
-    """Row softmax of ``scale * q.k`` over valid slots, ``[N, h, W]``; exactly 0 elsewhere and
-    for rows without a valid slot."""
-    s = torch.matmul(qc, kc.transpose(1, 2)).mul_(scale)
-    if valid is not None:
-        s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    """Row softmax of ``scale * q.k`` over valid slots, ``[N, h, W]``; exactly 0 (selected)
+    elsewhere and for rows without a valid slot."""
+    s = torch.matmul(qc * scale, kc.transpose(1, 2))
+    if valid is None:
+        return torch.softmax(s, dim=-1)
+    allowed = valid.unsqueeze(1)
+    s.masked_fill_(~allowed, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m.masked_fill_(m == float("-inf"), 0.0)  # empty row: exp(-inf - 0) = 0, never NaN
     s.sub_(m).exp_()
     den = s.sum(dim=-1, keepdim=True)
-    return s.div_(torch.where(den > 0, den, torch.ones_like(den)))
+    s.div_(torch.where(den > 0, den, torch.ones_like(den)))
+    return s.masked_fill_(~allowed, 0.0)
 
 
 _VARLEN_ATTN = None
@@ -330,46 +346,51 @@ def _varlen_attn():
     return _VARLEN_ATTN or None
 
 
-def flash_varlen_available(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
-    """Whether the varlen path can use FlashAttention-2 varlen for these inputs, and why not.
+def flash_varlen_available(inp: Inputs) -> tuple[bool, str]:
+    """Whether the varlen path can use FlashAttention-2 varlen for this problem, and why not.
 
-    Needs a CUDA tensor of float16/bfloat16 on compute capability >= 8.0, ``Dk == Dv``, a head
-    dim that is a multiple of 8 and ``<= 256``, and ``torch.nn.attention.varlen.varlen_attn``.
-    Never touches CUDA for CPU tensors.
+    Needs CUDA float16/bfloat16 on compute capability >= 8.0, ``Dk == Dv``, a head dim that is a
+    multiple of 8 and ``<= 256``, and ``torch.nn.attention.varlen.varlen_attn``. Never touches
+    CUDA for CPU problems.
     """
-    if not q.is_cuda:
+    if inp.device_type != "cuda":
         return False, "inputs are not on a CUDA device"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return False, f"FlashAttention-2 needs float16/bfloat16, got {q.dtype}"
-    Dk, Dv = k.shape[-1], v.shape[-1]
-    if Dk != Dv or Dk % 8 or Dk > 256:
+    if inp.dtype not in (torch.float16, torch.bfloat16):
+        return False, f"FlashAttention-2 needs float16/bfloat16, got {inp.dtype}"
+    if inp.Dk != inp.Dv or inp.Dk % 8 or inp.Dk > 256:
         return (
             False,
-            f"FlashAttention-2 needs Dk == Dv, a multiple of 8 and <= 256 (Dk={Dk}, Dv={Dv})",
+            f"FlashAttention-2 needs Dk == Dv, a multiple of 8 and <= 256 (Dk={inp.Dk}, "
+            f"Dv={inp.Dv})",
         )
-    if torch.cuda.get_device_capability(q.device)[0] < 8:
+    if torch.cuda.get_device_capability(inp.device)[0] < 8:
         return False, "FlashAttention-2 needs compute capability >= 8.0"
     if _varlen_attn() is None:
         return False, "torch.nn.attention.varlen.varlen_attn is missing in this torch"
     return True, "FlashAttention-2 varlen available"
 
 
-@dataclass
-class _Plan:
-    """Everything the forward and backward need besides the tensors."""
-
-    rows: _Rows
-    chunks: list[_Chunk]
-    scale: float
-    flash: bool  # varlen chunks run FlashAttention-2 varlen in the forward
+# --------------------------------------------------------------------------------------------
+# Chunk kernels
+# --------------------------------------------------------------------------------------------
 
 
-def _chunk_forward(q_rows, k_flat, v_flat, plan: _Plan, c: _Chunk) -> torch.Tensor:
+def _gather(k_flat, v_flat, idx, valid, kind: str):
+    """The chunk's keys and values ``[N, W, D]``; "masked" selects invalid slots to 0 (they are
+    outside the row's key set), the compacted layouts pad with one of the row's own keys."""
+    kc, vc = k_flat[idx], v_flat[idx]
+    if kind == "masked":
+        keep = valid.unsqueeze(-1)
+        kc, vc = torch.where(keep, kc, 0.0), torch.where(keep, vc, 0.0)
+    return kc, vc
+
+
+def _chunk_forward(q_rows, k_flat, v_flat, rows: _Rows, c: _Chunk, scale: float, flash: bool):
     """Output ``[N, h, Dv]`` of one chunk, in ``q``'s dtype."""
-    rows, r = plan.rows, c.rows
+    r = c.rows
     qc = q_rows[r]
     h = qc.shape[1]
-    if c.kind == "varlen" and plan.flash:
+    if c.kind == "varlen" and flash:
         flat, cu = _flat_index(rows, r, c.total)
         cu = cu.to(torch.int32)
         cu_q = torch.arange(r.numel() + 1, device=r.device, dtype=torch.int32) * h
@@ -381,149 +402,283 @@ def _chunk_forward(q_rows, k_flat, v_flat, plan: _Plan, c: _Chunk) -> torch.Tens
             cu,
             h,
             c.W,
-            scale=plan.scale,
+            scale=scale,
         )
         return o.view(r.numel(), h, -1)
     idx, valid = _dense_index(rows, c)
-    kc, vc = k_flat[idx], v_flat[idx]
-    if c.kind == "gather":  # explicit masked softmax in the compute dtype
+    kc, vc = _gather(k_flat, v_flat, idx, valid, c.kind)
+    if c.kind == "masked":  # explicit masked softmax in the compute dtype
         cdt = compute_dtype(qc.dtype)
-        p = _probs(qc.to(cdt), kc.to(cdt), valid, plan.scale)
+        p = _probs(qc.to(cdt), kc.to(cdt), valid, scale)
         o = torch.matmul(p, vc.to(cdt))
         return torch.where(valid.any(dim=1)[:, None, None], o, 0.0).to(qc.dtype)
     mask = None if valid is None else valid[:, None, None, :]
-    mm = product_dtype(qc.dtype)
+    mm = product_dtype(qc.dtype, qc.device)
     o = F.scaled_dot_product_attention(
         qc.unsqueeze(1).to(mm),
         kc.unsqueeze(1).to(mm),
         vc.unsqueeze(1).to(mm),
         attn_mask=mask,
-        scale=plan.scale,
+        scale=scale,
     )
     return o.squeeze(1).to(qc.dtype)
 
 
-class _SelectionAttention(torch.autograd.Function):
-    """Chunked selection attention; backward re-gathers and recomputes chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan):
-        B, T, H, Dk = q.shape
-        G, Dv = k.shape[2], v.shape[-1]
-        q_rows = q.reshape(B * T * G, H // G, Dk)
-        k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
-        o = q.new_zeros(B * T * G, H // G, Dv)
-        for c in plan.chunks:
-            o.index_copy_(0, c.rows, _chunk_forward(q_rows, k_flat, v_flat, plan, c))
-        o = o.view(B, T, H, Dv)
-        ctx.save_for_backward(q, k, v, o)
-        ctx.plan = plan
-        return o
-
-    @staticmethod
-    @once_differentiable
-    @autocast_off_backward
-    def backward(ctx, do):
-        q, k, v, o = ctx.saved_tensors
-        plan = ctx.plan
-        B, T, H, Dk = q.shape
-        G, Dv = k.shape[2], v.shape[-1]
-        R, h, scale = B * T * G, H // G, plan.scale
-        cdt = compute_dtype(q.dtype)
-        q_rows = q.reshape(R, h, Dk)
-        k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
-        do_rows, o_rows = do.reshape(R, h, Dv), o.reshape(R, h, Dv)
-        dq = torch.zeros(R, h, Dk, dtype=cdt, device=q.device)
-        dump = k_flat.shape[0]  # one extra accumulator row absorbs the padded slots
-        dk = torch.zeros(dump + 1, Dk, dtype=cdt, device=q.device)
-        dv = torch.zeros(dump + 1, Dv, dtype=cdt, device=q.device)
-        for c in plan.chunks:
-            idx, valid = _dense_index(plan.rows, c)
-            qc = q_rows[c.rows].to(cdt)
-            kc, vc = k_flat[idx].to(cdt), v_flat[idx].to(cdt)
-            doc = do_rows[c.rows].to(cdt)
-            p = _probs(qc, kc, valid, scale)  # [N, h, W]
-            dvc = torch.matmul(p.transpose(1, 2), doc)  # [N, W, Dv]
-            delta = (doc * o_rows[c.rows].to(cdt)).sum(-1, keepdim=True)  # rowsum(dO * O)
-            ds = torch.matmul(doc, vc.transpose(1, 2)).sub_(delta).mul_(p)  # dS = P (dP - D)
-            if valid is not None:
-                ds.masked_fill_(~valid.unsqueeze(1), 0.0)
-                idx = torch.where(valid, idx, dump)
-            dq.index_copy_(0, c.rows, torch.matmul(ds, kc).mul_(scale))
-            dk.index_add_(
-                0, idx.flatten(), torch.matmul(ds.transpose(1, 2), qc).mul_(scale).flatten(0, 1)
-            )
-            dv.index_add_(0, idx.flatten(), dvc.flatten(0, 1))
-        return (
-            dq.view(q.shape).to(q.dtype),
-            dk[:dump].view(k.shape).to(k.dtype),
-            dv[:dump].view(v.shape).to(v.dtype),
-            None,
+def _chunks_backward(do, q, k, v, o, rows: _Rows, chunks: list[_Chunk], scale: float):
+    """``(dq, dk, dv)`` of the chunk rows (re-gathered, probabilities recomputed)."""
+    B, T, H, Dk = q.shape
+    G, Dv = k.shape[2], v.shape[-1]
+    R, h = B * T * G, H // G
+    cdt = compute_dtype(q.dtype)
+    q_rows = q.reshape(R, h, Dk)
+    k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
+    do_rows, o_rows = do.reshape(R, h, Dv), o.reshape(R, h, Dv)
+    dq = torch.zeros(R, h, Dk, dtype=cdt, device=q.device)
+    dump = k_flat.shape[0]  # one extra accumulator row absorbs the padded slots
+    dk = torch.zeros(dump + 1, Dk, dtype=cdt, device=q.device)
+    dv = torch.zeros(dump + 1, Dv, dtype=cdt, device=q.device)
+    for c in chunks:
+        idx, valid = _dense_index(rows, c)
+        qc = q_rows[c.rows].to(cdt)
+        kc, vc = (t.to(cdt) for t in _gather(k_flat, v_flat, idx, valid, c.kind))
+        doc = do_rows[c.rows].to(cdt)
+        p = _probs(qc, kc, valid, scale)  # [N, h, W]
+        dvc = torch.matmul(p.transpose(1, 2), doc)  # [N, W, Dv]
+        delta = (doc * o_rows[c.rows].to(cdt)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        ds = torch.matmul(doc, vc.transpose(1, 2)).sub_(delta).mul_(p)  # dS = P (dP - D)
+        if valid is not None:
+            ds.masked_fill_(~valid.unsqueeze(1), 0.0)
+            idx = torch.where(valid, idx, dump)
+        dq.index_copy_(0, c.rows, torch.matmul(ds, kc).mul_(scale))
+        dk.index_add_(
+            0, idx.flatten(), torch.matmul(ds.transpose(1, 2), qc).mul_(scale).flatten(0, 1)
         )
+        dv.index_add_(0, idx.flatten(), dvc.flatten(0, 1))
+    return dq.view(q.shape), dk[:dump].view(k.shape), dv[:dump].view(v.shape)
 
 
 # --------------------------------------------------------------------------------------------
 # Causal-prefix shortcut
 # --------------------------------------------------------------------------------------------
 
-#: Most ``cu_seqlens`` sequences for which the causal-prefix shortcut runs (one SDPA call per
-#: sequence; beyond this many, the per-call overhead outweighs the saved gathers).
+#: Most ``cu_seqlens`` sequences for which the causal-prefix shortcut runs (beyond this many,
+#: the per-sequence bookkeeping outweighs the saved gathers).
 MAX_PREFIX_SEQUENCES = 64
 
 
-def _causal_prefixes(rows: _Rows, B: int, T: int, G: int, bounds) -> list[int]:
+def _causal_prefixes(rows: _Rows, B: int, T: int, G: int, bounds: list[int]) -> list[int]:
     """Per sequence, the length ``L`` of its leading run of rows whose selection is every key
     ``0..p`` (for all batches and groups). Such rows equal causal attention over the sequence's
     first ``L`` keys. Read from the merged ranges, so any ``block_indices`` is handled.
     Empty list when the shortcut does not apply (too many sequences)."""
-    starts = [0] if bounds is None else list(bounds[:-1])
+    starts = bounds[:-1]
     if len(starts) > MAX_PREFIX_SEQUENCES:
         return []
     full = (rows.lengths == rows.pos + 1).view(B, T, G).all(dim=2).all(dim=0)  # [T]
     # first failing row of each sequence (a row index >= T means none fails)
     fail = torch.where(full, T, torch.arange(T, device=full.device))
-    seq_end = [*starts[1:], T]
-    if bounds is None:
-        first = [int(fail.min())] if T else [0]
-    else:
-        first = [int(fail[a:b].min()) if b > a else a for a, b in zip(starts, seq_end, strict=True)]
+    seq_end = bounds[1:]
+    first = [int(fail[a:b].min()) if b > a else a for a, b in zip(starts, seq_end, strict=True)]
     return [max(0, min(f, b) - a) for a, b, f in zip(starts, seq_end, first, strict=True)]
 
 
-def _rows_after_prefixes(rows: _Rows, prefix: list[int], B: int, T: int, G: int, bounds):
-    """Bool ``[R]``: rows not covered by the causal prefixes (those go through the chunks)."""
-    if not prefix:
-        return torch.ones_like(rows.pos, dtype=torch.bool)
-    starts = [0] if bounds is None else list(bounds[:-1])
+def _prefix_rows(prefix: list[int], bounds: list[int], T: int) -> torch.Tensor:
+    """Host bool ``[T]``: tokens inside a causal prefix."""
     in_prefix = torch.zeros(T, dtype=torch.bool)
-    for a, L in zip(starts, prefix, strict=True):
+    for a, L in zip(bounds[:-1], prefix, strict=True):
         in_prefix[a : a + L] = True
-    in_prefix = in_prefix.to(rows.pos.device)
-    return ~in_prefix.view(1, T, 1).expand(B, T, G).reshape(-1)
+    return in_prefix
 
 
-def _splice_prefixes(o, q, k, v, prefix: list[int], bounds, T: int, scale: float):
-    """``o`` with each sequence's first ``L`` rows replaced by causal SDPA over its first ``L``
-    keys (differentiable: a concatenation of slices along ``T``)."""
-    starts = [0] if bounds is None else list(bounds[:-1])
-    ends = [*starts[1:], T]
-    pieces = []
-    for a, b, L in zip(starts, ends, prefix, strict=True):
-        if L:
-            pieces.append(
-                causal_attention(q[:, a : a + L], k[:, a : a + L], v[:, a : a + L], scale)
+def _prefix_layout(prefix: list[int], bounds: list[int], T: int, heads: int, device):
+    """`RangeLayout` of the prefix rows: row ``a + i`` of a prefix reads ``[a, a + i]``; any
+    other row ``r`` reads nothing (``[r + 1, r + 1)``, which keeps ``lo`` non-decreasing and
+    ``hi`` growing by at most one per row, as `RowRanges` requires)."""
+    rows = torch.arange(T, dtype=torch.int64)
+    lo, hi = rows + 1, rows + 1
+    for a, L in zip(bounds[:-1], prefix, strict=True):
+        lo[a : a + L] = a
+    return RangeLayout.build(RowRanges(lo, hi, T), heads, device)
+
+
+# --------------------------------------------------------------------------------------------
+# The op pair (all three torch paths)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Work:
+    """A call's rows, chunks and causal prefix (rebuilt identically by the backward)."""
+
+    rows: _Rows
+    chunks: list[_Chunk]
+    prefix: RangeLayout | None
+
+
+def _work(q, k, blocks, positions, seq_start, bounds_t, kind, sel_block, chunk_slots,
+          varlen_min_len) -> _Work:  # fmt: skip
+    B, T, H, _ = q.shape
+    G, S = blocks.shape[2], k.shape[1]
+    rows = _build_rows(blocks, sel_block, G, positions, seq_start, S, ranges=kind != "masked")
+    if kind == "masked":
+        return _Work(rows, _natural_chunks(rows, chunk_slots), None)
+    bounds = bounds_t.tolist()
+    # The causal-prefix shortcut reads query rows as key rows: not for a row subset (S > T).
+    prefix = _causal_prefixes(rows, B, T, G, bounds) if S == T else []
+    rest = torch.ones_like(rows.pos, dtype=torch.bool)
+    layout = None
+    if prefix and any(prefix):
+        inside = _prefix_rows(prefix, bounds, T).to(rows.pos.device)
+        rest = ~inside.view(1, T, 1).expand(B, T, G).reshape(-1)
+        layout = _prefix_layout(prefix, bounds, T, B * H, q.device)
+    if kind == "packed":
+        chunks = _sorted_chunks(rows, rest, "packed", chunk_slots)
+    else:
+        wide = rows.lengths >= varlen_min_len
+        chunks = _sorted_chunks(rows, rest & ~wide, "packed", chunk_slots)
+        chunks += _sorted_chunks(rows, rest & wide, "varlen", chunk_slots)
+    return _Work(rows, chunks, layout)
+
+
+def _chunked_fake(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@kernel_op("sel_chunked", _chunked_fake)
+def _sel_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: torch.Tensor,
+    positions: torch.Tensor,
+    seq_start: torch.Tensor,
+    bounds: torch.Tensor,
+    kind: str,
+    sizes: list[int],
+    scale: float,
+    flash: bool,
+) -> torch.Tensor:
+    sel_block, chunk_slots, varlen_min_len = sizes
+    B, T, H, Dk = q.shape
+    G, Dv = k.shape[2], v.shape[-1]
+    work = _work(q, k, blocks, positions, seq_start, bounds, kind, sel_block, chunk_slots,
+                 varlen_min_len)  # fmt: skip
+    q_rows = q.reshape(B * T * G, H // G, Dk)
+    k_flat, v_flat = k.reshape(-1, Dk), v.reshape(-1, Dv)
+    o = q.new_zeros(B * T * G, H // G, Dv)
+    for c in work.chunks:
+        o.index_copy_(0, c.rows, _chunk_forward(q_rows, k_flat, v_flat, work.rows, c, scale, flash))
+    o = o.view(B, T, H, Dv)
+    if work.prefix is not None:
+        lay = work.prefix
+        o_pre = chunk_forward(q, k, v, lay.lo, lay.hi, lay.chunks.tolist(), scale)
+        o = torch.where((lay.hi > lay.lo).view(1, T, 1, 1), o_pre, o)
+    return o
+
+
+def _chunked_backward_fake(do, q, k, v, o, blocks, positions, seq_start, bounds, kind, sizes,
+                           scale):  # fmt: skip
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("sel_chunked_backward", _chunked_backward_fake)
+def _sel_chunked_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    blocks: torch.Tensor,
+    positions: torch.Tensor,
+    seq_start: torch.Tensor,
+    bounds: torch.Tensor,
+    kind: str,
+    sizes: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sel_block, chunk_slots, varlen_min_len = sizes
+    work = _work(q, k, blocks, positions, seq_start, bounds, kind, sel_block, chunk_slots,
+                 varlen_min_len)  # fmt: skip
+    do = do.to(q.dtype)
+    dq, dk, dv = _chunks_backward(do, q, k, v, o, work.rows, work.chunks, scale)
+    if work.prefix is not None:
+        lay = work.prefix
+        dqp, dkp, dvp = chunk_backward(do, q, k, v, o, lay.lo, lay.hi, lay.chunks.tolist(), scale)
+        dq, dk, dv = dq + dqp, dk + dkp, dv + dvp
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SelectionAttention(torch.autograd.Function):
+    """The torch paths' autograd wrapper; saves only tensors (``torch.func`` compatible)."""
+
+    @staticmethod
+    def forward(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash):
+        return _sel_chunked(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale,
+                            flash)  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash = inputs
+        ctx.save_for_backward(q, k, v, output, blocks, positions, seq_start, bounds)
+        ctx.kind, ctx.sizes, ctx.scale = kind, sizes, scale
+
+    @staticmethod
+    @autocast_off_backward
+    def backward(ctx, do):
+        with torch.no_grad():  # the backward op has no derivative of its own
+            dq, dk, dv = _sel_chunked_backward(
+                do, *ctx.saved_tensors, ctx.kind, ctx.sizes, ctx.scale
             )
-        if a + L < b:
-            pieces.append(o[:, a + L : b])
-    return torch.cat(pieces, dim=1)
+        return dq, dk, dv, *([None] * 8)
+
+
+def _run(q, k, v, block_indices, sel_block, scale, positions, seq_start, bounds, kind, *,
+         chunk_slots=None, varlen_min_len=None, flash=False) -> torch.Tensor:  # fmt: skip
+    chunk_slots = DEFAULT_CHUNK_SLOTS if chunk_slots is None else int(chunk_slots)
+    varlen_min_len = DEFAULT_VARLEN_MIN_L if varlen_min_len is None else int(varlen_min_len)
+    if chunk_slots < 1:
+        raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
+    sizes = [int(sel_block), chunk_slots, varlen_min_len]
+    return _SelectionAttention.apply(
+        q, k, v, block_indices.to(torch.int64), positions, seq_start, bounds, kind, sizes,
+        float(scale), bool(flash),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry point
+# Entry points: the dispatcher's (from a plan) and the plan-free one
 # --------------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, block_indices, cfg, path):
+def masked(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+    """The "masked" path from a plan (sync-free); a row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "masked")  # fmt: skip
+
+
+def packed(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+    """The "packed" path from a plan; a row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "packed")  # fmt: skip
+
+
+def varlen(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+    """The "varlen" path from a plan (FlashAttention-2 varlen where the plan found it); a
+    row-subset plan's rows too."""
+    return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
+                plan.row_seq_start, plan.bounds_tensor, "varlen",
+                varlen_min_len=plan.sel_varlen_min_len, flash=plan.sel_varlen_flash)  # fmt: skip
+
+
+def triton(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+    """The "triton" path from a plan (its token layout; sync-free)."""
+    return triton_sel.selection_attention(
+        q, k, v, block_indices, plan.cfg.sel_block, scale, layout=plan.sel_tokens
+    )
+
+
+def check_arguments(q, k, v, block_indices, cfg, path: str = "masked") -> None:
     """Shapes, dtypes and devices of the arguments (``ValueError``/``TypeError`` naming them)."""
     if path not in SELECTION_PATHS:
         raise ValueError(f"path must be one of {SELECTION_PATHS}, got {path!r}")
@@ -572,7 +727,7 @@ def selection_attention(
     varlen_min_len: int = DEFAULT_VARLEN_MIN_L,
     chunk_slots: int = DEFAULT_CHUNK_SLOTS,
 ) -> torch.Tensor:
-    """Selection attention ``o_sel`` (Eq. 12, spec I.6) with autograd for ``q``, ``k``, ``v``.
+    """Selection attention ``o_sel`` (Eq. 12, spec I.6) on one named path, without a plan.
 
     Args:
         q: ``[B, T, H, Dk]`` queries; head ``i`` uses KV group ``i // (H // G)``.
@@ -584,42 +739,26 @@ def selection_attention(
         scale: softmax scale.
         cu_seqlens: int32 ``[N+1]`` boundaries of packed sequences (``B == 1``): positions and
             block indices are local to each sequence; nothing crosses a boundary.
-        path: ``"gather"``, ``"packed"``, ``"varlen"`` or ``"triton"`` (module docstring).
+        path: ``"masked"``, ``"packed"``, ``"varlen"`` or ``"triton"`` (module docstring).
         varlen_min_len: varlen path only: rows with fewer selected keys take packed buckets.
         chunk_slots: key slots per chunk; bounds the working memory (module docstring).
 
     Returns:
         ``o_sel [B, T, H, Dv]`` in ``q``'s dtype; exact zeros for rows that select no key.
     """
-    _check(q, k, v, block_indices, cfg, path)
+    check_arguments(q, k, v, block_indices, cfg, path)
     B, T, H, _ = q.shape
-    bounds = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
+    bounds = [0, T] if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, q.device)
     if path == "triton":
-        from nsa_impl.kernels import triton_sel  # lazy: triton is optional
-
         return triton_sel.selection_attention(
             q, k, v, block_indices, cfg.sel_block, scale, cu_seqlens
         )
-    if chunk_slots < 1:
-        raise ValueError(f"chunk_slots must be positive, got {chunk_slots}")
-    G = k.shape[2]
-    rows = _build_rows(block_indices, cfg, B, T, G, q.device, bounds)
-    flash = False
-    prefix = None
-    if path == "gather":
-        chunks = _natural_chunks(rows, chunk_slots)
-    else:
-        prefix = _causal_prefixes(rows, B, T, G, bounds)
-        rest = _rows_after_prefixes(rows, prefix, B, T, G, bounds)
-        if path == "packed":
-            chunks = _sorted_chunks(rows, rest, "packed", chunk_slots)
-        else:
-            wide = rows.lengths >= varlen_min_len
-            chunks = _sorted_chunks(rows, rest & ~wide, "packed", chunk_slots)
-            chunks += _sorted_chunks(rows, rest & wide, "varlen", chunk_slots)
-            flash = flash_varlen_available(q, k, v)[0]
-    plan = _Plan(rows, chunks, float(scale), flash)
-    o = _SelectionAttention.apply(q, k, v, plan)
-    if not prefix or not any(prefix):
-        return o
-    return _splice_prefixes(o, q, k, v, prefix, bounds, T, float(scale))
+    b = torch.tensor(bounds, dtype=torch.int64)
+    seq_start = torch.repeat_interleave(b[:-1], b.diff()).to(q.device)
+    positions = torch.arange(T, device=q.device) - seq_start
+    flash = path == "varlen" and flash_varlen_available(
+        Inputs(q.device, q.dtype, B, T, H, k.shape[2], q.shape[-1], v.shape[-1], T,
+               cu_seqlens is not None, True, cfg)  # fmt: skip
+    )[0]
+    return _run(q, k, v, block_indices, cfg.sel_block, scale, positions, seq_start, b, path,
+                chunk_slots=chunk_slots, varlen_min_len=varlen_min_len, flash=flash)  # fmt: skip

@@ -1,24 +1,24 @@
 """Sliding-window branch (spec I.7): query ``p`` attends to keys ``p - w < s <= p``.
 
-"masked" path: rows ``p < w`` of a single (unpacked) sequence are plain causal attention (fused
-SDPA); the other rows use banded chunks of the shared masked softmax
-(`nsa_impl.branches.range_attention`): a chunk of rows ``[r0, r1)`` reads only keys
-``[r0 - w + 1, r1)``, so memory is ``O(B * H * c * (c + w))`` however long ``T`` is. With
-``cu_seqlens`` each row's range starts no earlier than its own sequence. "flash" path:
-`nsa_impl.kernels.flash.window_attention` (FlashAttention-2 varlen with a left window); "triton"
-path: `nsa_impl.kernels.triton_attn.window_attention`; each imported only when chosen.
+"masked" path (`masked`): the shared chunked masked softmax (`nsa_impl.branches.range_attention`)
+over banded chunks: a chunk of rows ``[r0, r1)`` reads only keys ``[r0 - w + 1, r1)``, so memory
+is ``O(B * H * c * (c + w))`` however long ``T`` is. With ``cu_seqlens`` each row's range starts
+no earlier than its own sequence. "flash" path (`flash`): FlashAttention-2 varlen with a left
+window (`nsa_impl.kernels.flash.window_attention`). "triton" path (`triton`): the Triton
+row-range kernels (`nsa_impl.kernels.triton_attn.window_attention`). All read the layout a plan
+prepared.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 
 from nsa_ref.config import NSAConfig
 
+from ..kernels import flash as flash_kernel
+from ..kernels import triton_attn
 from ..varlen import PackedLayout
-from . import RowRanges, causal_attention, range_attention
+from . import RowRanges, range_attention
 
 
 def window_ranges(cfg: NSAConfig, layout: PackedLayout) -> RowRanges:
@@ -28,41 +28,17 @@ def window_ranges(cfg: NSAConfig, layout: PackedLayout) -> RowRanges:
     return RowRanges(lo, rows + 1, layout.T)
 
 
-def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cfg: NSAConfig,
-    scale: float,
-    layout: PackedLayout,
-    *,
-    path: str = "masked",
-    cu_seqlens: torch.Tensor | None = None,
-    budget_bytes: int | None = None,
-) -> torch.Tensor:
-    """``o_win [B, T, H, Dv]`` for ``q [B, T, H, Dk]``, ``k/v [B, T, G, D]`` (differentiable).
+def masked(q, k, v, plan, scale: float) -> torch.Tensor:
+    """The "masked" path: ``o_win [B, T, H, Dv]`` over the plan's window `RangeLayout`."""
+    return range_attention(q, k, v, plan.win_masked, scale)
 
-    ``path`` is "masked" (banded chunks, any device/dtype), "flash" (the FA-2 wrapper) or
-    "triton" (the Triton window kernels).
-    """
-    if path == "flash":
-        flash = importlib.import_module("nsa_impl.kernels.flash")
-        return flash.window_attention(q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens)
-    if path == "triton":
-        triton_attn = importlib.import_module("nsa_impl.kernels.triton_attn")
-        return triton_attn.window_attention(
-            q, k, v, cfg.window, scale, cu_seqlens=cu_seqlens, max_seqlen=max(layout.lengths)
-        )
-    if path != "masked":
-        raise ValueError(f"window path must be 'masked', 'flash' or 'triton', got {path!r}")
-    ranges = window_ranges(cfg, layout)
-    L = min(cfg.window, layout.T) if len(layout.lengths) == 1 else 0
-    if L == 0:
-        return range_attention(q, k, v, ranges, scale, budget_bytes=budget_bytes)
-    # Rows p < w see every key 0..p: plain causal attention; the rest go through banded chunks.
-    head = causal_attention(q[:, :L], k[:, :L], v[:, :L], scale)
-    if L == layout.T:
-        return head
-    tail_ranges = RowRanges(ranges.lo[L:], ranges.hi[L:], ranges.num_keys)
-    tail = range_attention(q[:, L:], k, v, tail_ranges, scale, budget_bytes=budget_bytes)
-    return torch.cat([head, tail], dim=1)
+
+def flash(q, k, v, plan, scale: float) -> torch.Tensor:
+    """The "flash" path: FlashAttention-2 with the plan's varlen window layout."""
+    return flash_kernel.window_attention(q, k, v, plan.win_flash, scale)
+
+
+def triton(q, k, v, plan, scale: float) -> torch.Tensor:
+    """The "triton" path: the Triton window kernels with the plan's sequence starts."""
+    lay = plan.layout_of("win", "triton")
+    return triton_attn.window_attention(q, k, v, plan.cfg.window, scale, layout=lay)

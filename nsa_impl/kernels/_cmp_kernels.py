@@ -1,6 +1,6 @@
 """Triton kernel of the selection scores (spec I.4, Eqs. 9-10), without ``p_cmp`` in memory.
 
-Loaded only through `nsa_impl.kernels.triton_cmp._kernels` (compiled for CUDA tensors, Triton's
+Loaded only through `nsa_impl.kernels.flash_cmp._kernels` (compiled for CUDA tensors, Triton's
 interpreter for CPU tensors), for the reason given in `nsa_impl.kernels.triton_sel`.
 
 One program owns a tile of ``BM`` query rows of one sequence, one KV group ``g`` and a tile of

@@ -518,12 +518,13 @@ def _combine_kernel(
     G, NSPLIT, NC, NW, NS,
     HPG: tl.constexpr, BH: tl.constexpr, HB: tl.constexpr, HBP: tl.constexpr,
     DV: tl.constexpr, BDV: tl.constexpr, NCP: tl.constexpr, NWP: tl.constexpr,
-    NSP: tl.constexpr, INC: tl.constexpr, PRECISE: tl.constexpr,
+    NSP: tl.constexpr, INC: tl.constexpr, PRECISE: tl.constexpr, HALF: tl.constexpr,
 ):
-    """K4: merge each branch's splits, round each branch to the output dtype, gate (Eq. 5) with
-    one rounding per operation like `nsa_ref.reference.gate` in that dtype; grid
-    ``(R, G, cdiv(HPG, HB))``, ``HB`` heads of group ``g`` per program. ``NCP``/``NWP``/``NSP``:
-    each branch's split count padded to a power of two (its partials are one load).
+    """K4: merge each branch's splits, round each branch to the output dtype, gate (Eq. 5) as
+    `nsa_ref.reference.gate` does: float32 outputs with one rounding per operation, fp16/bf16
+    (``HALF``) in float32 rounded once; grid ``(R, G, cdiv(HPG, HB))``, ``HB`` heads of group
+    ``g`` per program. ``NCP``/``NWP``/``NSP``: each branch's split count padded to a power of
+    two (its partials are one load).
 
     With ``INC`` (a decode step, where ``POS`` is the lengths tensor) the first program of row
     ``r`` advances ``LEN[b]`` to ``p + 1``; no other program of this launch reads it.
@@ -544,14 +545,18 @@ def _combine_kernel(
     g_cmp = tl.load(gp, mask=hok, other=0.0).to(tl.float32)[:, None]
     g_sel = tl.load(gp + stride_gc, mask=hok, other=0.0).to(tl.float32)[:, None]
     g_win = tl.load(gp + 2 * stride_gc, mask=hok, other=0.0).to(tl.float32)[:, None]
-    # g_cmp*o_cmp + g_sel*o_sel + g_win*o_win, each product and sum rounded to dt.
     f32 = tl.float32
-    a = _to(g_cmp * _to(o_cmp, dt).to(f32), dt).to(f32)
-    bsel = _to(g_sel * _to(o_sel, dt).to(f32), dt).to(f32)
-    ab = _to(a + bsel, dt).to(f32)
-    cw = _to(g_win * _to(o_win, dt).to(f32), dt).to(f32)
+    if HALF:  # the branches rounded to dt, then g_cmp*o_cmp + g_sel*o_sel + g_win*o_win in f32
+        o = (g_cmp * _to(o_cmp, dt).to(f32) + g_sel * _to(o_sel, dt).to(f32)
+             + g_win * _to(o_win, dt).to(f32))
+    else:  # each product and sum rounded to dt
+        a = _to(g_cmp * _to(o_cmp, dt).to(f32), dt).to(f32)
+        bsel = _to(g_sel * _to(o_sel, dt).to(f32), dt).to(f32)
+        ab = _to(a + bsel, dt).to(f32)
+        cw = _to(g_win * _to(o_win, dt).to(f32), dt).to(f32)
+        o = ab + cw
     dv = tl.arange(0, BDV)
-    tl.store(OUT + r * stride_or + head[:, None] * stride_oh + dv[None, :], _to(ab + cw, dt),
+    tl.store(OUT + r * stride_or + head[:, None] * stride_oh + dv[None, :], _to(o, dt),
              mask=hok[:, None] & (dv[None, :] < DV))
     if INC:
         if (g == 0) & (c == 0):

@@ -2,13 +2,18 @@
 
 Loaded only through `nsa_impl.kernels.triton_gate._kernels`. A program owns ``BR`` (token, head)
 rows of ``Dv`` columns; the three branch outputs and the gates of those rows are read once, the
-products are summed in float32 and rounded once.
+products are summed in float32 and rounded once (to nearest even, also in the interpreter:
+`_tl_helpers.round_to`).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._loader import executing_mode, load_kernel_module
+
+_round = load_kernel_module("_tl_helpers.py", executing_mode()).round_to
 
 
 @triton.jit
@@ -31,7 +36,7 @@ def _gate_fwd_kernel(C, S, W, GATES, O, R, sc, ss, sw, sg, sgi, so,
     o = (g0[:, None] * _rows(C, r, ok, sc, D, BD) + g1[:, None] * _rows(S, r, ok, ss, D, BD)
          + g2[:, None] * _rows(W, r, ok, sw, D, BD))
     d = tl.arange(0, BD)
-    tl.store(O + r.to(tl.int64)[:, None] * so + d[None, :], o.to(O.dtype.element_ty),
+    tl.store(O + r.to(tl.int64)[:, None] * so + d[None, :], _round(o, O.dtype.element_ty),
              mask=ok[:, None] & (d[None, :] < D))
 
 
@@ -49,10 +54,11 @@ def _gate_bwd_kernel(DO, C, S, W, GATES, DC, DS, DW, DG, R, sdo, sc, ss, sw, sg,
     do = _rows(DO, r, ok, sdo, D, BD)
     out = r.to(tl.int64)[:, None] * sd + d[None, :]
     m = ok[:, None] & (d[None, :] < D)
-    tl.store(DC + out, (g0[:, None] * do).to(DC.dtype.element_ty), mask=m)
-    tl.store(DS + out, (g1[:, None] * do).to(DS.dtype.element_ty), mask=m)
-    tl.store(DW + out, (g2[:, None] * do).to(DW.dtype.element_ty), mask=m)
+    tl.store(DC + out, _round(g0[:, None] * do, DC.dtype.element_ty), mask=m)
+    tl.store(DS + out, _round(g1[:, None] * do, DS.dtype.element_ty), mask=m)
+    tl.store(DW + out, _round(g2[:, None] * do, DW.dtype.element_ty), mask=m)
     dg = DG + r.to(tl.int64) * 3
-    tl.store(dg, tl.sum(do * _rows(C, r, ok, sc, D, BD), 1).to(DG.dtype.element_ty), mask=ok)
-    tl.store(dg + 1, tl.sum(do * _rows(S, r, ok, ss, D, BD), 1).to(DG.dtype.element_ty), mask=ok)
-    tl.store(dg + 2, tl.sum(do * _rows(W, r, ok, sw, D, BD), 1).to(DG.dtype.element_ty), mask=ok)
+    gt = DG.dtype.element_ty
+    tl.store(dg, _round(tl.sum(do * _rows(C, r, ok, sc, D, BD), 1), gt), mask=ok)
+    tl.store(dg + 1, _round(tl.sum(do * _rows(S, r, ok, ss, D, BD), 1), gt), mask=ok)
+    tl.store(dg + 2, _round(tl.sum(do * _rows(W, r, ok, sw, D, BD), 1), gt), mask=ok)

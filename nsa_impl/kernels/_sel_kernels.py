@@ -12,6 +12,11 @@ Common notation inside the kernels:
 * Positions, sequence starts and key rows are int64 so that ``row * stride`` never overflows.
 * Masked scores are ``-inf`` (never a finite sentinel, spec A7); a row with no visible key ends
   with ``l == 0`` and writes an exact zero output and ``lse = -inf``.
+* NaN containment: a tile's keys are shared by rows that may not all read them, so scores and
+  probabilities are selected with ``tl.where`` and every ``tl.dot`` contracting over masked
+  entries reads its other operand through `_finite` (non-finite values zeroed). A row that
+  reads a non-finite ``v`` is written as NaN (forward), and so is the ``dV`` of a key read by a
+  row whose ``dO`` is not finite (backward); everything else is bit-identical.
 """
 
 from __future__ import annotations
@@ -93,6 +98,14 @@ def _log(x, PRECISE: tl.constexpr):
         return libdevice.log(x)
     else:
         return tl.log(x)
+
+
+@triton.jit
+def _finite(x):
+    """``(x with non-finite entries zeroed, mask of finite entries)``: ``x - x`` is 0 exactly for
+    finite values and NaN for NaN/Inf."""
+    ok = (x - x) == 0
+    return tl.where(ok, x, tl.zeros_like(x)), ok
 
 
 @triton.jit
@@ -187,6 +200,7 @@ def _sel_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
+    bad = tl.zeros([BM], tl.int32)  # rows that read a non-finite value
     cnt = tl.load(CNT + tile * G + g)
     uni = UNI + tile * stride_ut + g * stride_ug
     for u in range(0, cnt):
@@ -200,14 +214,19 @@ def _sel_fwd_kernel(
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # Rows with nothing visible yet keep m = -inf; shift by 0 so exp gives 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = _exp(s - m_safe[:, None], PRECISE)
+            p = tl.where(ok, _exp(s - m_safe[:, None], PRECISE), 0.0)
             alpha = _exp(m_i - m_safe, PRECISE)
             l_i = l_i * alpha + tl.sum(p, axis=1)
+            v, v_ok = _finite(v)
+            v_bad = tl.max(tl.where(v_ok, 0, 1), axis=1)  # [BN]: key holds a non-finite value
+            bad = tl.maximum(bad, tl.max(tl.where(ok & (v_bad[None, :] > 0), 1, 0), axis=1))
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
-    nonempty = l_i > 0.0
-    o = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(nonempty, m_i + _log(tl.where(nonempty, l_i, 1.0), PRECISE), float("-inf"))
+    # Empty rows (l == 0) give exact zeros; a NaN l (a row that read a NaN) must stay NaN.
+    empty = l_i == 0.0
+    o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    o = tl.where(bad[:, None] > 0, float("nan"), o)
+    lse = tl.where(empty, float("-inf"), m_i + _log(tl.where(empty, 1.0, l_i), PRECISE))
     tl.store(
         O + pos[:, None] * stride_on + head[:, None] * stride_oh + dv[None, :],
         o.to(O.dtype.element_ty), mask=valid[:, None] & (dv[None, :] < DV),
@@ -254,7 +273,8 @@ def _sel_dq_kernel(
             )
             p = tl.where(ok, _exp(s - lse[:, None], PRECISE), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
+            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+            k, _ = _finite(k)
             dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(
         DQ + pos[:, None] * stride_dqn + head[:, None] * stride_dqh + dk[None, :],
@@ -300,6 +320,7 @@ def _sel_dkdv_kernel(
     v = _load_rows(V, krow, g + 0 * kl, kin, stride_vn, stride_vg, DV, BDV)
     acc_k = _acc_zeros(BKEY, BDK, IEEE)
     acc_v = _acc_zeros(BKEY, BDV, IEEE)
+    v_bad = tl.zeros([BKEY], tl.int32)  # keys read by a row whose dO is not finite
     r = tl.arange(0, BR)
     pr = r // h
     head = g * h + r % h
@@ -316,10 +337,15 @@ def _sel_dkdv_kernel(
         st = _scores(k, tl.trans(q), scale, IEEE)  # [BKEY, BR]
         ok = kin[:, None] & ok_row[None, :] & (kl[:, None] <= ploc[None, :])
         pt = tl.where(ok, _exp(st - lse[None, :], PRECISE), 0.0)
-        acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
+        do_clean, do_ok = _finite(do)
+        do_bad = tl.max(tl.where(do_ok, 0, 1), axis=1)  # [BR]
+        v_bad = tl.maximum(v_bad, tl.max(tl.where(ok & (do_bad[None, :] > 0), 1, 0), axis=1))
+        acc_v += _acc_dot(pt.to(do.dtype), do_clean, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
-        dst = pt * (dpt - delta[None, :])
-        acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
+        dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
+        q_clean, _ = _finite(q)
+        acc_k += _acc_dot(dst.to(q.dtype), q_clean, IEEE)
+    acc_v = tl.where(v_bad[:, None] > 0, float("nan"), acc_v)
     key = kc + tl.arange(0, BKEY)
     # Scalar-by-tensor masks are broadcast explicitly (Triton's interpreter mis-types them).
     used = key[:, None] * 0 + seg >= 0

@@ -1,4 +1,4 @@
-"""``triton.jit`` helpers shared by the attention kernel files (`_range_kernels`, `_topn_kernels`).
+"""``triton.jit`` helpers shared by the kernel files (`_range_kernels`, `_topn_kernels`, `_gate_kernels`).
 
 Loaded through `nsa_impl.kernels._loader.load_kernel_module` in the mode of the kernel file that
 asks for it (``executing_mode()``), so compiled kernels call compiled helpers and interpreted
@@ -13,6 +13,11 @@ Two arithmetic regimes, picked by the constexpr ``IEEE``:
   interpreter's numpy functions are already exact), IEEE float32 dots elsewhere and float64
   long-running gradient sums. A float32 ``q.k`` over 128 dims alone rounds logits by ~1e-6,
   which is the whole fp32 budget (docs/gpu_notes.md, "fp32 class").
+
+NaN containment (the rule of `nsa_impl.kernels.triton_sel`): masked keys contribute exactly
+nothing. Scores and probabilities are selected with ``tl.where`` (never multiplied by a zero
+probability), and a ``tl.dot`` whose contraction runs over masked entries reads its other
+operand through `finite`; the kernels then mark the rows that really read a non-finite value.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ def mma(a, b):
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def round_to(x, dt: tl.constexpr):
+    """``x.to(dt)`` rounding to nearest even. The interpreter truncates float32 -> bfloat16, so
+    it rounds here by hand (add half an ulp and the tie bit, keep the top 16 bits); compiled
+    code converts with round-to-nearest-even itself."""
+    if INTERPRETED and dt == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dt)
 
 
 @triton.jit
@@ -100,6 +118,15 @@ def acc_dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a.to(tl.float64), b.to(tl.float64))
     else:
         return mma(a, b)
+
+
+@triton.jit
+def finite(x):
+    """``(x with non-finite entries zeroed, mask of its finite entries)``: ``x - x`` is exactly 0
+    for finite values and NaN for NaN/Inf (NaN containment: a ``tl.dot`` contracting over
+    masked entries reads its operand through this, so a masked NaN adds nothing)."""
+    ok = (x - x) == 0
+    return tl.where(ok, x, tl.zeros_like(x)), ok
 
 
 @triton.jit

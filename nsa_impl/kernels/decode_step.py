@@ -51,8 +51,16 @@ spec's order exactly (forced, then higher score, then lower index), as
 *Numerics.* fp16/bf16: MMAs in the input dtype with float32 accumulation and softmax (the
 probabilities are rounded to the input dtype for ``p @ v``, as in FlashAttention). float32 (the
 parity path): float64 logits, IEEE float32 ``p @ v``, libdevice ``exp``/``log`` on CUDA. Each
-branch output is rounded to the input dtype and the gate runs with one rounding per operation
-in that dtype, as `nsa_ref.reference.gate` does on a tensor of that dtype.
+branch output is rounded to the input dtype and the gate rounds as `nsa_ref.reference.gate`
+does: per operation for float32, once (float32 arithmetic) for fp16/bf16.
+
+*Custom op.* The four launches are registered as one custom op, ``nsa::decode_rows``
+(``torch.library.custom_op`` with the caches, the workspace, ``out`` and ``lengths`` declared as
+mutated, and a fake), which `decode_rows` calls while ``torch.compile`` traces, so a compiled
+model sees the step as one opaque node. Eagerly (and while a CUDA graph is captured) it calls
+the launches directly: the Python custom-op dispatch costs about as much as the whole step (tens
+of microseconds per call against a 35 us goal), and a replayed graph contains only the kernels
+either way.
 
 Interpreter: like the other kernel files, `_decode_kernels` is executed once per mode (CUDA
 tensors: compiled; CPU tensors under ``TRITON_INTERPRET=1``: interpreted).
@@ -60,12 +68,14 @@ tensors: compiled; CPU tensors under ``TRITON_INTERPRET=1``: interpreted).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
 from ._loader import load_kernel_module
+from .ops import kernel_op
 
 #: Launches per decode step (K1 cmp+window, K2 scores+top-n, K3 selection, K4 combine).
 KERNELS_PER_STEP = 4
@@ -300,6 +310,24 @@ class Workspace:
     def splits(self) -> Splits:
         return self.geo.splits
 
+    def buffers(self) -> list[torch.Tensor]:
+        """The eight buffers, in field order (how the custom op takes them)."""
+        return [self.logits, self.pm, self.pl, self.pacc, self.cand_key, self.cand_blk,
+                self.sel_idx, self.sel_cnt]  # fmt: skip
+
+    def sizes(self) -> list[int]:
+        """The `Geometry` as ints (how the custom op takes it): ``[splits.cmp, splits.win,
+        splits.sel, chunk, chunks, local_top, sel_slots, combine_heads]``."""
+        g = self.geo
+        return [*dataclasses.astuple(g.splits), g.chunk, g.chunks, g.local_top, g.sel_slots,
+                g.combine_heads]  # fmt: skip
+
+    @classmethod
+    def of(cls, buffers: list[torch.Tensor], sizes: list[int]) -> Workspace:
+        """Inverse of `buffers` / `sizes`."""
+        geo = Geometry(Splits(*sizes[:3]), *sizes[3:])
+        return cls(*buffers, geo=geo)
+
 
 def _kernels(interpret: bool):
     """`_decode_kernels` executed in the given mode (cached; see `_loader`)."""
@@ -349,8 +377,8 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
             NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, IEEE=ieee, PRECISE=precise), opts(4, 2)),
         "combine": Launch((R, G, _cdiv(h, hb)), dict(
             HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV, NCP=_next_pow2(sp.cmp),
-            NWP=_next_pow2(sp.win), NSP=_next_pow2(sp.sel), INC=append, PRECISE=precise),
-            opts(4)),
+            NWP=_next_pow2(sp.win), NSP=_next_pow2(sp.sel), INC=append, PRECISE=precise,
+            HALF=dtype in (torch.float16, torch.bfloat16)), opts(4)),
     }
 
 
@@ -388,22 +416,35 @@ def decode_rows(
         lengths: with ``new``: the int32 ``[B]`` lengths tensor, advanced by one per row (``pos``
             must be that same tensor). ``None`` leaves every length alone.
     """
-    l, d, ls = (int(x) for x in cfg[:3])
-    R, H, Dk = q.shape
-    B, G, cap, _ = raw[0].shape
-    Dv = raw[1].shape[-1]
-    h = H // G
+    l, d, ls, n_top, init, local, w = (int(x) for x in cfg)
+    R = q.shape[0]
+    cap = raw[0].shape[2]
     if ws.rows < R:
         raise ValueError(f"workspace holds {ws.rows} rows, {R} requested")
     if ws.geo.chunks * ws.geo.chunk < _cdiv(cap, ls) or ws.logits.shape[-1] < k_cmp.shape[2]:
         raise ValueError(f"workspace was allocated for a smaller cache than cap={cap}")
     if (new is None) != (lengths is None):
         raise ValueError("new and lengths go together (a decode step) or are both None")
+    sizes = [l, d, ls, n_top, init, local, w]
+    if torch.compiler.is_compiling():  # one opaque node for torch.compile (module docstring)
+        decode_rows_op(q, gates, out, seq, pos, list(raw), k_cmp, v_cmp, ws.buffers(),
+                       ws.sizes(), sizes, float(scale), [] if new is None else list(new),
+                       lengths)  # fmt: skip
+        return
+    _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws, sizes, scale, new, lengths)
+
+
+def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scale, new, lengths):
+    """The four launches of `decode_rows` (arguments checked there)."""
+    R, H, Dk = q.shape
+    B, G, cap, _ = raw[0].shape
+    Dv = raw[1].shape[-1]
+    h = H // G
     interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
     geo, sp = ws.geo, ws.geo.splits
     S = sp.total
-    shared = raw[0] is raw[2] is raw[4] and raw[1] is raw[3] is raw[5]
+    shared = _same(raw[0], raw[2], raw[4]) and _same(raw[1], raw[3], raw[5])
     plan = launches(R, G, h, Dk, Dv, cfg, geo, q.dtype, interpret, append=new is not None,
                     shared=shared)
     kn = new if new is not None else (raw[0],) * 6  # unused pointers when not appending
@@ -446,3 +487,38 @@ def decode_rows(
         out.stride(0), out.stride(1), gates.stride(0), gates.stride(1), gates.stride(2),
         G, S, sp.cmp, sp.win, sp.sel, **k4.constexprs, **k4.options,
     )
+
+
+def _same(*ts: torch.Tensor) -> bool:
+    """The tensors are one buffer (the branches share their K/V cache)."""
+    return all(t.data_ptr() == ts[0].data_ptr() and t.stride() == ts[0].stride() for t in ts)
+
+
+def _decode_rows_fake(q, gates, out, seq, pos, raw, k_cmp, v_cmp, workspace, ws_sizes, cfg,
+                      scale, new, lengths):  # fmt: skip
+    return None
+
+
+@kernel_op("decode_rows", _decode_rows_fake,
+           mutates=("out", "raw", "k_cmp", "v_cmp", "workspace", "lengths"))  # fmt: skip
+def decode_rows_op(
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    out: torch.Tensor,
+    seq: torch.Tensor,
+    pos: torch.Tensor,
+    raw: list[torch.Tensor],
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    workspace: list[torch.Tensor],
+    ws_sizes: list[int],
+    cfg: list[int],
+    scale: float,
+    new: list[torch.Tensor],
+    lengths: torch.Tensor | None,
+) -> None:
+    """`decode_rows` as a custom op (what ``torch.compile`` traces); writes its mutated
+    arguments in place: ``out``, the workspace, and in a step the caches and ``lengths``.
+    ``new`` is empty when the rows are already cached (no optional tensor lists in a schema)."""
+    _launch(q, gates, out, seq, pos, tuple(raw), k_cmp, v_cmp,
+            Workspace.of(workspace, ws_sizes), cfg, scale, tuple(new) or None, lengths)  # fmt: skip

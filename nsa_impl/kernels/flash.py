@@ -1,56 +1,47 @@
-"""Sliding-window branch (spec I.7) on CUDA through FlashAttention-2: the ``flash`` path.
+"""FlashAttention-2 varlen, causal with an optional left window: the kernel of the ``flash`` path.
 
-``window_attention(q, k, v, window, scale, cu_seqlens=None) -> o`` attends each query ``p`` to
-exactly the keys ``p - w < s <= p`` of its own sequence: FlashAttention's local window with
-``window_size = (w - 1, 0)`` (left ``w - 1`` keys plus the diagonal, nothing to the right).
+Two users: the sliding-window branch (`window_attention`: query ``p`` sees exactly the keys
+``p - w < s <= p`` of its own sequence, FlashAttention's ``window_size = (w - 1, 0)``), and the
+compressed branch (`causal_attention_lse`: causal attention of query groups over compressed
+blocks, with the log-sum-exp; `nsa_impl.kernels.flash_cmp`).
 
-Kernels, in order of preference:
+Kernel: PyTorch's built-in FlashAttention-2 (``aten::_flash_attention_forward`` /
+``_flash_attention_backward`` with ``window_size_left/right``), in every CUDA build of
+torch >= 2.5; it takes ``G < H`` key/value heads directly (GQA). Both directions are the custom
+ops ``nsa::flash_forward`` / ``nsa::flash_backward`` (`nsa_impl.kernels.ops.kernel_op`), so
+``torch.compile`` traces them as opaque nodes. On CPU tensors the same ops compute the same
+function in dense PyTorch (tests of the glue without a GPU; not a fast path).
 
-1. the ``flash_attn`` package (``flash_attn_varlen_func``) when it is installed;
-2. PyTorch's built-in FlashAttention-2 (``torch.ops.aten._flash_attention_forward`` /
-   ``_flash_attention_backward`` with ``window_size_left/right``), which ships with every CUDA
-   build of torch >= 2.5. We call the aten ops rather than
-   ``torch.nn.attention.varlen.varlen_attn`` because the latter has no ``enable_gqa`` before
-   torch 2.12, while the aten ops take ``G < H`` key/value heads directly.
+The caller passes a `FlashLayout` built once on the host (``cu_seqlens``, ``max_seqlen``, the
+window, the containment bounds): no call reads a device value, so the path is sync-free.
 
-Both run the varlen kernel: a batch ``[B, T]`` is packed as ``B`` sequences of length ``T``.
+NaN containment: FlashAttention multiplies masked probabilities (exactly 0) with the values of
+their tile, so a NaN ``v`` of a future key (or one left of the window) in the same tile would
+reach rows that never read it. The kernel therefore always runs on ``q, k, v`` (and ``dO``) with
+non-finite values zeroed, and the rows whose key set really holds a non-finite ``q``/``k``/``v``
+are set to NaN afterwards (forward), as are ``dQ`` of such rows and rows with a non-finite
+``dO``, and ``dK``/``dV`` of every key such a row reads (backward). Which rows read which keys
+follows from the layout by prefix counts (``row_lo``/``key_hi``), with no sync. Everything else
+is bit-identical to a run without the non-finite value.
+
 FlashAttention needs one head dim for q, k and v (a multiple of 8, at most 256): ``Dk != Dv``
 (the paper's 192/128) is served by zero-padding the shorter side (zero columns of q and k add
 nothing to ``q.k``; zero columns of v give zero output columns, sliced off), with the scale of
-the true ``Dk`` passed explicitly.
-
-Finiteness: with ``check_finite=True`` (default) an output holding NaN/Inf from finite inputs
-is recomputed by the masked path (`nsa_impl.branches.sliding`, or ``fallback`` if given) and a
-warning is logged once; the check costs one device sync per call.
+the true ``Dk`` passed explicitly. The kernel accumulates in float32, so a finite scaled logit
+of fp16 inputs never overflows.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from .ops import Inputs, autocast_off_backward, finite_rows, kernel_op, nan_to_zero, poison
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16)
-_WARNED: set[str] = set()
-
-
-def warn_once(key: str, msg: str) -> None:
-    """Log ``msg`` as a warning the first time ``key`` is seen (fallback notices)."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        log.warning(msg)
-
-
-def flash_attn_installed() -> bool:
-    """Whether the ``flash_attn`` package can be found (it is never imported here)."""
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _aten_ops_present() -> bool:
@@ -59,18 +50,11 @@ def _aten_ops_present() -> bool:
 
 
 def available() -> tuple[bool, str]:
-    """Whether some FlashAttention-2 kernel can run here at all (no tensors needed).
-
-    True with a CUDA device of compute capability >= 8.0 and either the ``flash_attn``
-    package or PyTorch's built-in flash kernels. The router's probe should ask this (not
-    merely whether ``flash_attn`` is installed).
-    """
+    """Whether PyTorch's FlashAttention-2 can run here at all (no tensors needed)."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
     if getattr(torch.version, "hip", None):
         return False, "ROCm build: not tested with this wrapper"
-    if flash_attn_installed():
-        return True, "flash-attn package installed"
     if not _aten_ops_present():
         return False, "this torch has no aten::_flash_attention_forward"
     flash_ok = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
@@ -79,192 +63,271 @@ def available() -> tuple[bool, str]:
     return True, "PyTorch built-in FlashAttention-2"
 
 
-def _padded_dim(dk: int, dv: int) -> int:
+def padded_dim(dk: int, dv: int) -> int:
+    """The one FlashAttention head dim serving ``Dk`` and ``Dv`` (a multiple of 8)."""
     return -(-max(dk, dv) // 8) * 8
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
-    """Can the FA-2 window path run on ``q [B,T,H,Dk]``, ``k [B,T,G,Dk]``, ``v [B,T,G,Dv]``?
-
-    Needs CUDA (capability >= 8.0), fp16/bf16, ``H % G == 0`` and head dims padded to a
-    multiple of 8 of at most 256. Never raises.
-    """
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
-        return False, "q, k, v must be 4-D tensors"
-    if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
-        return False, "FlashAttention needs all of q, k, v on one CUDA device"
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        return False, f"FlashAttention needs fp16/bf16 (got {q.dtype}, {k.dtype}, {v.dtype})"
-    H, G = q.shape[2], k.shape[2]
-    if G == 0 or H % G:
-        return False, f"H={H} is not a multiple of G={G}"
-    D = _padded_dim(q.shape[-1], v.shape[-1])
+def supports(inp: Inputs) -> tuple[bool, str]:
+    """Can the FA-2 window path run this problem? CUDA capability >= 8.0, fp16/bf16,
+    ``H % G == 0`` and head dims padded to a multiple of 8 of at most 256. Never raises."""
+    if inp.device_type != "cuda":
+        return False, "FlashAttention needs a CUDA device"
+    if inp.dtype not in _DTYPES:
+        return False, f"FlashAttention needs fp16/bf16 (got {inp.dtype})"
+    if inp.G == 0 or inp.H % inp.G:
+        return False, f"H={inp.H} is not a multiple of G={inp.G}"
+    D = padded_dim(inp.Dk, inp.Dv)
     if D > MAX_HEAD_DIM:
         return False, f"head dim {D} > {MAX_HEAD_DIM}"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    major, minor = torch.cuda.get_device_capability(inp.device)
     if major < 8:
         return False, f"compute capability {major}.{minor} < 8.0"
-    return available()
+    return True, "supported"
 
 
-class _AtenFlash(torch.autograd.Function):
-    """PyTorch's FA-2 varlen forward/backward, causal, with an optional left window.
+# ---------------------------------------------------------------------------------------------
+# Layout (host work, once per plan)
 
-    Packed ``[N, heads, D]`` tensors, ``left = -1`` for no window. Returns ``(o, lse)``; the
-    log-sum-exp ``[heads, N]`` (float32) is not differentiable.
+
+@dataclass(frozen=True)
+class FlashLayout:
+    """Packed sequences along one axis of ``N`` rows, as FlashAttention varlen takes them.
+
+    Attributes:
+        cu: int32 ``[S+1]`` boundaries on the device.
+        max_len: the longest sequence (host int: FlashAttention's grid size).
+        left: the left window (``-1``: none, plain causal).
+        row_lo: int64 ``[N]``: the first key each row reads (its keys are ``[row_lo, r]``).
+        key_hi: int64 ``[N]``: the last row reading each key (its readers are ``[j, key_hi]``).
     """
 
+    cu: torch.Tensor
+    max_len: int
+    left: int
+    row_lo: torch.Tensor
+    key_hi: torch.Tensor
+
+    @classmethod
+    def build(cls, bounds, window: int | None, device) -> FlashLayout:
+        """Layout of sequences ``bounds = [0, c_1, ..., N]`` (host ints) and a window (keys
+        ``p - w < s <= p``; ``None``: causal). A window covering every sequence is causal."""
+        cu = torch.tensor(list(bounds), dtype=torch.int64)
+        lens = cu.diff()
+        max_len = int(lens.max()) if lens.numel() else 0
+        left = -1 if window is None or int(window) - 1 >= max_len else int(window) - 1
+        N = int(cu[-1])
+        seq = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+        start, end = cu[:-1][seq], cu[1:][seq] - 1
+        rows = torch.arange(N)
+        row_lo, key_hi = start, end
+        if left >= 0:
+            row_lo = torch.maximum(start, rows - left)
+            key_hi = torch.minimum(end, rows + left)
+        return cls(cu.to(device, torch.int32), max_len, left, row_lo.to(device), key_hi.to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel ops (CUDA: FlashAttention-2; CPU: the same function in dense PyTorch)
+
+
+def _dense(q, k, v, cu, left: int, scale: float):
+    """FlashAttention's function on CPU tensors: ``(o, lse [Hq, N])``, per packed sequence."""
+    acc = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    h = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        qs = q[a:b].transpose(0, 1).to(acc)  # [Hq, L, Dk]
+        ks, vs = (t[a:b].repeat_interleave(h, dim=1).transpose(0, 1).to(acc) for t in (k, v))
+        s = torch.matmul(qs * scale, ks.transpose(-1, -2))
+        i = torch.arange(b - a)
+        d = i[:, None] - i[None, :]
+        allowed = (d >= 0) & ((d <= left) if left >= 0 else True)
+        s = s.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).masked_fill(~allowed, 0.0)
+        outs.append(torch.matmul(p, vs).transpose(0, 1).to(q.dtype))
+        lses.append(lse.float())
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def _dense_backward(do, q, k, v, o, lse, cu, left: int, scale: float):
+    """Gradients of `_dense` (the FlashAttention backward identities, dense, per sequence)."""
+    acc = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    G, h = k.shape[1], q.shape[1] // k.shape[1]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc) for t in (q, k, v))
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, dos, os_ = (t[a:b].transpose(0, 1).to(acc) for t in (q, do, o))
+        ks, vs = (t[a:b].repeat_interleave(h, dim=1).transpose(0, 1).to(acc) for t in (k, v))
+        i = torch.arange(b - a)
+        d = i[:, None] - i[None, :]
+        allowed = (d >= 0) & ((d <= left) if left >= 0 else True)
+        s = torch.matmul(qs * scale, ks.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+        p = torch.exp(s - lse[:, a:b, None].to(acc)).masked_fill(~allowed, 0.0)
+        dvs = torch.matmul(p.transpose(-1, -2), dos)
+        dp = torch.matmul(dos, vs.transpose(-1, -2))
+        ds = (p * (dp - (dos * os_).sum(-1, keepdim=True))).masked_fill(~allowed, 0.0)
+        dq[a:b] = (torch.matmul(ds, ks) * scale).transpose(0, 1)
+        dks = (torch.matmul(ds.transpose(-1, -2), qs) * scale).transpose(0, 1)
+        dk[a:b] = dks.reshape(b - a, G, h, -1).sum(2)
+        dv[a:b] = dvs.transpose(0, 1).reshape(b - a, G, h, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _forward_fake(q, k, v, cu, max_len, left, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@kernel_op("flash_forward", _forward_fake)
+def flash_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    left: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA-2 varlen causal forward on packed ``[N, heads, D]``: ``(o, lse [Hq, N] float32)``."""
+    if not q.is_cuda:
+        return _dense(q, k, v, cu, left, scale)
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
+        scale=scale, window_size_left=left, window_size_right=0,
+    )  # fmt: skip
+    return out.contiguous(), lse.float().contiguous()  # the fake's layout (contiguous)
+
+
+def _backward_fake(do, q, k, v, o, lse, cu, max_len, left, scale):
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("flash_backward", _backward_fake)
+def flash_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    left: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA-2 varlen causal backward: ``(dq, dk, dv)``."""
+    if not q.is_cuda:
+        return _dense_backward(do, q, k, v, o, lse, cu, left, scale)
+    # No dropout: the kernel never reads the philox state, so placeholders of the forward's
+    # output types serve (the forward's state is not kept).
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        do, q, k, v, o, lse, cu, cu, max_len, max_len, 0.0, True, seed, offset,
+        scale=scale, window_size_left=left, window_size_right=0,
+    )  # fmt: skip
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Containment (module docstring) around the ops
+
+
+def _rows_reading(bad_kv: torch.Tensor, row_lo: torch.Tensor, heads: int) -> torch.Tensor:
+    """Bool ``[N, heads]``: rows whose keys ``[row_lo, r]`` hold a row of ``bad_kv [N, G]``."""
+    N, G = bad_kv.shape
+    c = F.pad(torch.cumsum(bad_kv.to(torch.int32), 0), (0, 0, 1, 0))  # [N + 1, G]
+    reads = (c[1:] - c[row_lo]) > 0
+    return reads[:, :, None].expand(N, G, heads // G).reshape(N, heads)
+
+
+def _keys_read_by(rows: torch.Tensor, key_hi: torch.Tensor, G: int) -> torch.Tensor:
+    """Bool ``[N, G]``: keys read by a row of ``rows [N, heads]`` (readers are ``[j, key_hi]``)."""
+    N = rows.shape[0]
+    per_group = rows.view(N, G, -1).any(-1).to(torch.int32)
+    c = F.pad(torch.cumsum(per_group, 0), (0, 0, 1, 0))  # [N + 1, G]
+    j = torch.arange(N, device=rows.device)
+    return (c[key_hi + 1] - c[j]) > 0
+
+
+class _Flash(torch.autograd.Function):
+    """The ops on zeroed-non-finite inputs; ``bad`` rows are poisoned by the caller (forward)
+    and here (backward). Saves only tensors."""
+
     @staticmethod
-    def forward(ctx, q, k, v, cu, max_len, left, scale):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
-            scale=scale, window_size_left=left, window_size_right=0,
+    def forward(q, k, v, bad, cu, row_lo, key_hi, max_len, left, scale):
+        return flash_forward(
+            nan_to_zero(q), nan_to_zero(k), nan_to_zero(v), cu, max_len, left, scale
         )
-        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.max_len, ctx.left, ctx.scale = max_len, left, scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bad, cu, row_lo, key_hi, max_len, left, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, bad, cu, key_hi)
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.max_len, ctx.left, ctx.scale = max_len, left, scale
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, do, _dlse):
-        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            do.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
-            rng, unused, scale=ctx.scale, window_size_left=ctx.left, window_size_right=0,
-        )
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, bad, cu, key_hi = ctx.saved_tensors
+        with torch.no_grad():  # the backward op has no derivative of its own
+            rows = bad | ~finite_rows(do)
+            dq, dk, dv = flash_backward(
+                nan_to_zero(do).contiguous(), nan_to_zero(q), nan_to_zero(k), nan_to_zero(v),
+                o, lse, cu, ctx.max_len, ctx.left, ctx.scale,
+            )  # fmt: skip
+            keys = _keys_read_by(rows, key_hi, k.shape[1])
+        return poison(dq, rows), poison(dk, keys), poison(dv, keys), *([None] * 7)
 
 
-def _kernel(q, k, v, cu, max_len: int, left: int, scale: float, *, want_lse: bool = False):
-    """One FA-2 varlen causal call on packed ``[N, heads, D]`` tensors (one head dim for all).
-
-    Returns ``o``, or ``(o, lse)`` with ``lse [heads, N]`` float32 when ``want_lse``.
-    """
-    if flash_attn_installed():
-        from flash_attn import flash_attn_varlen_func
-
-        res = flash_attn_varlen_func(
-            q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale,
-            causal=True, window_size=(left, 0), return_attn_probs=want_lse,
-        )
-        return (res[0], _packed_lse(res[1], cu, q.shape[0])) if want_lse else res
-    out, lse = _AtenFlash.apply(q, k, v, cu, max_len, left, scale)
-    return (out, _packed_lse(lse, cu, q.shape[0])) if want_lse else out
-
-
-def _packed_lse(lse: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
-    """FA-2's varlen log-sum-exp as ``[heads, total]`` float32.
-
-    Releases since 2.4 return that already; older ones a padded ``[batch, heads, max_len]``,
-    which is unpadded here.
-    """
-    if lse.dim() == 2 and lse.shape[1] == total:
-        return lse.float()
-    if lse.dim() != 3:
-        raise RuntimeError(f"unexpected FlashAttention log-sum-exp shape {tuple(lse.shape)}")
-    lens = (cu[1:] - cu[:-1]).long()
-    pos = torch.arange(total, device=lse.device) - torch.repeat_interleave(cu[:-1].long(), lens)
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lse.device), lens)
-    return lse[seq, :, pos].transpose(0, 1).float()
+def contained_attention(q, k, v, layout: FlashLayout, scale: float):
+    """Causal (windowed) FA-2 varlen of packed ``q [N, Hq, D]``, ``k/v [N, G, D]`` (one head
+    dim), NaN-contained (module docstring): ``(o [N, Hq, D], lse [Hq, N] float32)``."""
+    bad_kv = ~(finite_rows(k) & finite_rows(v))
+    bad = ~finite_rows(q) | _rows_reading(bad_kv, layout.row_lo, q.shape[1])
+    o, lse = _Flash.apply(
+        q, k, v, bad, layout.cu, layout.row_lo, layout.key_hi, layout.max_len, layout.left,
+        float(scale),
+    )  # fmt: skip
+    return poison(o, bad), lse
 
 
 def _pad_heads(q, k, v):
     """Zero-pad ``Dk``/``Dv`` to one FlashAttention head dim (module docstring)."""
-    D = _padded_dim(q.shape[-1], v.shape[-1])
+    D = padded_dim(q.shape[-1], v.shape[-1])
     return tuple(t if t.shape[-1] == D else F.pad(t, (0, D - t.shape[-1])) for t in (q, k, v))
 
 
-def causal_attention_lse(q, k, v, cu, max_len: int, scale: float):
+def causal_attention_lse(q, k, v, layout: FlashLayout, scale: float):
     """Causal FA-2 varlen attention of packed sequences, with the log-sum-exp.
 
-    ``q [N, Hq, Dk]``, ``k [N, G, Dk]``, ``v [N, G, Dv]`` (``Hq % G == 0``), ``cu`` int32
-    boundaries on the device, ``max_len`` the longest sequence. Returns ``o [N, Hq, Dv]``
-    (differentiable) and ``lse [Hq, N]`` float32 (natural log, detached).
+    ``q [N, Hq, Dk]``, ``k [N, G, Dk]``, ``v [N, G, Dv]`` (``Hq % G == 0``). Returns
+    ``o [N, Hq, Dv]`` (differentiable) and ``lse [Hq, N]`` float32 (natural log, detached).
     """
     Dv = v.shape[-1]
     qp, kp, vp = (t.contiguous() for t in _pad_heads(q, k, v))
-    o, lse = _kernel(qp, kp, vp, cu, int(max_len), -1, float(scale), want_lse=True)
+    o, lse = contained_attention(qp, kp, vp, layout, scale)
     return o[..., :Dv], lse
 
 
-def _masked_fallback(q, k, v, window, scale, cu_seqlens):
-    """The library's masked window path (`nsa_impl.branches.sliding`), for non-finite outputs."""
-    from nsa_ref.config import NSAConfig
-
-    from ..branches import sliding
-    from ..varlen import PackedLayout
-
-    T = q.shape[1]
-    bounds = None if cu_seqlens is None else [int(c) for c in cu_seqlens.tolist()]
-    layout = PackedLayout.build(T, bounds)
-    cfg = NSAConfig(window=int(window))
-    return sliding.window_attention(q, k, v, cfg, scale, layout, path="masked")
-
-
 def window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    *,
-    max_seqlen: int | None = None,
-    check_finite: bool = True,
-    fallback: Callable | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: FlashLayout, scale: float
 ) -> torch.Tensor:
     """Sliding-window attention ``o_win [B, T, H, Dv]`` (spec I.7) with FlashAttention-2.
 
-    Args:
-        q: ``[B, T, H, Dk]``; k, v: ``[B, T, G, Dk]`` / ``[B, T, G, Dv]`` (GQA, ``H % G == 0``).
-        window: ``w``; query ``p`` sees keys ``p - w < s <= p`` (exactly ``min(w, p+1)``).
-        scale: softmax scale, default ``1/sqrt(Dk)``.
-        cu_seqlens: int32 ``[S+1]`` packed-sequence boundaries (``B == 1``).
-        max_seqlen: the longest sequence, if known (saves one device sync with ``cu_seqlens``).
-        check_finite: recompute with the masked path when the output is not finite.
-        fallback: ``(q, k, v, window, scale, cu_seqlens) -> o`` used by that check (default:
-            `nsa_impl.branches.sliding` "masked").
-
-    Returns:
-        ``o [B, T, H, Dv]`` in q's dtype, differentiable with respect to q, k and v.
+    ``q [B, T, H, Dk]``; ``k, v [B, T, G, Dk]`` / ``[B, T, G, Dv]`` (GQA). ``layout`` packs the
+    ``B * T`` rows: ``B`` sequences of ``T`` (or the ``cu_seqlens`` sequences, ``B == 1``) with
+    the window (`FlashLayout.build`). Differentiable with respect to q, k and v.
     """
-    ok, why = supports(q, k, v)
-    if not ok:
-        raise ValueError(f"FlashAttention window path cannot run: {why}")
-    if int(window) < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"cu_seqlens requires B == 1, got B={B}")
-    scale = 1.0 / math.sqrt(Dk) if scale is None else float(scale)
-    qp, kp, vp = (t.reshape(B * T, t.shape[2], -1) for t in _pad_heads(q, k, v))
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
-        max_len = T
-    else:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max()) if max_seqlen is None else int(max_seqlen)
-    # A window covering the whole sequence is plain causal attention (FA-2 wants -1 then).
-    left = int(window) - 1 if int(window) - 1 < max_len else -1
-    o = _kernel(qp.contiguous(), kp.contiguous(), vp.contiguous(), cu, max_len, left, scale)
-    o = o[..., :Dv].reshape(B, T, H, Dv)
-    if check_finite and nonfinite_output(o, (q, k, v), "window"):
-        return (fallback or _masked_fallback)(q, k, v, window, scale, cu_seqlens)
-    return o
-
-
-def nonfinite_output(out: torch.Tensor, inputs, what: str) -> bool:
-    """True when ``out`` holds NaN/Inf although every tensor of ``inputs`` is finite.
-
-    The finiteness check of the FlashAttention paths (one device sync): the caller then
-    recomputes with the masked path; that is logged once per ``what``.
-    """
-    if bool(torch.isfinite(out).all()) or not all(bool(torch.isfinite(t).all()) for t in inputs):
-        return False
-    warn_once(
-        f"nonfinite-{what}",
-        f"FlashAttention {what} output is not finite for finite inputs; recomputing with the "
-        "masked path (logged once)",
-    )
-    return True
+    if layout.row_lo.numel() != B * T:
+        raise ValueError(f"layout packs {layout.row_lo.numel()} rows, q has B*T = {B * T}")
+    qp, kp, vp = (t.reshape(B * T, t.shape[2], -1).contiguous() for t in _pad_heads(q, k, v))
+    o, _ = contained_attention(qp, kp, vp, layout, scale)
+    return o[..., :Dv].reshape(B, T, H, Dv)

@@ -41,6 +41,14 @@ item-major, so the key-chunk programs running side by side read the same ``q``/`
 dtype): float64 logits, IEEE float32 dots, float64 dK/dV sums (`_tl_helpers`). int64 token
 offsets throughout.
 
+*NaN containment.* Masked keys contribute exactly nothing (`_range_kernels` docstring): other
+rows are bit-identical to a run without the non-finite value.
+
+*Custom ops.* Forward and backward are the ops ``nsa::triton_range_forward`` /
+``nsa::triton_range_backward`` (`nsa_impl.kernels.ops.kernel_op`, with ``register_fake``); the
+autograd Function around them has ``setup_context`` and saves only tensors. The sequence
+geometry (`SeqStarts`) is built once on the host by a plan: a call reads no device value.
+
 Launch shapes come from an explicit `nsa_impl.kernels.tuning.AttnTuning` (``tuning=``) or, by
 default, the device's profile (`tuning.profile_for`): ``profile.cmp`` / ``profile.win``.
 """
@@ -48,11 +56,14 @@ default, the device's profile (`tuning.profile_for`): ``profile.cmp`` / ``profil
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import tuning as _tuning
 from ._loader import load_kernel_module
+from .ops import Inputs, autocast_off_backward, kernel_op, new_output
+from .triton_sel import triton_available
 
 #: Head dims the kernels accept (padded to a power of two >= 16 inside; 256 keeps tiles on chip).
 MAX_HEAD_DIM = 256
@@ -68,49 +79,85 @@ def _kernels(interpret: bool):
     return load_kernel_module("_range_kernels.py", interpret)
 
 
-def _empty(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An output buffer every element of which a kernel writes (tests may poison it)."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
-    """Can these kernels run ``q [..., H, Dk]`` with ``k/v [..., G, D]``? Never raises.
-
-    Needs triton, equal dtypes among fp16/bf16/fp32, head dims ``1..256``, ``H % G == 0``, and
-    CUDA with compute capability >= 8.0 or CPU tensors under ``TRITON_INTERPRET=1``.
-    """
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # a broken install may raise anything
-        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in (q, k, v)):
-        return False, "q, k, v must be tensors [..., heads, dim]"
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        return False, f"dtypes must be equal among fp16/bf16/fp32 (got {q.dtype}, {k.dtype}, {v.dtype})"
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM or k.shape[-1] != q.shape[-1]:
-        return False, f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} (k {k.shape[-1]}) unsupported"
-    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
-        return False, f"H={q.shape[-2]} is not a multiple of G={k.shape[-2]}"
-    if not (q.device == k.device == v.device):
-        return False, "q, k, v are on different devices"
-    if q.device.type == "cpu":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET", "0").strip() != "1":
-            return False, "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+def _supports(inp: Inputs) -> tuple[bool, str]:
+    ok, why = triton_available()
+    if not ok:
+        return False, why
+    if inp.dtype not in _DTYPES:
+        return False, f"dtype {inp.dtype} not supported (fp16, bf16, fp32)"
+    if max(inp.Dk, inp.Dv) > MAX_HEAD_DIM:
+        return False, f"head dims Dk={inp.Dk}, Dv={inp.Dv} > {MAX_HEAD_DIM}"
+    if inp.G == 0 or inp.H % inp.G:
+        return False, f"H={inp.H} is not a multiple of G={inp.G}"
+    if inp.device_type == "cpu":
         return True, "CPU tensors, Triton interpreter"
-    if q.device.type != "cuda" or getattr(torch.version, "hip", None):
-        return False, f"device {q.device.type} not supported"
-    major, minor = torch.cuda.get_device_capability(q.device)
+    if inp.device_type != "cuda" or getattr(torch.version, "hip", None):
+        return False, f"device {inp.device_type} not supported"
+    major, minor = torch.cuda.get_device_capability(inp.device)
     if major < 8:
         return False, f"compute capability {major}.{minor} < 8.0"
     return True, f"CUDA sm_{major}{minor}"
 
 
+def supports_cmp(inp: Inputs) -> tuple[bool, str]:
+    """Can these kernels run the compressed branch of ``inp``? ``(ok, reason)``, never raises.
+
+    Needs triton, fp16/bf16/fp32, head dims ``<= 256``, ``H % G == 0``, and CUDA with compute
+    capability >= 8.0 (CPU tensors run in Triton's interpreter, which the dispatcher allows only
+    when the path is forced under ``TRITON_INTERPRET=1``). The selection scores and top-n of
+    the same path (`nsa_impl.kernels.triton_topn`) have the same needs.
+    """
+    return _supports(inp)
+
+
+def supports_win(inp: Inputs) -> tuple[bool, str]:
+    """Can these kernels run the sliding-window branch of ``inp``? As `supports_cmp`."""
+    return _supports(inp)
+
+
 def num_cmp(length: int, cmp_block: int, cmp_stride: int) -> int:
     """Compressed blocks of a sequence of ``length`` tokens (``NSAConfig.num_cmp(length - 1)``)."""
     return 0 if length < cmp_block else (length - cmp_block) // cmp_stride + 1
+
+
+@dataclass(frozen=True)
+class SeqStarts:
+    """The sequence geometry a launch reads, built once on the host (a plan's).
+
+    Attributes:
+        qstart: int64 ``[S+1]`` token boundaries of the sequences in the ``[tokens, H, D]`` rows
+            (on the device).
+        kstart: int64 ``[S+1]`` boundaries of each sequence's keys: compressed blocks for the
+            compressed branch, raw tokens (``qstart``) for the window.
+        max_len: the longest sequence (host int: the grid size).
+        max_keys: the most keys of one sequence (host int).
+    """
+
+    qstart: torch.Tensor
+    kstart: torch.Tensor
+    max_len: int
+    max_keys: int
+
+    @classmethod
+    def build(cls, bounds, B: int, T: int, device, *, cmp: tuple[int, int] | None = None):
+        """For ``B`` rows of ``T`` tokens (``bounds = (0, T)``) or one row of packed sequences
+        ``bounds`` (host ints, ``B == 1``). ``cmp = (l, d)``: compressed-block key starts."""
+        bounds = [int(b) for b in bounds]
+        lengths = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+        if len(lengths) == 1:  # one sequence per batch row
+            lengths = lengths * B
+            starts = [i * T for i in range(B + 1)]
+        else:
+            if B != 1:
+                raise ValueError(f"packed sequences require B == 1, got B={B}")
+            starts = bounds
+        keys = lengths if cmp is None else [num_cmp(n, *cmp) for n in lengths]
+        kst = [0]
+        for n in keys:
+            kst.append(kst[-1] + n)
+        q = torch.tensor(starts, dtype=torch.int64).to(device, non_blocking=True)
+        k = q if cmp is None else torch.tensor(kst, dtype=torch.int64).to(device, non_blocking=True)
+        return cls(q, k, max(lengths), max(keys))
 
 
 def _opts(tile: _tuning.Tile, interpret: bool) -> dict:
@@ -147,8 +194,8 @@ def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, wind
     tile = _tuning.resolve(tn.fwd, h, c["DK"], c["DV"], ieee)
     A = _shift(mode, cmp_block, tile.P)
     S, G = qstart.numel() - 1, k.shape[1]
-    o = _empty(q.shape[0], q.shape[1], v.shape[-1], like=q)
-    lse = _empty(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
+    o = new_output(q.shape[0], q.shape[1], v.shape[-1], like=q)
+    lse = new_output(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
     grid = (-(-(max_len + A) // tile.P), S, G)
     _kernels(interpret)._range_fwd_kernel[grid](
         q, k, v, o, lse, qstart, kstart,
@@ -186,8 +233,8 @@ def _dq(do, q, k, v, o, lse, qstart, kstart, max_len, mode, cmp_block, cmp_strid
     interpret = q.device.type == "cpu"
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     S, G = qstart.numel() - 1, k.shape[1]
-    delta = _empty(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
-    dq = _empty(*q.shape, like=q)
+    delta = new_output(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
+    dq = new_output(*q.shape, like=q)
     t = _tuning.resolve(tn.dq, h, c["DK"], c["DV"], ieee)
     A = _shift(mode, cmp_block, t.P)
     _kernels(interpret)._range_dq_kernel[(-(-(max_len + A) // t.P), S, G)](
@@ -216,8 +263,8 @@ def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_
     nkc = max(1, -(-max_keys // kv.BN))
     nit, chunk = _items(mode, max_len, max_keys, cmp_block, window, S, G, kv,
                         c["BDK"] + c["BDV"], part_dtype.itemsize)
-    dk = _empty(*k.shape, like=k)
-    dv = _empty(*v.shape, like=v)
+    dk = new_output(*k.shape, like=k)
+    dv = new_output(*v.shape, like=v)
     if nit > 1:
         part_k = torch.empty(S * G * nkc * nit, kv.BN, c["BDK"], device=q.device, dtype=part_dtype)
         part_v = torch.empty(S * G * nkc * nit, kv.BN, c["BDV"], device=q.device, dtype=part_dtype)
@@ -244,9 +291,66 @@ def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_
     return dk, dv
 
 
+# --------------------------------------------------------------------------------------------
+# The custom ops (forward, backward) and their autograd Function
+
+
+def _forward_fake(q, k, v, qstart, kstart, sizes, scale, launch):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(
+        q.shape[0], q.shape[1], dtype=torch.float32
+    )
+
+
+@kernel_op("triton_range_forward", _forward_fake)
+def range_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qstart: torch.Tensor,
+    kstart: torch.Tensor,
+    sizes: list[int],
+    scale: float,
+    launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o [NQ,H,Dv], lse [NQ,H] float32)`` of the row-range attention (module docstring).
+
+    ``sizes = [max_len, max_keys, mode, cmp_block, cmp_stride, window]``; ``launch`` is an
+    `nsa_impl.kernels.tuning.AttnTuning` as a list.
+    """
+    max_len, _, mode, cl, cd, win = sizes
+    return _forward(q, k, v, qstart, kstart, max_len, mode, cl, cd, win, scale,
+                    _tuning.AttnTuning.from_list(launch))  # fmt: skip
+
+
+def _backward_fake(do, q, k, v, o, lse, qstart, kstart, sizes, scale, launch):
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("triton_range_backward", _backward_fake)
+def range_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    qstart: torch.Tensor,
+    kstart: torch.Tensor,
+    sizes: list[int],
+    scale: float,
+    launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of `range_forward` (deterministic unless ``dq_atomic``)."""
+    max_len, max_keys, mode, cl, cd, win = sizes
+    return _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cl, cd, win,
+                     scale, _tuning.AttnTuning.from_list(launch))  # fmt: skip
+
+
 def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_block,
               cmp_stride, window, scale, tn: _tuning.AttnTuning):
-    """``(dq, dk, dv)`` of `_forward` (deterministic: no atomics)."""
+    """``(dq, dk, dv)`` of `_forward`: the dQ kernel then the dK/dV kernel (or, with
+    ``dq_atomic``, dQ added by the dK/dV kernel)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     geo = (mode, cmp_block, cmp_stride, window, scale, tn)
     if not tn.dq_atomic:
@@ -261,33 +365,32 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
 
 
 class _RangeAttention(torch.autograd.Function):
-    """Autograd of `_forward`: ``(o, lse)`` out (``lse`` not differentiable).
+    """Autograd of the two ops: ``(o, lse)`` out (``lse`` not differentiable).
 
-    Saves only tensors (``save_for_backward``); the integers and the frozen tuning object ride
-    on ``ctx``. ``setup_context`` style, so it can be wrapped by ``torch.library.custom_op``.
+    ``setup_context`` style; saves only tensors (the integer sizes and the launch list ride on
+    ``ctx``), so ``torch.func`` transforms work.
     """
 
     @staticmethod
-    def forward(q, k, v, qstart, kstart, max_len, max_keys, mode, cmp_block, cmp_stride,
-                window, scale, tn):
-        return _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, window,
-                        scale, tn)
+    def forward(q, k, v, qstart, kstart, sizes, scale, launch):
+        return range_forward(q, k, v, qstart, kstart, sizes, scale, launch)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, qstart, kstart, *rest = inputs
+        q, k, v, qstart, kstart, sizes, scale, launch = inputs
         o, lse = output
         ctx.save_for_backward(q, k, v, qstart, kstart, o, lse)
-        ctx.rest = tuple(rest)
         ctx.mark_non_differentiable(lse)
+        ctx.sizes, ctx.scale, ctx.launch = sizes, scale, launch
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, do, _dlse):
         q, k, v, qstart, kstart, o, lse = ctx.saved_tensors
-        max_len, max_keys, mode, cmp_block, cmp_stride, window, scale, tn = ctx.rest
-        dq, dk, dv = _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode,
-                               cmp_block, cmp_stride, window, scale, tn)
-        return (dq, dk, dv) + (None,) * 10
+        with torch.no_grad():  # the backward op has no derivative of its own
+            dq, dk, dv = range_backward(do, q, k, v, o, lse, qstart, kstart, ctx.sizes,
+                                        ctx.scale, ctx.launch)  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _check_3d(q, k, v):
@@ -348,15 +451,8 @@ def cmp_attention(
     tn = _tuning.profile_for(q.device).cmp if tuning is None else tuning
     max_len = int(max_len)
     max_keys = num_cmp(max_len, int(cmp_block), int(cmp_stride))
-    return _RangeAttention.apply(q, k_cmp, v_cmp, qstart, kstart, max_len, max_keys, MODE_CMP,
-                                 int(cmp_block), int(cmp_stride), 1, scale, tn)
-
-
-def sequence_starts(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """int64 token boundaries of the sequences of a ``[B, T]`` batch (or of ``cu_seqlens``)."""
-    if cu_seqlens is None:
-        return torch.arange(B + 1, device=device, dtype=torch.int64) * T
-    return _check_starts("cu_seqlens", cu_seqlens, device)
+    sizes = [max_len, max_keys, MODE_CMP, int(cmp_block), int(cmp_stride), 1]
+    return _RangeAttention.apply(q, k_cmp, v_cmp, qstart, kstart, sizes, scale, tn.as_list())
 
 
 def window_attention(
@@ -368,13 +464,15 @@ def window_attention(
     cu_seqlens: torch.Tensor | None = None,
     *,
     max_seqlen: int | None = None,
+    layout: SeqStarts | None = None,
     tuning: _tuning.AttnTuning | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention ``o_win [B, T, H, Dv]`` (spec I.7): keys ``p - w < s <= p``.
 
-    ``q [B, T, H, Dk]``, ``k/v [B, T, G, D]``; ``cu_seqlens`` int ``[S+1]`` needs ``B == 1``;
-    ``max_seqlen`` (host int) saves reading it from ``cu_seqlens`` (one sync). ``tuning``
-    defaults to the device profile's ``win``. Differentiable in q, k, v.
+    ``q [B, T, H, Dk]``, ``k/v [B, T, G, D]``; ``cu_seqlens`` int ``[S+1]`` needs ``B == 1``.
+    ``layout`` (a plan's `SeqStarts`) holds the boundaries and ``max_seqlen``; without it they
+    come from ``cu_seqlens`` (``max_seqlen``, a host int, saves reading it: one sync).
+    ``tuning`` defaults to the device profile's ``win``. Differentiable in q, k, v.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, T, heads, dim]")
@@ -386,12 +484,19 @@ def window_attention(
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens requires B == 1, got B={B}")
     q3, k3, v3 = _check_3d(q.reshape(B * T, H, -1), k.reshape(B * T, k.shape[2], -1),
-                           v.reshape(B * T, v.shape[2], -1))
-    starts = sequence_starts(B, T, cu_seqlens, q.device)
-    if max_seqlen is None:
-        max_seqlen = T if cu_seqlens is None else int(starts.diff().max())
+                           v.reshape(B * T, v.shape[2], -1))  # fmt: skip
+    if layout is None:
+        if cu_seqlens is None:
+            starts = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
+            max_seqlen = T
+        else:
+            starts = _check_starts("cu_seqlens", cu_seqlens, q.device)
+            if max_seqlen is None:
+                max_seqlen = int(starts.diff().max())
+        layout = SeqStarts(starts, starts, int(max_seqlen), int(max_seqlen))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     tn = _tuning.profile_for(q.device).win if tuning is None else tuning
-    o, _ = _RangeAttention.apply(q3, k3, v3, starts, starts, int(max_seqlen), int(max_seqlen),
-                                 MODE_WIN, 1, 1, int(window), scale, tn)
+    sizes = [layout.max_len, layout.max_len, MODE_WIN, 1, 1, int(window)]
+    o, _ = _RangeAttention.apply(q3, k3, v3, layout.qstart, layout.qstart, sizes, scale,
+                                 tn.as_list())  # fmt: skip
     return o.reshape(B, T, H, v.shape[-1])

@@ -8,6 +8,10 @@ as about as many again; the fused forward reads the three outputs and the gates 
 writes ``o`` once (4 GiB), the backward reads ``dO``, the three outputs and the gates once and
 writes the four gradients once (7 GiB). Products are summed in float32 and rounded once (the
 reference rounds after each product in the input dtype; both are within the dtype's class).
+
+Both directions are custom ops (``nsa::triton_gate_forward`` / ``nsa::triton_gate_backward``,
+`nsa_impl.kernels.ops.kernel_op` with ``register_fake``); the autograd Function saves only its
+four input tensors. Every row is its own: a non-finite value changes only its row.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 from . import tuning as _tuning
 from ._loader import load_kernel_module
+from .ops import Inputs, autocast_off_backward, kernel_op, new_output
+from .triton_sel import triton_available
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -25,21 +31,18 @@ def _kernels(interpret: bool):
     return load_kernel_module("_gate_kernels.py", interpret)
 
 
-def supports(*tensors: torch.Tensor) -> tuple[bool, str]:
-    """Whether the fused gate can run on these tensors (same device and dtype). Never raises."""
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # a broken install may raise anything
-        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
-    dev, dt = tensors[0].device, tensors[0].dtype
-    if any(t.device != dev or t.dtype != dt for t in tensors) or dt not in _DTYPES:
-        return False, "tensors must share one device and one dtype among fp16/bf16/fp32"
-    if dev.type == "cpu":
-        import os
-
-        ok = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
-        return ok, "Triton interpreter" if ok else "CPU needs TRITON_INTERPRET=1"
-    return (dev.type == "cuda", f"device {dev.type}")
+def supports(inp: Inputs) -> tuple[bool, str]:
+    """Whether the fused gate can run this problem (fp16/bf16/fp32, triton, CUDA or CPU tensors
+    in Triton's interpreter: the dispatcher asks only for a route already on "triton"). Never
+    raises."""
+    ok, why = triton_available()
+    if not ok:
+        return False, why
+    if inp.dtype not in _DTYPES:
+        return False, f"dtype {inp.dtype} not supported (fp16, bf16, fp32)"
+    if inp.device_type not in ("cuda", "cpu"):
+        return False, f"device {inp.device_type} not supported"
+    return True, "supported"
 
 
 def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
@@ -48,13 +51,20 @@ def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(o_cmp, o_sel, o_win, gates, tn: _tuning.GateTuning) -> torch.Tensor:
-    """The fused forward kernel: ``o`` shaped like ``o_cmp``."""
+def _forward_fake(o_cmp, o_sel, o_win, gates, launch):
+    return o_cmp.new_empty(o_cmp.shape)
+
+
+@kernel_op("triton_gate_forward", _forward_fake)
+def gate_forward(o_cmp: torch.Tensor, o_sel: torch.Tensor, o_win: torch.Tensor,
+                 gates: torch.Tensor, launch: list[int]) -> torch.Tensor:  # fmt: skip
+    """The fused forward kernel: ``o`` shaped like ``o_cmp`` (``launch``: a `GateTuning`)."""
+    tn = _tuning.GateTuning(*launch)
     D = o_cmp.shape[-1]
     c, s, w = (_rows(t, D) for t in (o_cmp, o_sel, o_win))
     g = gates.reshape(-1, 3)
     R = c.shape[0]
-    o = torch.empty(R, D, device=c.device, dtype=c.dtype)
+    o = new_output(R, D, like=c)
     interpret = c.device.type == "cpu"
     _kernels(interpret)._gate_fwd_kernel[(-(-R // tn.rows),)](
         c, s, w, g, o, R, c.stride(0), s.stride(0), w.stride(0), g.stride(0), g.stride(1),
@@ -64,14 +74,23 @@ def _forward(o_cmp, o_sel, o_win, gates, tn: _tuning.GateTuning) -> torch.Tensor
     return o.view(o_cmp.shape)
 
 
-def _backward(do, o_cmp, o_sel, o_win, gates, tn: _tuning.GateTuning):
+def _backward_fake(do, o_cmp, o_sel, o_win, gates, launch):
+    return (o_cmp.new_empty(o_cmp.shape), o_cmp.new_empty(o_cmp.shape),
+            o_cmp.new_empty(o_cmp.shape), gates.new_empty(gates.shape))  # fmt: skip
+
+
+@kernel_op("triton_gate_backward", _backward_fake)
+def gate_backward(do: torch.Tensor, o_cmp: torch.Tensor, o_sel: torch.Tensor,
+                  o_win: torch.Tensor, gates: torch.Tensor, launch: list[int],
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused backward kernel: ``(d o_cmp, d o_sel, d o_win, d gates)``."""
+    tn = _tuning.GateTuning(*launch)
     D = o_cmp.shape[-1]
     c, s, w, dor = (_rows(t, D) for t in (o_cmp, o_sel, o_win, do))
     g = gates.reshape(-1, 3)
     R = c.shape[0]
-    dc, ds, dw = (torch.empty(R, D, device=c.device, dtype=c.dtype) for _ in range(3))
-    dg = torch.empty(R, 3, device=c.device, dtype=gates.dtype)
+    dc, ds, dw = (new_output(R, D, like=c) for _ in range(3))
+    dg = new_output(R, 3, like=gates)
     interpret = c.device.type == "cpu"
     _kernels(interpret)._gate_bwd_kernel[(-(-R // tn.rows),)](
         dor, c, s, w, g, dc, ds, dw, dg, R, dor.stride(0), c.stride(0), s.stride(0),
@@ -86,18 +105,21 @@ class _GateCombine(torch.autograd.Function):
     """Autograd of the fused gate; saves only its four input tensors (``setup_context``)."""
 
     @staticmethod
-    def forward(o_cmp, o_sel, o_win, gates, tn):
-        return _forward(o_cmp, o_sel, o_win, gates, tn)
+    def forward(o_cmp, o_sel, o_win, gates, launch):
+        return gate_forward(o_cmp, o_sel, o_win, gates, launch)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        o_cmp, o_sel, o_win, gates, tn = inputs
+        o_cmp, o_sel, o_win, gates, launch = inputs
         ctx.save_for_backward(o_cmp, o_sel, o_win, gates)
-        ctx.tn = tn
+        ctx.launch = launch
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, do):
-        return (*_backward(do, *ctx.saved_tensors, ctx.tn), None)
+        with torch.no_grad():  # the backward op has no derivative of its own
+            grads = gate_backward(do.contiguous(), *ctx.saved_tensors, ctx.launch)
+        return (*grads, None)
 
 
 def gate_combine(o_cmp, o_sel, o_win, gates, *, tuning: _tuning.GateTuning | None = None):
@@ -111,4 +133,4 @@ def gate_combine(o_cmp, o_sel, o_win, gates, *, tuning: _tuning.GateTuning | Non
     if gates.shape != (*o_cmp.shape[:-1], 3):
         raise ValueError(f"gates must be {(*o_cmp.shape[:-1], 3)}, got {tuple(gates.shape)}")
     tn = _tuning.profile_for(o_cmp.device).gate if tuning is None else tuning
-    return _GateCombine.apply(o_cmp, o_sel, o_win, gates, tn)
+    return _GateCombine.apply(o_cmp, o_sel, o_win, gates, tn.as_list())

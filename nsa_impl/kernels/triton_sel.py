@@ -27,8 +27,8 @@ online softmax in registers. Softmax is online in float32; masked scores are ``-
 
 *Backward.* dQ uses the forward's tiling, recomputes probabilities from the saved log-sum-exp
 and also writes ``delta = rowsum(dO * O)`` for its rows. dK/dV use an inverse index (CSR built
-with a stable torch sort and bincount): for every (selection block, group) the positions that
-selected it.
+with a stable torch sort and a fixed-size scatter count): for every (selection block, group) the
+positions that selected it.
 A program owns one K/V block chunk and a run of at most ``CH`` of those positions, gathering
 ``QB*h`` query rows per step (``QB*h = 64``, whatever ``h``). Its partial dK/dV go to a float32
 buffer and a second kernel adds a segment's partials in a fixed order: no atomics, bit-identical
@@ -41,6 +41,20 @@ libdevice ``exp``/``log`` so the float32 path meets the fp32 class of spec I.10 
 ``q.k`` over 128 dims alone rounds logits by ~1e-6). Positions, row offsets and sequence
 starts are int64 inside the kernels (T >= 128k does not overflow ``row * stride``).
 
+*No host sync.* Every index tensor (tiles, unions, the inverse index) is sized by an upper
+bound known from the shapes, counts are scatter-adds into fixed-size buffers, and the token
+layout (`TokenLayout`) is built once per plan; a forward+backward reads no device value.
+
+*Custom ops.* The launches are ``nsa::sel_forward`` / ``nsa::sel_backward``
+(`nsa_impl.kernels.ops.kernel_op`); the index set-up around them is plain PyTorch, traced by
+``torch.compile``. The autograd Function saves only tensors (``torch.func`` compatible).
+
+*NaN containment.* Masked keys contribute exactly nothing: scores and probabilities are
+selected with ``tl.where``, and every ``tl.dot`` whose contraction runs over masked entries
+reads values with non-finite entries zeroed; a row that reads a non-finite ``v`` is then
+written as NaN (forward), and so is the ``dV`` of a key read by a row whose ``dO`` is not finite
+(backward). Other rows are bit-identical to a run without the non-finite value.
+
 Interpreter: ``triton.jit`` picks compiled or interpreted code when a function is decorated,
 so the kernels live in `nsa_impl.kernels._sel_kernels` and are executed lazily, once per mode:
 CUDA tensors get compiled kernels, CPU tensors (only with ``TRITON_INTERPRET=1``) interpreted
@@ -50,41 +64,29 @@ ones, in one process, whatever was imported first.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from ._loader import load_kernel_module
-
-#: ``sel_triton_min_L``: minimum length of the longest sequence for which the router should
-#: prefer this path on CUDA without ``NSA_TRITON_SEL_FORCE``. Below about ``n*l'`` tokens every
-#: query sees all of its keys anyway and the index set-up (sorts, CSR) is a fixed cost, so the
-#: packed/varlen paths are at least as good. A reasoned default, not yet measured against the
-#: packed path (docs/gpu_notes.md). The router asks `long_enough`.
-SEL_TRITON_MIN_L = 1024
+from .ops import (
+    TUNING,
+    Inputs,
+    autocast_off_backward,
+    kernel_op,
+    new_output,
+    record_launch,
+)
 
 #: Head dims the kernels accept (tl.dot needs K >= 16; 256 keeps a tile in registers).
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: Tests set this to fill every kernel-written buffer with NaN first, so an element a kernel
-#: forgets to write cannot pass as a plausible value (the FLA conftest habit).
-POISON_OUTPUTS = False
 _BIG = torch.iinfo(torch.int32).max  # sorts after every real block index
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _new(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An output buffer every element of which a kernel overwrites (NaN-filled under POISON)."""
-    dtype = like.dtype if dtype is None else dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
-    return torch.empty(shape, device=like.device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,61 +104,37 @@ def triton_available() -> tuple[bool, str]:
     return True, "triton importable"
 
 
-def interpret_mode() -> bool:
-    """``TRITON_INTERPRET=1``: CPU tensors may run the kernels in Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+def supports(inp: Inputs) -> tuple[bool, str]:
+    """Can these kernels run this problem? ``(ok, reason)``, never raises.
 
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
-    """Can these kernels run on ``q [B,T,H,Dk]``, ``k [B,T,G,Dk]``, ``v [B,T,G,Dv]``?
-
-    Checks triton, the device (CUDA with compute capability >= 8.0, or CPU under
-    ``TRITON_INTERPRET=1``), the dtype (fp16, bf16, fp32, all equal) and head dims
-    ``16..256`` (``Dk != Dv`` allowed). Never raises: returns ``(False, reason)`` so the router
-    can fall back with a one-time log line.
+    Checks triton, the dtype (fp16, bf16, fp32), head dims ``16..256`` (``Dk != Dv`` allowed)
+    and the device (CUDA with compute capability >= 8.0; CPU tensors run in Triton's
+    interpreter, which the dispatcher allows only when forced with ``TRITON_INTERPRET=1``).
     """
     ok, why = triton_available()
     if not ok:
         return False, why
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return False, "q, k, v must be tensors"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return False, "q, k, v must be 4-D [B, T, heads, dim]"
-    if not (q.dtype == k.dtype == v.dtype):
-        return False, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
-    if q.dtype not in _DTYPES:
-        return False, f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
-    dk, dv = q.shape[-1], v.shape[-1]
-    for name, d in (("Dk", dk), ("Dv", dv)):
+    if inp.dtype not in _DTYPES:
+        return False, f"dtype {inp.dtype} not supported (fp16, bf16, fp32)"
+    for name, d in (("Dk", inp.Dk), ("Dv", inp.Dv)):
         if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
             return False, f"{name}={d} outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-    if k.shape[-1] != dk:
-        return False, f"k head dim {k.shape[-1]} != q head dim {dk}"
-    if not (q.device == k.device == v.device):
-        return False, "q, k, v are on different devices"
-    dev = q.device
-    if dev.type == "cpu":
-        if not interpret_mode():
-            return False, "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1)"
+    if inp.device_type == "cpu":
         return True, "CPU tensors, Triton interpreter"
-    if dev.type != "cuda":
-        return False, f"device {dev.type} not supported"
+    if inp.device_type != "cuda":
+        return False, f"device {inp.device_type} not supported"
     if getattr(torch.version, "hip", None):
         return False, "ROCm is not tested for these kernels"
-    major, minor = torch.cuda.get_device_capability(dev)
+    major, minor = torch.cuda.get_device_capability(inp.device)
     if major < 8:
         return False, f"compute capability {major}.{minor} < 8.0 (bf16 tensor cores needed)"
     return True, f"CUDA sm_{major}{minor}"
 
 
-def long_enough(max_seqlen: int, min_len: int = SEL_TRITON_MIN_L) -> bool:
-    """The ``sel_triton_min_L`` guard: is the longest sequence long enough for this path?"""
-    return int(max_seqlen) >= int(min_len)
-
-
 # --------------------------------------------------------------------------------------------
 # Lazy kernel loading (compiled vs interpreted)
 # --------------------------------------------------------------------------------------------
+
 
 def _kernels(interpret: bool):
     """`_sel_kernels` executed in the given mode (cached; see the module docstring)."""
@@ -168,33 +146,31 @@ def _kernels(interpret: bool):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Layout:
-    """Per-call index tensors shared by forward and backward (all on the input's device)."""
+@dataclass(frozen=True)
+class TokenLayout:
+    """Per-token sequence geometry on the device (batch rows become sequences).
 
-    N: int  # tokens
-    G: int
-    h: int
-    n: int
-    sel: int
-    cu: torch.Tensor  # int64 [S+1] sequence boundaries (batch rows become sequences)
-    seq: torch.Tensor  # int64 [N] sequence of each token
-    seq_start: torch.Tensor  # int64 [N]
-    local: torch.Tensor  # int64 [N] position inside its sequence
-    idx: torch.Tensor  # int32 [N, G, n] cleaned: -1 for padding, repeats, blocks after p
+    Attributes: ``cu`` int64 ``[S+1]`` boundaries, ``seq``/``seq_start``/``local`` int64 ``[N]``
+    each token's sequence, its start and its position inside it. Built by `build` with torch
+    ops on the device (no sync); a plan builds it once.
+    """
 
+    cu: torch.Tensor
+    seq: torch.Tensor
+    seq_start: torch.Tensor
+    local: torch.Tensor
 
-def _token_layout(B: int, T: int, cu_seqlens, device):
-    """Boundaries, per-token sequence id, start and local position (batch rows = sequences)."""
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
-    else:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    N = B * T
-    tok = torch.arange(N, device=device, dtype=torch.int64)
-    seq = torch.searchsorted(cu[1:], tok, right=True)
-    start = cu[seq]
-    return cu, seq, start, tok - start
+    @classmethod
+    def build(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> TokenLayout:
+        """Layout of ``B`` rows of ``T`` tokens, or of ``cu_seqlens`` sequences (``B == 1``)."""
+        if cu_seqlens is None:
+            cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+        else:
+            cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        tok = torch.arange(B * T, device=device, dtype=torch.int64)
+        seq = torch.searchsorted(cu[1:], tok, right=True)
+        start = cu[seq]
+        return cls(cu, seq, start, tok - start)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -217,14 +193,15 @@ def _clean_indices(idx: torch.Tensor, local: torch.Tensor, sel: int) -> torch.Te
     return torch.where(dup, -1, s).to(torch.int32)
 
 
-def _tiles(L: _Layout, P: int):
+def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
     """Query tiles of ``P`` positions that never cross a sequence, and each tile's block union.
 
     Returns ``(tstart int64, trows int32, tseq int64, union int32 [NT, G, P*n], count int32
     [NT, G])`` with ``NT = ceil(N/P) + S`` (an upper bound known without a host sync; unused
     tiles have zero rows and an empty union).
     """
-    dev, N, G, n = L.idx.device, L.N, L.G, L.n
+    N, G, n = idx.shape
+    dev = idx.device
     S = L.cu.numel() - 1
     lens = L.cu[1:] - L.cu[:-1]
     ntile = (lens + P - 1) // P
@@ -244,11 +221,11 @@ def _tiles(L: _Layout, P: int):
     if P == 1:
         # A tile is a token (tile id == token id): the cleaned row, valid blocks first.
         union = torch.full((NT, G, n), _BIG, dtype=torch.int64, device=dev)
-        union[:N], _ = torch.sort(torch.where(L.idx >= 0, L.idx.to(torch.int64), _BIG), dim=-1)
+        union[:N], _ = torch.sort(torch.where(idx >= 0, idx.to(torch.int64), _BIG), dim=-1)
     else:
         rows = tstart[:, None] + torch.arange(P, device=dev)  # [NT, P]
         ok = torch.arange(P, device=dev)[None, :] < trows[:, None]
-        blocks = L.idx[torch.where(ok, rows, 0)]  # [NT, P, G, n]
+        blocks = idx[torch.where(ok, rows, 0)]  # [NT, P, G, n]
         blocks = torch.where(ok[:, :, None, None] & (blocks >= 0), blocks, _BIG)
         union = blocks.permute(0, 2, 1, 3).reshape(NT, G, P * n)
         union, _ = torch.sort(union, dim=-1)
@@ -260,17 +237,18 @@ def _tiles(L: _Layout, P: int):
     return tstart, trows.to(torch.int32), tseq, union, count.contiguous()
 
 
-def _inverse_index(L: _Layout, chunk: int):
+def _inverse_index(idx: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor, sel: int, chunk: int):
     """CSR of (selection block, group) -> positions that selected it, split into work items.
 
     Segment ``g * NB + gb`` lists, in ascending position order, the tokens whose selection for
     group ``g`` holds global block ``gb`` (block ``b`` of sequence ``i`` is ``gb = boff[i] + b``).
     Each segment is cut into items of at most ``chunk`` entries. Everything is sized by upper
-    bounds so no host sync is needed.
+    bounds and counted by a scatter-add into a fixed-size buffer, so no host sync is needed.
     """
-    dev, N, G, n, sel = L.idx.device, L.N, L.G, L.n, L.sel
-    S = L.cu.numel() - 1
-    lens = L.cu[1:] - L.cu[:-1]
+    N, G, n = idx.shape
+    dev = idx.device
+    S = cu.numel() - 1
+    lens = cu[1:] - cu[:-1]
     nblk = (lens + sel - 1) // sel
     boff = _offsets(nblk)
     NB = -(-N // sel) + S
@@ -278,17 +256,18 @@ def _inverse_index(L: _Layout, chunk: int):
     # Per global block: its sequence start, local index and sequence length.
     gb = torch.arange(NB, device=dev)
     bseq = torch.clamp(torch.searchsorted(boff[1:], gb, right=True), max=S - 1)
-    blk_seq0 = L.cu[bseq]
+    blk_seq0 = cu[bseq]
     blk_local = (gb - boff[bseq]).to(torch.int32)
     blk_len = torch.where(gb < boff[S], lens[bseq], 0)
     # Entries: every (token, group, slot) with a valid block.
-    seq = L.seq
-    idx = L.idx.to(torch.int64)
+    ix = idx.to(torch.int64)
     gidx = torch.arange(G, device=dev)[None, :, None]
-    key = torch.where(idx >= 0, gidx * NB + boff[seq][:, None, None] + idx, NBG).reshape(-1)
+    key = torch.where(ix >= 0, gidx * NB + boff[seq][:, None, None] + ix, NBG).reshape(-1)
     key, order = torch.sort(key, stable=True)
     ent_pos = torch.div(order, G * n, rounding_mode="floor")  # token of each entry
-    counts = torch.bincount(key, minlength=NBG + 1)[:NBG]
+    # bincount would read max(key) on the host: a scatter-add into NBG + 1 slots does not.
+    counts = torch.zeros(NBG + 1, dtype=torch.int64, device=dev)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:NBG]
     seg_off = _offsets(counts)
     nitems = (counts + chunk - 1) // chunk
     item_off = _offsets(nitems)
@@ -307,12 +286,11 @@ def _inverse_index(L: _Layout, chunk: int):
     item_seg[W] = -1
     item_start[W] = 0
     item_end[W] = 0
-    return dict(
-        NB=NB, NBG=NBG, W=W, ent_pos=ent_pos.contiguous(), item_seg=item_seg[:W].contiguous(),
-        item_start=item_start[:W].contiguous(), item_end=item_end[:W].contiguous(),
-        item_off=item_off.contiguous(), blk_seq0=blk_seq0.contiguous(),
-        blk_local=blk_local.contiguous(), blk_len=blk_len.contiguous(),
-    )
+    return (
+        ent_pos.contiguous(), item_seg[:W].contiguous(), item_start[:W].contiguous(),
+        item_end[:W].contiguous(), item_off.contiguous(), blk_seq0.contiguous(),
+        blk_local.contiguous(), blk_len.contiguous(), NB,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +299,8 @@ def _inverse_index(L: _Layout, chunk: int):
 
 
 @dataclass(frozen=True)
-class _Tuning:
-    """Tile sizes and launch options; `_tuning` picks them from the shapes."""
+class LaunchShape:
+    """Tile sizes and launch options; `launch_shape` picks them from the shapes."""
 
     P: int  # query positions per forward/dQ tile
     BM: int  # rows per forward/dQ tile (P*h padded to a power of two)
@@ -337,21 +315,24 @@ class _Tuning:
     stages_dq: int
     stages_kv: int
 
+    def as_list(self) -> list[int]:
+        """The fields in declaration order (how the custom ops take them)."""
+        return [getattr(self, f.name) for f in fields(self)]
 
-#: The compiled kernel handle of the latest launch per kernel (register/spill reports in bench).
-_LAST_LAUNCH: dict = {}
+    @classmethod
+    def from_list(cls, values: list[int]) -> LaunchShape:
+        """Inverse of `as_list`."""
+        return cls(*values)
 
-#: Benchmark-only overrides of `_Tuning` fields (e.g. ``{"warps_fwd": 2}``); empty in normal use.
-_TUNING_OVERRIDE: dict = {}
 
-
-def _tuning(h: int, sel: int, dk: int, dv: int, ieee: bool) -> _Tuning:
+def launch_shape(h: int, sel: int, dk: int, dv: int, ieee: bool) -> LaunchShape:
     """Tile sizes for group size ``h``, ``l' = sel`` and the head dims.
 
     Measured on an H100 (docs/gpu_notes.md): the forward is bound by L2 bandwidth and
     insensitive to warps/stages; the dK/dV kernel holds two [BKEY, D] float32 accumulators and
     runs best with ``num_stages=1`` (fewer register spills). Float32 inputs (the parity path,
     float64 logits and dK/dV sums) use smaller tiles so the float64 operands fit in shared memory.
+    `nsa_impl.kernels.ops.TUNING` ``.sel`` overrides fields (benchmarks).
     """
     P = max(1, 16 // h)
     BM = max(16, _next_pow2(P * h))
@@ -363,119 +344,196 @@ def _tuning(h: int, sel: int, dk: int, dv: int, ieee: bool) -> _Tuning:
         BN, QB = min(64, max(16, _next_pow2(sel))), max(1, 64 // h)
         BKEY = min(32 if big else 64, max(16, _next_pow2(sel)))
     BR = max(16, _next_pow2(QB * h))
-    tn = _Tuning(
+    tn = LaunchShape(
         P=P, BM=BM, BN=BN, QB=QB, BR=BR, BKEY=BKEY, CH=1024,
         warps_fwd=4 if BM <= 32 else 8, warps_bwd=8 if big else 4,
         stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1,
-    )
-    if _TUNING_OVERRIDE:
-        tn = replace(tn, **_TUNING_OVERRIDE)
+    )  # fmt: skip
+    if TUNING.sel:
+        tn = replace(tn, **TUNING.sel)
         tn = replace(tn, BM=max(16, _next_pow2(tn.P * h)), BR=max(16, _next_pow2(tn.QB * h)))
     return tn
-
-
-# --------------------------------------------------------------------------------------------
-# Forward / backward drivers
-# --------------------------------------------------------------------------------------------
 
 
 def _launch_opts(warps: int, stages: int, interpret: bool) -> dict:
     return {} if interpret else dict(num_warps=warps, num_stages=stages)
 
 
-def _forward(q, k, v, L: _Layout, scale: float, tn: _Tuning, interpret: bool):
-    """``q [N,H,Dk], k [N,G,Dk], v [N,G,Dv]`` -> ``o [N,H,Dv]``, ``lse [N,H]`` (float32)."""
+# --------------------------------------------------------------------------------------------
+# The kernel ops
+# --------------------------------------------------------------------------------------------
+
+
+def _forward_fake(q, k, v, idx, union, count, tstart, trows, tseq, scale, sizes, launch):
+    N, H, _ = q.shape
+    return q.new_empty(N, H, v.shape[-1]), q.new_empty(N, H, dtype=torch.float32)
+
+
+@kernel_op("sel_forward", _forward_fake)
+def sel_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    union: torch.Tensor,
+    count: torch.Tensor,
+    tstart: torch.Tensor,
+    trows: torch.Tensor,
+    tseq: torch.Tensor,
+    scale: float,
+    sizes: list[int],
+    launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [N,H,Dk], k [N,G,Dk], v [N,G,Dv]`` -> ``o [N,H,Dv]``, ``lse [N,H]`` (float32).
+
+    ``sizes = [h, n, sel]``; ``launch`` is a `LaunchShape` as a list.
+    """
+    h, n, sel = sizes
+    tn = LaunchShape.from_list(launch)
+    interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
     N, H, DK = q.shape
-    DV = v.shape[-1]
-    tstart, trows, tseq, union, count = _tiles(L, tn.P)
-    NT = tstart.numel()
-    o = _new(N, H, DV, like=q)
-    lse = _new(N, H, like=q, dtype=torch.float32)
-    grid = (NT, L.G)
-    _LAST_LAUNCH["fwd"] = kern._sel_fwd_kernel[grid](
-        q, k, v, o, lse, L.idx, union, count, tstart, trows, tseq,
+    G, DV = k.shape[1], v.shape[-1]
+    o = new_output(N, H, DV, like=q)
+    lse = new_output(N, H, like=q, dtype=torch.float32)
+    grid = (tstart.numel(), G)
+    handle = kern._sel_fwd_kernel[grid](
+        q, k, v, o, lse, idx, union, count, tstart, trows, tseq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), L.idx.stride(0), L.idx.stride(1),
+        o.stride(0), o.stride(1), idx.stride(0), idx.stride(1),
         union.stride(0), union.stride(1), lse.stride(0),
-        scale, L.G,
-        h=L.h, P=tn.P, BM=tn.BM, NSEL=L.n, NP=max(2, _next_pow2(L.n)),
-        SEL=L.sel, BN=tn.BN, DK=DK, DV=DV, BDK=max(16, _next_pow2(DK)),
+        scale, G,
+        h=h, P=tn.P, BM=tn.BM, NSEL=n, NP=max(2, _next_pow2(n)),
+        SEL=sel, BN=tn.BN, DK=DK, DV=DV, BDK=max(16, _next_pow2(DK)),
         BDV=max(16, _next_pow2(DV)), IEEE=q.dtype == torch.float32,
         PRECISE=q.dtype == torch.float32 and not interpret,
         **_launch_opts(tn.warps_fwd, tn.stages_fwd, interpret),
-    )
-    return o, lse, (tstart, trows, tseq, union, count)
+    )  # fmt: skip
+    record_launch("fwd", handle)
+    return o, lse
 
 
-def _backward(do, q, k, v, o, lse, L: _Layout, tiles, scale: float, tn: _Tuning, interpret: bool):
-    """Gradients ``(dq, dk, dv)`` of `_forward` (deterministic, no atomics)."""
+def _backward_fake(do, q, k, v, o, lse, idx, union, count, tstart, trows, tseq, ent_pos,
+                   item_seg, item_start, item_end, item_off, blk_seq0, blk_local, blk_len,
+                   scale, sizes, launch):  # fmt: skip
+    # contiguous, like the real outputs (a fake must match their strides, not the inputs')
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@kernel_op("sel_backward", _backward_fake)
+def sel_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    idx: torch.Tensor,
+    union: torch.Tensor,
+    count: torch.Tensor,
+    tstart: torch.Tensor,
+    trows: torch.Tensor,
+    tseq: torch.Tensor,
+    ent_pos: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_start: torch.Tensor,
+    item_end: torch.Tensor,
+    item_off: torch.Tensor,
+    blk_seq0: torch.Tensor,
+    blk_local: torch.Tensor,
+    blk_len: torch.Tensor,
+    scale: float,
+    sizes: list[int],
+    launch: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of `sel_forward` (deterministic, no atomics).
+
+    ``sizes = [h, n, sel, NB]``; the inverse index comes from `_inverse_index`.
+    """
+    h, n, sel, NB = sizes
+    tn = LaunchShape.from_list(launch)
+    interpret = q.device.type == "cpu"
     kern = _kernels(interpret)
     N, H, DK = q.shape
-    DV = v.shape[-1]
+    G, DV = k.shape[1], v.shape[-1]
     BDK, BDV = max(16, _next_pow2(DK)), max(16, _next_pow2(DV))
     IEEE = q.dtype == torch.float32
     PRECISE = IEEE and not interpret
-    do = do.contiguous()
     delta = torch.empty(N, H, device=q.device, dtype=torch.float32)  # written by the dQ kernel
-    tstart, trows, tseq, union, count = tiles
-    dq = _new(*q.shape, like=q)
-    _LAST_LAUNCH["dq"] = kern._sel_dq_kernel[(tstart.numel(), L.G)](
-        q, k, v, o, do, dq, lse, delta, L.idx, union, count, tstart, trows, tseq,
+    dq = new_output(*q.shape, like=q)
+    handle = kern._sel_dq_kernel[(tstart.numel(), G)](
+        q, k, v, o, do, dq, lse, delta, idx, union, count, tstart, trows, tseq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-        L.idx.stride(0), L.idx.stride(1), union.stride(0), union.stride(1), lse.stride(0),
-        scale, L.G,
-        h=L.h, P=tn.P, BM=tn.BM, NSEL=L.n, NP=max(2, _next_pow2(L.n)),
-        SEL=L.sel, BN=tn.BN, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
+        idx.stride(0), idx.stride(1), union.stride(0), union.stride(1), lse.stride(0),
+        scale, G,
+        h=h, P=tn.P, BM=tn.BM, NSEL=n, NP=max(2, _next_pow2(n)),
+        SEL=sel, BN=tn.BN, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
         **_launch_opts(tn.warps_fwd, tn.stages_dq, interpret),
-    )
-    inv = _inverse_index(L, tn.CH)
-    SELP = -(-L.sel // tn.BKEY) * tn.BKEY
+    )  # fmt: skip
+    record_launch("dq", handle)
+    W = item_seg.numel()
+    SELP = -(-sel // tn.BKEY) * tn.BKEY
     part_dtype = torch.float64 if IEEE else torch.float32  # see _sel_kernels._acc_zeros
-    part_k = torch.empty(inv["W"], SELP, BDK, device=q.device, dtype=part_dtype)
-    part_v = torch.empty(inv["W"], SELP, BDV, device=q.device, dtype=part_dtype)
+    part_k = torch.empty(W, SELP, BDK, device=q.device, dtype=part_dtype)
+    part_v = torch.empty(W, SELP, BDV, device=q.device, dtype=part_dtype)
     nkc = SELP // tn.BKEY
-    _LAST_LAUNCH["dkdv"] = kern._sel_dkdv_kernel[(inv["W"], nkc)](
+    handle = kern._sel_dkdv_kernel[(W, nkc)](
         q, k, v, do, lse, delta, part_k, part_v,
-        inv["ent_pos"], inv["item_seg"], inv["item_start"], inv["item_end"],
-        inv["blk_seq0"], inv["blk_local"], inv["blk_len"],
+        ent_pos, item_seg, item_start, item_end, blk_seq0, blk_local, blk_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0), part_k.stride(0), part_v.stride(0),
-        scale, inv["NB"],
-        h=L.h, QB=tn.QB, BR=tn.BR, SEL=L.sel, BKEY=tn.BKEY, DK=DK, DV=DV,
+        scale, NB,
+        h=h, QB=tn.QB, BR=tn.BR, SEL=sel, BKEY=tn.BKEY, DK=DK, DV=DV,
         BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
         **_launch_opts(tn.warps_bwd, tn.stages_kv, interpret),
-    )
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
-    kern._sel_reduce_kernel[(inv["NBG"], nkc)](
-        part_k, part_v, dk, dv, inv["item_off"], inv["blk_seq0"], inv["blk_local"],
-        inv["blk_len"], dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        part_k.stride(0), part_v.stride(0), inv["NB"],
-        SEL=L.sel, BKEY=tn.BKEY, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE,
+    )  # fmt: skip
+    record_launch("dkdv", handle)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    kern._sel_reduce_kernel[(NB * G, nkc)](
+        part_k, part_v, dk, dv, item_off, blk_seq0, blk_local,
+        blk_len, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        part_k.stride(0), part_v.stride(0), NB,
+        SEL=sel, BKEY=tn.BKEY, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE,
         **_launch_opts(4, 2, interpret),
-    )
+    )  # fmt: skip
     return dq, dk, dv
 
 
 class _SelectionAttention(torch.autograd.Function):
-    """Autograd wrapper: flattened ``[N, heads, dim]`` tensors in, ``o [N, H, Dv]`` out."""
+    """Autograd wrapper of the two ops: flattened ``[N, heads, dim]`` tensors in, ``o`` out.
+
+    Saves only tensors; the inverse index is built in the backward (it is needed only there).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, L, scale, tn, interpret):
-        o, lse, tiles = _forward(q, k, v, L, scale, tn, interpret)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.L, ctx.tiles, ctx.scale, ctx.tn, ctx.interpret = L, tiles, scale, tn, interpret
-        return o
+    def forward(q, k, v, idx, union, count, tstart, trows, tseq, cu, seq, scale, sizes, launch):
+        o, lse = sel_forward(q, k, v, idx, union, count, tstart, trows, tseq, scale, sizes,
+                             launch)  # fmt: skip
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(
-            do, q, k, v, o, lse, ctx.L, ctx.tiles, ctx.scale, ctx.tn, ctx.interpret
-        )
-        return dq, dk, dv, None, None, None, None
+    def setup_context(ctx, inputs, output):
+        q, k, v, idx, union, count, tstart, trows, tseq, cu, seq, scale, sizes, launch = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, idx, union, count, tstart, trows, tseq, cu, seq)
+        ctx.mark_non_differentiable(lse)
+        ctx.scale, ctx.sizes, ctx.launch = scale, sizes, launch
+
+    @staticmethod
+    @autocast_off_backward
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, idx, union, count, tstart, trows, tseq, cu, seq = ctx.saved_tensors
+        h, n, sel = ctx.sizes
+        tn = LaunchShape.from_list(ctx.launch)
+        with torch.no_grad():  # the backward op has no derivative of its own
+            *inv, NB = _inverse_index(idx, cu, seq, sel, tn.CH)
+            dq, dk, dv = sel_backward(
+                do.contiguous(), q, k, v, o, lse, idx, union, count, tstart, trows, tseq,
+                *inv, ctx.scale, [h, n, sel, NB], ctx.launch,
+            )  # fmt: skip
+        return dq, dk, dv, *([None] * 11)
 
 
 def selection_attention(
@@ -486,6 +544,8 @@ def selection_attention(
     sel_block: int,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    layout: TokenLayout | None = None,
 ) -> torch.Tensor:
     """Selection-branch attention (Eq. 12, spec I.6) with the Triton kernels.
 
@@ -497,6 +557,7 @@ def selection_attention(
         sel_block: ``l'``, keys per selection block.
         scale: softmax scale (default ``1/sqrt(Dk)``).
         cu_seqlens: optional int32 ``[S+1]`` packed-sequence boundaries (requires ``B == 1``).
+        layout: the `TokenLayout` of these shapes (a plan's); built here when ``None``.
 
     Returns:
         ``o [B, T, H, Dv]`` in q's dtype, differentiable with respect to q, k and v.
@@ -521,18 +582,16 @@ def selection_attention(
     if int(sel_block) <= 0:
         raise ValueError(f"sel_block must be positive, got {sel_block}")
     scale = 1.0 / math.sqrt(DK) if scale is None else float(scale)
-    interpret = q.device.type == "cpu"
     h, n, sel = H // G, block_indices.shape[-1], int(sel_block)
     N = B * T
-    if N == 0 or n == 0:
-        return q.new_zeros(B, T, H, DV) + 0.0 * (q.sum() + k.sum() + v.sum())
-    cu, seq, seq_start, local = _token_layout(B, T, cu_seqlens, q.device)
-    idx = _clean_indices(block_indices.reshape(N, G, n).to(q.device), local, sel)
-    L = _Layout(N=N, G=G, h=h, n=n, sel=sel, cu=cu, seq=seq, seq_start=seq_start, local=local,
-                idx=idx)
-    tn = _tuning(h, sel, DK, DV, q.dtype == torch.float32)
-    o = _SelectionAttention.apply(
+    if layout is None:
+        layout = TokenLayout.build(B, T, cu_seqlens, q.device)
+    idx = _clean_indices(block_indices.reshape(N, G, n).to(q.device), layout.local, sel)
+    tn = launch_shape(h, sel, DK, DV, q.dtype == torch.float32)
+    tstart, trows, tseq, union, count = _tiles(idx, layout, tn.P)
+    o, _ = _SelectionAttention.apply(
         q.reshape(N, H, DK).contiguous(), k.reshape(N, G, DK).contiguous(),
-        v.reshape(N, G, DV).contiguous(), L, scale, tn, interpret,
-    )
+        v.reshape(N, G, DV).contiguous(), idx, union, count, tstart, trows, tseq,
+        layout.cu, layout.seq, scale, [h, n, sel], tn.as_list(),
+    )  # fmt: skip
     return o.reshape(B, T, H, DV)

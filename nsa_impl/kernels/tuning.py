@@ -10,7 +10,8 @@ Hopper, ``sm89.json``: Ada, ``sm80.json``: Ampere, ``cpu.json``: the Triton inte
 carries the router's thresholds and preferences (``routing``: whether the Triton selection path
 is preferred and from which sequence length, the order of paths for the compressed and window
 branches, whether the gate is fused) and says whether its numbers were ``measured`` or are
-predictions. `nsa_impl.routing.explain` names the profile it used.
+predictions. `nsa_impl.dispatch` reads the routing data when it builds a route, and
+`nsa_impl.explain` names the profile it used.
 """
 
 from __future__ import annotations
@@ -77,6 +78,18 @@ class AttnTuning:
     dkdv: Launch = Launch(rows=64, block_n=64, warps=8, stages=1, chunk=4096)
     dq_atomic: bool = False
 
+    def as_list(self) -> list[int]:
+        """The launch shapes as 16 ints (how the custom ops take them): fwd, dq, dkdv, atomic."""
+        out = [getattr(lt, f.name) for lt in (self.fwd, self.dq, self.dkdv) for f in fields(lt)]
+        return out + [int(self.dq_atomic)]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> AttnTuning:
+        """Inverse of `as_list`."""
+        n = len(fields(Launch))
+        launches = [Launch(*values[i * n : (i + 1) * n]) for i in range(3)]
+        return cls(*launches, dq_atomic=bool(values[3 * n]))
+
 
 @dataclass(frozen=True)
 class TopNTuning:
@@ -99,6 +112,10 @@ class TopNTuning:
                 raise ValueError(f"TopNTuning.{name} must be a positive power of two, got {value!r}")
         if self.positions < 16 or self.block_n < 16:
             raise ValueError(f"TopNTuning positions and block_n must be >= 16, got {self}")
+
+    def as_list(self) -> list[int]:
+        """The fields as ints (how the custom op takes them)."""
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,10 @@ class GateTuning:
 
     rows: int = 32
     warps: int = 4
+
+    def as_list(self) -> list[int]:
+        """The fields as ints (how the custom ops take them)."""
+        return [self.rows, self.warps]
 
 
 @dataclass(frozen=True)
@@ -213,7 +234,7 @@ def use_profile(profile: Profile) -> Iterator[Profile]:
     """Within the context, `profile_for` returns ``profile`` for every device.
 
     How a benchmark runs the whole library on launch shapes it just measured (an explicit
-    object, scoped like `nsa_impl.routing.force_path`; no file or module state changes).
+    object, scoped like `nsa_impl.dispatch.force_path`; no file or module state changes).
     """
     if not isinstance(profile, Profile):
         raise TypeError(f"profile must be a tuning.Profile, got {type(profile).__name__}")

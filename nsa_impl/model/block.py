@@ -10,6 +10,7 @@ from nsa_ref.config import NSAConfig
 
 from ..decode import NSACache
 from ..module import NSAAttention
+from ..plan import Plan
 from .dense import DenseAttention
 
 #: ``attention=`` choices of `NSADecoderBlock`.
@@ -80,7 +81,22 @@ class NSADecoderBlock(nn.Module):
         """An empty decode cache for this block's attention (``options`` go to `NSACache`)."""
         return self.attn.new_cache(batch_size, max_len=max_len, **options)
 
-    def forward(self, x, *, cu_seqlens=None, cache: NSACache | None = None) -> torch.Tensor:
-        """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache`` as in `NSAAttention`."""
-        x = x + self.attn(self.attn_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+    def plan_for(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> Plan | None:
+        """The `nsa_impl.Plan` of this block's NSA attention on ``x`` (`NSAAttention.plan_for`);
+        ``None`` for dense attention, which has no plan."""
+        return self.attn.plan_for(x, cu_seqlens) if isinstance(self.attn, NSAAttention) else None
+
+    def forward(
+        self, x, *, cu_seqlens=None, cache: NSACache | None = None, plan: Plan | None = None
+    ) -> torch.Tensor:
+        """``x [B, T, hidden] -> [B, T, hidden]``; ``cu_seqlens``/``cache``/``plan`` as in
+        `NSAAttention` (``plan`` is for NSA attention only)."""
+        h = self.attn_norm(x)
+        if isinstance(self.attn, NSAAttention):
+            h = self.attn(h, cu_seqlens=cu_seqlens, cache=cache, plan=plan)
+        elif plan is not None:
+            raise ValueError("plan is for NSA attention; this block's attention is dense")
+        else:
+            h = self.attn(h, cu_seqlens=cu_seqlens, cache=cache)
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))

@@ -65,15 +65,18 @@ class NSAToyLM(nn.Module):
 
         ``caches`` (from `new_caches`): the first call prefills them, later calls decode
         ``tokens [B, 1]`` (or a chunk ``[B, C]``) at each sequence's next position, as in
-        `NSAAttention`.
+        `NSAAttention`. Without caches one `nsa_impl.Plan` is built per forward and shared by
+        every block.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError("tokens must be a [B, T] tensor of token ids")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold {len(self.blocks)} caches, got {len(caches)}")
         x = self.embed(tokens)
+        plan = None if caches is not None else self.blocks[0].plan_for(x, cu_seqlens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cu_seqlens=cu_seqlens, cache=None if caches is None else caches[i])
+            cache = None if caches is None else caches[i]
+            x = block(x, cu_seqlens=cu_seqlens, cache=cache, plan=plan)
         return self.head(self.norm(x))
 
     @torch.no_grad()

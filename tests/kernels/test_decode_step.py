@@ -20,7 +20,7 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: the decode kernels cannot run", allow_module_level=True)
 
-from test_decode import (  # noqa: E402
+from ..test_decode import (  # noqa: E402
     CONFIGS,
     check_needle,
     expected_reads,
@@ -34,6 +34,8 @@ from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
 from nsa_impl.kernels import decode_step  # noqa: E402
 from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
 from nsa_ref import rules  # noqa: E402
+
+from ..helpers import plan_of  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -323,10 +325,7 @@ def test_float32_prefill_top_n_over_column_slices():
     query tile does not fit sm_90's shared memory): at Dk = 80 (slices at 0, 32 and a partly
     masked one at 64) it selects exactly the blocks nsa_ref selects."""
     from nsa_impl import scoring
-    from nsa_impl.branches import cmp_triton
-    from nsa_impl.branches.compressed import CmpLayout
     from nsa_impl.kernels import triton_attn, triton_topn, tuning
-    from nsa_impl.varlen import PackedLayout
 
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=4, sel_local_blocks=1,
                     window=8)  # two of the four blocks chosen by score
@@ -334,10 +333,9 @@ def test_float32_prefill_top_n_over_column_slices():
     assert tuning.resolve_topn(tn, True, 80).KC == 32  # three slices
     B, T, G, h, D = 1, 160, 2, 2, 80
     q, k, v, gates, _ = make_inputs(B, T, G, h, D, D, torch.float32, seed=80)
-    layout = PackedLayout.build(T, None)
-    cl = CmpLayout.build(cfg, layout)
-    kc = scoring.compress(k, cfg, cl)
-    qs, ks = cmp_triton.boundaries(cfg, layout, B, q.device)
+    p = plan_of(q, k, v, cfg)
+    kc = scoring.compress(k, cfg, p.cmp)
+    qs, ks = p.cmp_triton.qstart, p.cmp_triton.kstart
     q3, k3 = q.reshape(B * T, G * h, D), kc.reshape(-1, G, D)
     small = tuning.AttnTuning(fwd=tuning.Launch(rows=16, block_n=16))
     _, lse = triton_attn.cmp_attention(q3, k3, k3, qs, ks, T, cfg.cmp_block, cfg.cmp_stride,
@@ -535,3 +533,35 @@ def test_gpu_generate_with_cuda_graph_equals_eager():
     eager = model.generate(prompt, 30)
     graphed = model.generate(prompt, 30, cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+def test_the_step_is_a_custom_op_with_declared_mutations(monkeypatch):
+    """``nsa::decode_rows`` (what torch.compile traces) computes what the direct launches do,
+    writing the same caches, workspace, output and lengths; opcheck's schema and fake tests
+    pass for a step with the new token (every mutation declared)."""
+    cfg = CONFIGS["overlap"]
+    q, k, v, gates, _ = make_inputs(2, 9, 1, 2, 6, 5, torch.float32, seed=5)
+    calls = []
+    real = decode_step._launch
+    monkeypatch.setattr(decode_step, "_launch", lambda *a: calls.append(a) or real(*a))
+    eager, via_op = kernel_cache(cfg), kernel_cache(cfg)
+    with torch.no_grad():
+        for p in range(8):
+            args = (row(q, p), row(k, p), row(v, p), row(gates, p))
+            eager.step(*args)
+            via_op.step(*args)
+        n = len(calls)
+        o_eager = eager.step(row(q, 8), row(k, 8), row(v, 8), row(gates, 8))
+        # the same step through the registered op, on the other cache's own buffers
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        o_op = via_op.step(row(q, 8), row(k, 8), row(v, 8), row(gates, 8))
+        monkeypatch.undo()
+    assert len(calls) == n + 2  # both steps launched (the second inside the op)
+    assert torch.equal(o_op, o_eager)
+    assert via_op.lengths == eager.lengths
+    q_, g_, out, seq, pos, raw, kc, vc, ws, sizes, scale, new, lengths = calls[-1]
+    args = (q_, g_, out.clone(), seq, pos.clone(), [t.clone() for t in raw], kc.clone(),
+            vc.clone(), [t.clone() for t in ws.buffers()], ws.sizes(), list(sizes), scale,
+            list(new), lengths.clone())  # fmt: skip
+    torch.library.opcheck(decode_step.decode_rows_op._opoverload, args,
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip

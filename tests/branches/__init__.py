@@ -1,0 +1,1 @@
+"""Tests of nsa_impl.branches (one module per source module)."""

@@ -1,0 +1,307 @@
+"""nsa_impl.kernels.triton_sel: the Triton selection kernels, forward and backward.
+
+CPU tensors run in Triton's interpreter (the root conftest sets ``TRITON_INTERPRET=1`` without a
+GPU), in float32 at the fp32 class (spec I.10) against the dense oracle given the same block
+indices: group sizes 1/2/4, ``Dk != Dv``, ``-1`` padding, repeated and unsorted indices,
+blocks after the query, packed sequences, empty selections, NaN containment; plus determinism
+and `supports`. Every kernel-written buffer is NaN-poisoned first (`nsa_impl.kernels.ops.tuning`),
+so an element a kernel forgets to write cannot pass. GPU tests (marked ``gpu``): every dtype,
+long sequences (int64 offsets), determinism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import nsa_ref
+from nsa_impl.kernels.ops import Inputs, tuning
+from nsa_impl.tolerances import FP32_GRAD_ATOL, FP32_OUT_ATOL, lowp_bound
+from nsa_ref import NSAConfig
+
+from ..helpers import dense_o_sel, err, requires_cuda
+
+pytestmark = pytest.mark.triton
+pytest.importorskip("triton", reason="triton is not installed")
+from nsa_impl.kernels import triton_sel  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs():
+    with tuning(poison_outputs=True):  # unwritten outputs read as NaN
+        yield
+
+
+def _cfg(sel_block: int) -> NSAConfig:
+    """A valid config whose only field the selection reads is ``sel_block``."""
+    s = sel_block
+    return NSAConfig(cmp_block=s, cmp_stride=s, sel_block=s, window=s)
+
+
+def _inputs(B, T, G, h, Dk, Dv, seed, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, G * h, Dk, generator=gen, device=device).to(dtype)
+    k = torch.randn(B, T, G, Dk, generator=gen, device=device).to(dtype)
+    v = torch.randn(B, T, G, Dv, generator=gen, device=device).to(dtype)
+    return [t.requires_grad_() for t in (q, k, v)], gen
+
+
+def _messy_indices(B, T, G, n, sel_block, gen, device="cpu"):
+    """Random indices in ``[-1, ceil(T/l'))``: padding, repeats, unsorted, blocks after p."""
+    return torch.randint(-1, -(-T // sel_block), (B, T, G, n), generator=gen, device=device)
+
+
+def _check_parity(q, k, v, idx, sel_block, scale, cu=None, seed=0):
+    """The fp32 class: the kernel against the dense oracle run in float64 on the same inputs."""
+    o = triton_sel.selection_attention(q, k, v, idx, sel_block, scale, cu)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dense_o_sel(*wide, idx, _cfg(sel_block), scale, cu)
+    assert err(o, ref) <= FP32_OUT_ATOL, f"forward error {err(o, ref):.3g}"
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1))
+    got = torch.autograd.grad(o, (q, k, v), do)
+    want = torch.autograd.grad(ref, wide, do.double())
+    for name, a, b in zip("qkv", got, want, strict=False):
+        assert err(a, b) <= FP32_GRAD_ATOL, f"d{name} error {err(a, b):.3g} (unwritten?)"
+    return o, got
+
+
+# B, T, G, h, Dk, Dv, n, l', cu_seqlens
+CASES = {
+    "h2-dk32-dv16": (1, 40, 2, 2, 32, 16, 3, 16, None),
+    "h1-batch2-dv32": (2, 70, 1, 1, 16, 32, 4, 16, None),
+    "h4-l32-varlen": (1, 100, 2, 4, 32, 16, 3, 32, [0, 37, 100]),
+    "h2-varlen-len1": (1, 130, 1, 2, 16, 16, 2, 32, [0, 1, 65, 130]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_messy_indices(case):
+    """Forward/backward vs the dense oracle on random indices (padding, repeats, late blocks)."""
+    B, T, G, h, Dk, Dv, n, sel, cu = CASES[case]
+    (q, k, v), gen = _inputs(B, T, G, h, Dk, Dv, seed=len(case))
+    idx = _messy_indices(B, T, G, n, sel, gen)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    _check_parity(q, k, v, idx, sel, 0.3, cu)
+
+
+def test_parity_with_reference_selection():
+    """Indices chosen by `nsa_ref` (gates = selection only): kernel output equals ref ``o``."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, sel_top_n=3, window=16)
+    (q, k, v), _ = _inputs(1, 64, 2, 2, 32, 16, seed=7)
+    gates = torch.zeros(1, 64, 4, 3)
+    gates[..., 1] = 1.0
+    o_ref, aux = nsa_ref.nsa_attention(q, k, v, gates, cfg, return_aux=True)
+    o = triton_sel.selection_attention(q, k, v, aux.block_indices, 16, 1.0 / math.sqrt(32))
+    assert err(o, o_ref) <= FP32_OUT_ATOL
+    do = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, (q, k, v), do),
+                    torch.autograd.grad(o_ref, (q, k, v), do), strict=False):  # fmt: skip
+        assert err(a, b) <= FP32_GRAD_ATOL
+
+
+def test_duplicates_never_double_count():
+    """Repeating every index (and shuffling) gives bit-identical outputs and gradients."""
+    (q, k, v), gen = _inputs(1, 48, 1, 4, 16, 16, seed=3)
+    idx = torch.randint(0, 3, (1, 48, 1, 2), generator=gen)
+    noisy = torch.cat([idx, idx.flip(-1), torch.full_like(idx, -1)], dim=-1)  # [.., 6]
+    o1 = triton_sel.selection_attention(q, k, v, idx, 16, 0.25)
+    o2 = triton_sel.selection_attention(q, k, v, noisy, 16, 0.25)
+    assert torch.equal(o1, o2)
+    do = torch.randn_like(o1)
+    for a, b in zip(torch.autograd.grad(o1, (q, k, v), do),
+                    torch.autograd.grad(o2, (q, k, v), do), strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+def test_empty_selection_is_exact_zero():
+    """Rows selecting nothing (all -1, or only blocks after p) give exact 0 and finite grads."""
+    (q, k, v), gen = _inputs(1, 40, 2, 2, 16, 32, seed=5)
+    idx = torch.randint(0, 3, (1, 40, 2, 2), generator=gen)
+    idx[0, :10] = -1  # nothing selected
+    idx[0, 10:16] = 2  # block 2 starts at 32 > p: nothing visible
+    o, (dq, dk, dv) = _check_parity(q, k, v, idx, 16, 0.25)
+    assert torch.equal(o[0, :16], torch.zeros_like(o[0, :16]))
+    assert torch.equal(dq[0, :16], torch.zeros_like(dq[0, :16]))
+
+
+def test_backward_is_deterministic():
+    """Two backward passes are bit-identical (no atomics; fixed reduction order)."""
+    (q, k, v), gen = _inputs(1, 64, 1, 2, 16, 16, seed=11)
+    idx = _messy_indices(1, 64, 1, 3, 16, gen)
+    do = torch.randn(1, 64, 2, 16, generator=gen)
+    g1, g2 = (torch.autograd.grad(triton_sel.selection_attention(q, k, v, idx, 16, 0.25),
+                                  (q, k, v), do) for _ in range(2))  # fmt: skip
+    for a, b in zip(g1, g2, strict=False):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "do"])
+def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, device="cpu"):
+    """A NaN at one token of sequence 0: sequence 1's outputs and gradients are bit-identical to
+    a clean run, so are rows of sequence 0 that do not read the token; its readers are NaN."""
+    cu = torch.tensor([0, 40, 70], dtype=torch.int32, device=device)
+    (q, k, v), gen = _inputs(1, 70, 1, 2, 16, 16, seed=2, device=device)
+    idx = _messy_indices(1, 70, 1, 3, 16, gen, device=device)
+    do = torch.randn(1, 70, 2, 16, generator=gen, device=device)
+    j = 20  # block 1 of sequence 0
+
+    def run(q, k, v, do):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = triton_sel.selection_attention(*leaves, idx, 16, 0.3, cu)
+        return (o.detach(), *torch.autograd.grad(o, leaves, do))
+
+    clean = run(q, k, v, do)
+    tensors = [q.detach().clone(), k.detach().clone(), v.detach().clone(), do.clone()]
+    tensors["qkvd".index(which[0])][0, j, 0, 0] = float("nan")
+    dirty = run(*tensors)
+    pos = torch.arange(70, device=device)
+    local = pos - torch.where(pos >= 40, 40, 0)
+    blocks = idx[0, :, 0]  # [T, n] (G = 1)
+    has_keys = ((blocks >= 0) & (blocks * 16 <= local[:, None])).any(-1)
+    selects = (blocks == 1).any(-1) & (pos >= j) & (pos < 40)  # rows that read token j
+    readers = ((pos == j) & has_keys) if which in ("q", "do") else selects
+    for a, b in zip(dirty, clean, strict=True):
+        assert torch.equal(a[0, 40:], b[0, 40:])  # the other sequence: bit-identical
+    assert torch.equal(dirty[0][0, ~readers], clean[0][0, ~readers])
+    assert torch.equal(dirty[1][0, ~readers], clean[1][0, ~readers])
+    hit = slice(0, 1) if which in ("q", "do") else slice(None)  # head 0 / both heads of g
+    if readers.any() and which != "do":
+        assert torch.isnan(dirty[0][0, readers, hit]).all()
+
+
+def test_supports_reasons():
+    """`supports` declines with a reason, never raises."""
+
+    def inp(**kw):
+        base = dict(device=torch.device("cpu"), dtype=torch.float32, B=1, T=4, H=2, G=1, Dk=16,
+                    Dv=16, max_seqlen=4, varlen=False, backward=True, cfg=None)  # fmt: skip
+        base.update(kw)
+        return Inputs(**base)
+
+    assert triton_sel.supports(inp())[0]
+    for kw, word in ((dict(dtype=torch.float64), "dtype"), (dict(Dk=8), "Dk=8"),
+                     (dict(Dv=512), "Dv=512"), (dict(device=torch.device("meta")), "meta")):
+        ok, why = triton_sel.supports(inp(**kw))
+        assert not ok and word in why, (kw, why)
+
+
+def test_bad_shapes_raise():
+    q = torch.zeros(1, 4, 3, 16)
+    k = torch.zeros(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        triton_sel.selection_attention(q, k, k, torch.zeros(1, 4, 2, 1, dtype=torch.long), 16)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+
+
+def _random_indices(B, T, G, n, sel, gen):
+    from bench.workloads import random_block_indices
+
+    return random_block_indices(B, T, G, n, sel, generator=gen, device="cuda")
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v)
+    return (o.detach(), *torch.autograd.grad(o, (q, k, v), do.to(o.dtype)))
+
+
+# name: (B, T, G, h, Dk, Dv, n, l', cu_seqlens)
+SHAPES = {
+    "h16-128": (1, 1536, 2, 16, 128, 128, 16, 64, None),
+    "h4-192-128": (1, 1300, 4, 4, 192, 128, 8, 64, [0, 300, 1037, 1300]),
+    "h1-64": (2, 777, 2, 1, 64, 64, 6, 32, None),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_parity_per_dtype(shape, dtype):
+    """Outputs and q/k/v gradients vs a float64 reference (spec I.10 classes); the naive
+    same-dtype twin is the dense formulation in the kernel's dtype."""
+    B, T, G, h, Dk, Dv, n, sel, cu = SHAPES[shape]
+    (q, k, v), gen = _inputs(B, T, G, h, Dk, Dv, seed=list(SHAPES).index(shape), dtype=dtype,
+                             device="cuda")  # fmt: skip
+    idx = _random_indices(B, T, G, n, sel, gen)
+    idx[..., -1] = idx[..., 0]  # a repeated block must not count twice
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    scale = 1.0 / math.sqrt(Dk)
+    do = torch.randn(B, T, G * h, Dv, device="cuda", generator=gen).to(dtype)
+    oracle = lambda a, b, c: dense_o_sel(a, b, c, idx, _cfg(sel), scale, cu)  # noqa: E731
+    ref = _grads(oracle, q.double(), k.double(), v.double(), do.double())
+    got = _grads(lambda a, b, c: triton_sel.selection_attention(a, b, c, idx, sel, scale, cu),
+                 q, k, v, do)  # fmt: skip
+    if dtype == torch.float32:
+        bounds = [FP32_OUT_ATOL] + [FP32_GRAD_ATOL] * 3
+    else:
+        low = _grads(oracle, q, k, v, do)
+        bounds = [lowp_bound(err(x, r), "out" if i == 0 else "grad")
+                  for i, (x, r) in enumerate(zip(low, ref, strict=False))]  # fmt: skip
+    for name, x, r, bound in zip(("o", "dq", "dk", "dv"), got, ref, bounds, strict=False):
+        assert err(x, r) <= bound, f"{name}: {err(x, r):.3g} > {bound:.3g}"
+
+
+def _row_oracle(q, k, v, idx, rows, sel, scale, dtype=torch.float64):
+    """Selection attention of the given rows (B = 1, one sequence), gathered from nsa_ref's
+    rules, in ``dtype`` (float64: the reference; the inputs' dtype: the naive twin)."""
+    G = k.shape[2]
+    h = q.shape[2] // G
+    cfg = _cfg(sel)
+    out = []
+    for p in rows:
+        heads = []
+        for g in range(G):
+            keys = nsa_ref.rules.selected_keys(idx[0, p, g].tolist(), p, cfg)
+            kk = torch.tensor(keys, device=q.device, dtype=torch.long)
+            logits = (q[0, p, g * h:(g + 1) * h].to(dtype) * scale) @ k[0, kk, g].to(dtype).T
+            heads.append(torch.softmax(logits, -1) @ v[0, kk, g].to(dtype))
+        out.append(torch.cat(heads))
+    return torch.stack(out)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("T,G,h,Dk,Dv", [(65536, 2, 4, 64, 64), (131072, 4, 16, 256, 256)],
+                         ids=["T64k", "T128k-int64-offsets"])  # fmt: skip
+def test_long_sequence_index_bounds(T, G, h, Dk, Dv):
+    """Long T: sampled rows (the last ones included) meet the low-precision criterion.
+
+    The 128k case has ``T * H * Dk = 2^31`` elements in q: any int32 row offset would overflow.
+    """
+    free, _ = torch.cuda.mem_get_info()
+    need = T * G * h * Dk * 2 * 4 + T * G * (Dk + Dv) * 2 * 4
+    if free < need * 2:
+        pytest.skip(f"needs ~{2 * need / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} free")
+    (q, k, v), gen = _inputs(1, T, G, h, Dk, Dv, seed=T % 97, dtype=torch.bfloat16, device="cuda")
+    idx = _random_indices(1, T, G, 16, 64, gen)
+    scale = 1.0 / math.sqrt(Dk)
+    o = triton_sel.selection_attention(q, k, v, idx, 64, scale)
+    rows = [0, 1, 63, 64, 4097, T // 2 + 5, T - 65, T - 2, T - 1]
+    ref = _row_oracle(q.detach(), k.detach(), v.detach(), idx, rows, 64, scale)
+    low = _row_oracle(q.detach(), k.detach(), v.detach(), idx, rows, 64, scale, dtype=q.dtype)
+    assert err(o[0, rows], ref) <= lowp_bound(err(low, ref), "out")
+    do = torch.zeros_like(o)
+    do[0, -1] = 1.0  # a gradient on the last row only reaches q at that row
+    (dq,) = torch.autograd.grad(o, (q,), do)
+    assert torch.isfinite(dq).all()
+    assert dq[0, :-1].abs().max().item() == 0.0 and dq[0, -1].abs().max().item() > 0.0
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_backward_deterministic_and_nan_contained_on_gpu():
+    (q, k, v), gen = _inputs(1, 4096, 2, 8, 128, 128, seed=1, dtype=torch.bfloat16, device="cuda")
+    idx = _random_indices(1, 4096, 2, 16, 64, gen)
+    do = torch.randn(1, 4096, 16, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    run = lambda a, b, c: triton_sel.selection_attention(a, b, c, idx, 64)  # noqa: E731
+    g1, g2 = _grads(run, q, k, v, do), _grads(run, q, k, v, do)
+    for a, b in zip(g1, g2, strict=False):
+        assert torch.equal(a, b)
+    for which in ("q", "k", "v", "do"):
+        test_nan_in_one_sequence_leaves_the_other_bit_identical(which, device="cuda")

@@ -1,0 +1,1 @@
+"""Unit tests of the exact reference nsa_ref."""

@@ -1,0 +1,273 @@
+"""nsa_impl.plan: built once (route, layouts, max_seqlen, cu_seqlens checked once), reused
+without host work or device syncs.
+
+The zero-sync property is checked twice: on a GPU under ``torch.cuda.set_sync_debug_mode
+("error")`` (marked ``gpu``), and on any machine by a proxy that runs the planned CUDA route
+(flash / triton / flash) on the ``meta`` device under a dispatch mode that fails on every
+operation that would synchronise a GPU: a read of a device value (``item``, ``bool``,
+``tolist``: ``aten._local_scalar_dense``), an operation whose output size depends on data
+(``nonzero``, ``bincount``, ``unique``, ``masked_select``, ``repeat_interleave`` without
+``output_size``), or a host tensor copied to or mixed with device tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nsa_impl
+import nsa_ref
+from nsa_impl import NSAAttention, branches, dispatch, nsa_attention, scoring
+from nsa_impl.branches import selection
+from nsa_impl.tolerances import FP32_OUT_ATOL
+from nsa_ref import NSAConfig
+
+from .helpers import err, inputs, plan_of, requires_cuda
+
+CFG = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_top_n=3, window=12)
+
+
+def test_plan_holds_route_layouts_and_max_seqlen():
+    cu = torch.tensor([0, 5, 30, 41], dtype=torch.int32)
+    p = nsa_impl.plan((1, 41, 4, 16), CFG, kv_heads=2, v_head_dim=8, cu_seqlens=cu)
+    assert p.route.paths() == {"cmp": "masked", "sel": "packed", "win": "masked"}
+    assert p.max_seqlen == 25 and p.bounds == (0, 5, 30, 41) and p.varlen
+    assert "cmp_masked" in vars(p) and "win_masked" in vars(p)  # built eagerly for the route
+    assert "cmp_flash" not in vars(p)  # not on the route: never built
+    assert p.positions.tolist()[:7] == [0, 1, 2, 3, 4, 0, 1]
+    assert p.cu_seqlens.dtype == torch.int32 and "masked" in repr(p)
+    assert isinstance(p, nsa_impl.Plan)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(q_shape=(1, 8, 4)), ValueError, "q_shape"),
+        (dict(q_shape=(1, 8, 4, 0)), ValueError, r"q_shape\[3\]"),
+        (dict(kv_heads=3), ValueError, "kv_heads"),
+        (dict(cfg="paper"), TypeError, "cfg"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 4, 8], dtype=torch.int32)), ValueError, "cu_seqlens"),
+        (dict(cu_seqlens=torch.tensor([0, 8]), q_shape=(2, 8, 4, 16)), ValueError, "B == 1"),
+        (dict(max_seqlen=7), ValueError, "max_seqlen"),
+        (dict(dtype=torch.int32), TypeError, "dtype"),
+    ],
+)
+def test_bad_plan_arguments_name_the_argument(kwargs, error, match):
+    args = dict(q_shape=(1, 8, 4, 16), cfg=CFG, kv_heads=2)
+    args.update(kwargs)
+    q_shape, cfg = args.pop("q_shape"), args.pop("cfg")
+    with pytest.raises(error, match=match):
+        nsa_impl.plan(q_shape, cfg, **args)
+
+
+def test_max_seqlen_is_checked_against_cu_seqlens():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    assert nsa_impl.plan((1, 8, 4, 16), CFG, kv_heads=2, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="longest sequence is 5"):
+        nsa_impl.plan((1, 8, 4, 16), CFG, kv_heads=2, cu_seqlens=cu, max_seqlen=8)
+
+
+def test_a_reused_plan_gives_the_same_result_for_new_inputs():
+    cu = torch.tensor([0, 19, 40], dtype=torch.int32)
+    p = plan_of(*inputs(1, 40, 2, 2, 16, 8)[:3], CFG, cu)
+    for seed in (1, 2):
+        q, k, v, gates = inputs(1, 40, 2, 2, 16, 8, seed=seed)
+        o_plan = nsa_attention(q, k, v, gates, CFG, plan=p)  # cu_seqlens from the plan
+        o_same = nsa_attention(q, k, v, gates, CFG, plan=p, cu_seqlens=cu)
+        o_fresh = nsa_attention(q, k, v, gates, CFG, cu_seqlens=cu)
+        assert torch.equal(o_plan, o_fresh) and torch.equal(o_same, o_fresh)
+        want = nsa_ref.nsa_attention(q, k, v, gates, CFG, cu_seqlens=cu)
+        assert err(o_plan, want) < FP32_OUT_ATOL
+
+
+def test_calls_that_do_not_fit_the_plan_are_rejected():
+    q, k, v, gates = inputs(1, 40, 2, 2, 16, 8)
+    cu = torch.tensor([0, 19, 40], dtype=torch.int32)
+    p = plan_of(q, k, v, CFG, cu, backward=False)
+    with pytest.raises(ValueError, match="plan's shape"):
+        nsa_attention(q[:, :39], k[:, :39], v[:, :39], gates[:, :39], CFG, plan=p)
+    with pytest.raises(ValueError, match="very tensor"):
+        nsa_attention(q, k, v, gates, CFG, plan=p, cu_seqlens=cu.clone())
+    with pytest.raises(TypeError, match="plan's"):
+        nsa_attention(*(t.double() for t in (q, k, v, gates)), CFG, plan=p)
+    with pytest.raises(ValueError, match="Dv=8"):
+        nsa_attention(q, k, torch.cat([v, v], -1), gates, CFG, plan=p)
+    with pytest.raises(ValueError, match="cfg"):
+        nsa_attention(q, k, v, gates, dataclasses.replace(CFG, window=5), plan=p)
+    with pytest.raises(ValueError, match="backward=False"):
+        nsa_attention(q.requires_grad_(), k, v, gates, CFG, plan=p)
+    with pytest.raises(TypeError, match="plan must be"):
+        nsa_attention(q, k, v, gates, CFG, plan="plan")
+
+
+def test_validate_false_skips_only_the_value_checks():
+    q, k, v, gates = inputs(1, 20, 2, 2, 16, 8)
+    bad = gates.clone()
+    bad[0, 3, 0, 0] = 1.5
+    with pytest.raises(ValueError, match="gates"):
+        nsa_attention(q, k, v, bad, CFG)
+    nsa_attention(q, k, v, bad, CFG, validate=False)  # values not read
+    with pytest.raises(ValueError, match="gates must have shape"):
+        nsa_attention(q, k, v, bad[..., :2], CFG, validate=False)  # shapes always checked
+
+
+def test_selection_entry_point_takes_a_plan():
+    q, k, v, _ = inputs(1, 33, 2, 2, 16, 8)
+    gates = torch.zeros(1, 33, 4, 3)
+    gates[..., 1] = 1.0
+    _, aux = nsa_ref.nsa_attention(q, k, v, gates, CFG, return_aux=True)
+    p = plan_of(q, k, v, CFG)
+    o = nsa_impl.api.selection_attention(q, k, v, aux.block_indices, CFG, plan=p)
+    assert err(o, aux.o_sel) < FP32_OUT_ATOL
+
+
+# ------------------------------------------------------------------------------------------
+# No host sync on the CUDA route
+
+
+class _SyncDetector(TorchDispatchMode):
+    """Fails on operations that would synchronise a GPU (module docstring)."""
+
+    DATA_DEPENDENT = {
+        "aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::unique_dim",
+        "aten::_unique2", "aten::unique_consecutive", "aten::masked_select",
+    }  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in self.DATA_DEPENDENT:
+            raise AssertionError(f"host sync: {name}")
+        if name == "aten::repeat_interleave" and func._overloadname in ("Tensor", "self_Tensor"):
+            if kwargs.get("output_size") is None:
+                raise AssertionError("host sync: repeat_interleave without output_size")
+        tensors = [a for a in _flat(args, kwargs) if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors if t.dim() > 0}
+        # nsa:: custom ops take host chunk tables by design: read on the host, never copied
+        if "cpu" in devices and "meta" in devices and not name.startswith("nsa::"):
+            raise AssertionError(f"host tensor mixed with device tensors in {name}")
+        out = func(*args, **kwargs)
+        copy = name in ("aten::_to_copy", "aten::copy_")
+        if copy and tensors and tensors[0].device.type == "cpu":
+            outs = out if isinstance(out, tuple | list) else [out]
+            if any(isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
+                raise AssertionError(f"host-to-device copy in {name}")
+        return out
+
+
+def _flat(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, tuple | list):
+            yield from a
+        else:
+            yield a
+
+
+@pytest.fixture
+def meta_gpu_paths(monkeypatch):
+    """The CUDA paths declared for the ``meta`` device (kernels' own checks are CUDA's)."""
+    for name in ("flash", "triton", "masked"):
+        decl = dispatch.PATHS[name]
+        monkeypatch.setitem(dispatch.PATHS, name, dataclasses.replace(
+            decl, devices=decl.devices | {"meta"}, probe=None, supports={},
+        ))  # fmt: skip
+    pytest.importorskip("triton", reason="triton is not installed")
+
+
+def test_detector_catches_syncs():
+    x = torch.zeros(4, device="meta")
+    with pytest.raises((AssertionError, RuntimeError, NotImplementedError)):
+        with _SyncDetector():
+            bool(x.sum() > 0)
+    with pytest.raises(AssertionError, match="host"):
+        with _SyncDetector():
+            x + torch.ones(4)
+    with pytest.raises(AssertionError, match="repeat_interleave"):
+        with _SyncDetector():
+            torch.repeat_interleave(torch.arange(3, device="meta"), torch.ones(3, device="meta",
+                                                                               dtype=torch.long))
+
+
+@pytest.mark.parametrize("cu", [None, [0, 700, 1100]])
+def test_planned_cuda_route_has_no_host_sync_proxy(meta_gpu_paths, cu):
+    """flash cmp packing, Triton selection index set-up and the FA-2 window: forward and
+    backward with a prebuilt plan, on the meta device, under `_SyncDetector`."""
+    T, cfg = 1100, NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_top_n=4, window=64)
+    B = 1 if cu else 2
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    with dispatch.force_path(cmp="flash", sel="triton", win="flash"):
+        p = nsa_impl.plan((B, T, 8, 32), cfg, kv_heads=2, cu_seqlens=cu_t, device="meta",
+                          dtype=torch.bfloat16)  # fmt: skip
+    assert p.route.paths() == {"cmp": "flash", "sel": "triton", "win": "flash"}
+    q, k, v, gates = (torch.empty(s, device="meta", dtype=torch.bfloat16, requires_grad=True)
+                      for s in ((B, T, 8, 32), (B, T, 2, 32), (B, T, 2, 32), (B, T, 8, 3)))
+    with _SyncDetector():
+        o = nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
+        o.sum().backward()
+    assert o.shape == (B, T, 8, 32) and q.grad.shape == q.shape and gates.grad is not None
+
+
+def test_masked_route_has_no_host_sync_proxy(meta_gpu_paths):
+    """The "masked" paths (cmp, sel, win) with a plan: sync-free as well, the insides of their
+    custom ops included (run here directly; plan-held chunk tables are read on the host)."""
+    T = 70
+    with dispatch.force_path("masked"):
+        p = nsa_impl.plan((1, T, 4, 16), CFG, kv_heads=2, device="meta", dtype=torch.float32)
+    tensors = [torch.empty(s, device="meta", requires_grad=True)
+               for s in ((1, T, 4, 16), (1, T, 2, 16), (1, T, 2, 16), (1, T, 4, 3))]  # fmt: skip
+    q, k, v = (t.detach() for t in tensors[:3])
+    lay, sizes = p.cmp_masked, [8, 4, 16, 3, 1, 2]
+    kc, vc = k[:, : p.cmp.num_blocks], v[:, : p.cmp.num_blocks]
+    blocks = torch.zeros(1, T, 2, 3, dtype=torch.long, device="meta")
+    with _SyncDetector():
+        nsa_attention(*tensors, CFG, plan=p, validate=False).sum().backward()
+        o, *_ = scoring._cmp_select._init_fn(q, kc, vc, lay.ranges.lo, lay.ranges.hi,
+                                             lay.ranges.chunks, lay.meta, lay.block, 0.25,
+                                             sizes, True, False)  # fmt: skip
+        win = p.win_masked
+        branches.chunk_backward(o, q, k, v, o, win.lo, win.hi, win.chunks.tolist(), 0.25)
+        selection._sel_chunked._init_fn(q, k, v, blocks, p.positions, p.seq_start,
+                                        p.bounds_tensor, "masked", [16, 1 << 18, 64], 0.25,
+                                        False)  # fmt: skip
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("cu", [None, [0, 1500, 4096]])
+def test_planned_forward_backward_performs_zero_host_syncs(cu):
+    """On CUDA, with a prebuilt plan and validate=False: zero syncs, forward and backward."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    cfg = NSAConfig()  # paper configuration
+    B, T = (1 if cu else 2), 4096
+    q, k, v, gates = inputs(B, T, 2, 8, 128, 128, dtype=torch.bfloat16, grad=True, device="cuda")
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    p = plan_of(q, k, v, cfg, cu_t)
+    assert p.route.paths() == {"cmp": "flash", "sel": "triton", "win": "flash"}, p.route
+    nsa_attention(q, k, v, gates, cfg, plan=p, validate=False).sum().backward()  # compile once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
+        o.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(o).all() and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_module_forward_backward_with_a_plan_performs_zero_host_syncs():
+    pytest.importorskip("triton", reason="triton is not installed")
+    layer = NSAAttention(1024, 16, 2, 64, NSAConfig(), rope=True).cuda().bfloat16()
+    x = torch.randn(1, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    p = layer.plan_for(x)
+    layer(x, plan=p).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x, plan=p).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
