@@ -447,7 +447,7 @@ def test_compile_fullgraph_with_a_plan_matches_eager_on_cuda():
     q, k, v, gates = inputs(1, 2048, 2, 8, 128, 128, dtype=torch.bfloat16, grad=True,
                             device="cuda")  # fmt: skip
     p = plan_of(q, k, v, cfg)
-    assert p.route.paths() == {"cmp": "flash", "sel": "triton", "win": "flash"}, p.route
+    assert set(p.route.paths().values()) <= {"triton", "flash"}, p.route  # the kernel ops
     eager = nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
     ge = torch.autograd.grad(eager.float().sum(), (q, k, v, gates))
     fn = torch.compile(nsa_attention, fullgraph=True)

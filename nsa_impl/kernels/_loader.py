@@ -25,10 +25,12 @@ def executing_mode() -> bool:
     """The mode (``True``: interpreted) of the kernel file that `load_kernel_module` is executing.
 
     A kernel file calls ``load_kernel_module("_helpers.py", executing_mode())`` to get shared
-    ``triton.jit`` helpers decorated in its own mode. Raises ``RuntimeError`` outside such a load.
+    ``triton.jit`` helpers decorated in its own mode. A kernel file imported directly (outside
+    a load: ``import nsa_impl.kernels._range_kernels``) was decorated in the mode
+    ``TRITON_INTERPRET`` sets, so that is the mode then.
     """
     if not _EXECUTING:
-        raise RuntimeError("executing_mode() is only meaningful while a kernel file is loaded")
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return _EXECUTING[-1]
 
 

@@ -283,9 +283,10 @@ def _inverse_index(idx: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor, sel: 
     item_seg.scatter_(0, item, keyc)
     item_start.scatter_(0, item, e)
     item_end.scatter_(0, item, torch.minimum(e + chunk, seg_off[keyc + 1]))
-    item_seg[W] = -1
-    item_start[W] = 0
-    item_end[W] = 0
+    # The dummy slot W reset with fill_ (a `t[W] = -1` copies a CPU scalar: a host sync).
+    item_seg[W:].fill_(-1)
+    item_start[W:].zero_()
+    item_end[W:].zero_()
     return (
         ent_pos.contiguous(), item_seg[:W].contiguous(), item_start[:W].contiguous(),
         item_end[:W].contiguous(), item_off.contiguous(), blk_seq0.contiguous(),
