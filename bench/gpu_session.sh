@@ -7,6 +7,9 @@
 #                                       # conformance (in parallel), the profile of a planned
 #                                       # 64k call, then ours / dense / flash_nsa / fla-core side
 #                                       # by side (.peers/peer_bench.py; wheels from .whl/)
+#   bash bench/gpu_session.sh recheck   # 2026-12-02: call 1's failing GPU tests, NaN-rows per
+#                                       # CUDA torch path, peers' conformance, the profile and
+#                                       # the side by side again, the decode grid
 #   bash bench/gpu_session.sh serve     # 2026-12-02: the triton path's and the peers' GPU
 #                                       # conformance, the decode benchmark grid
 # Results under $OUT, packed so that at most 8 files come back: summary.txt (the tables),
@@ -24,6 +27,13 @@ note() { echo "[$((SECONDS - t0)) s] $*" | tee -a "$SUM"; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   git log --oneline -1 2>/dev/null || true
 } 2>&1 | tee -a "$SUM"
+
+# fla-core is a pure-Python wheel (carried in .whl/): unpacked onto a path of its own, put on
+# PYTHONPATH only in the peers' processes.
+FLA=/tmp/fla_site
+unpack_fla() {
+  python3 -m zipfile -e .whl/fla_core-*.whl "$FLA" && python3 -c "import sys; sys.path.insert(0, '$FLA'); import fla; print('fla', fla.__version__)" 2>&1 | tail -1 | tee -a "$SUM"
+}
 
 case "${1:-kernels}" in
 kernels)
@@ -70,25 +80,25 @@ verify)
   timeout 90 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" \
       > "$OUT/prefill/profile.log" 2>&1
   note "profile rc=$?"; cat "$OUT/prefill/profile.log" | tee -a "$SUM"
-  pip install --no-deps -q .whl/fla_core-*.whl > "$OUT/tests/pip.log" 2>&1
+  unpack_fla
   left=$(( 575 - (SECONDS - t0) ))
   note "side by side (peer_bench ours, then peers), ${left}s left"
   timeout $(( left / 2 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
       > "$OUT/prefill/peer_ours.jsonl" 2>&1
   note "ours rc=$?"
   left=$(( 580 - (SECONDS - t0) ))
-  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$PWD" timeout $(( left > 20 ? left : 20 )) \
+  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout $(( left > 20 ? left : 20 )) \
       python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
   note "peers rc=$?"
   grep -hE "^\{|failed" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
   ;;
 serve)
-  pip install --no-deps -q .whl/fla_core-*.whl > "$OUT/tests/pip.log" 2>&1
+  unpack_fla
   note "GPU conformance: nsa_impl:triton, fla:parallel, flash_nsa (in parallel)"
   timeout 280 python3 -m conformance run --impl nsa_impl:triton --device cuda --no-mutants \
       --examples 1 --report "$OUT/tests/conf_triton" > "$OUT/tests/conf_triton.log" 2>&1 &
   p1=$!
-  PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 280 python3 -m conformance run --impl fla:parallel --peer \
+  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 280 python3 -m conformance run --impl fla:parallel --peer \
       --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
       > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
   p2=$!
@@ -102,6 +112,51 @@ serve)
     rm -f "$OUT/tests/conf_$n/junit.xml"
   done
   left=$(( 570 - (SECONDS - t0) ))
+  note "decode bench, ${left}s left"
+  timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
+      --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
+  note "decode bench rc=$?"
+  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
+      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
+  ;;
+recheck)
+  unpack_fla
+  note "GPU tests of call 1's failures and the selection kernels; NaN-rows attribution per CUDA path; peers' conformance (in parallel)"
+  timeout 240 python3 -m pytest tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py \
+      gpu_matrix -m gpu -q -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
+  pids=($!)
+  for impl in nsa_impl:masked nsa_impl:packed nsa_impl:varlen; do
+    n="${impl//:/_}"
+    timeout 240 python3 -m conformance run --impl "$impl" --device cuda --no-mutants \
+        --clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION --report "$OUT/tests/nan_$n" \
+        > "$OUT/tests/nan_$n.log" 2>&1 &
+    pids+=($!)
+  done
+  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 240 python3 -m conformance run --impl fla:parallel \
+      --peer --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
+      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
+  pids+=($!)
+  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 240 \
+      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
+      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
+  pids+=($!)
+  for p in "${pids[@]}"; do wait "$p"; done
+  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
+  for n in nan_nsa_impl_masked nan_nsa_impl_packed nan_nsa_impl_varlen conf_fla_parallel conf_flash_nsa; do
+    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
+    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-300 | head -4 | tee -a "$SUM"
+    rm -f "$OUT/tests/$n/junit.xml"
+  done
+  note "profile of a planned call at 64k"
+  timeout 60 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
+  note "side by side: ours, then fla-core (flash_nsa's rows are call 1's)"
+  timeout 100 python3 .peers/peer_bench.py ours 8192,16384,32768,65536 > "$OUT/prefill/peer_ours.jsonl" 2>&1
+  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout 120 \
+      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
+  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
+  left=$(( 575 - (SECONDS - t0) ))
   note "decode bench, ${left}s left"
   timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
       --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1

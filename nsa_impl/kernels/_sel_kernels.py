@@ -13,8 +13,9 @@ Common notation inside the kernels:
 * Masked scores are ``-inf`` (never a finite sentinel, spec A7); a row with no visible key ends
   with ``l == 0`` and writes an exact zero output and ``lse = -inf``.
 * NaN containment: a tile's keys are shared by rows that may not all read them, so scores and
-  probabilities are selected with ``tl.where`` and every ``tl.dot`` contracting over masked
-  entries reads its other operand through `_finite` (non-finite values zeroed). A row that
+  probabilities are selected with ``tl.where`` and, in a tile that masks some (row, key) pair
+  (`_hides_keys`), every ``tl.dot`` contracting over masked entries reads its other operand
+  through `_finite` (non-finite values zeroed). A row that
   reads a non-finite ``v`` is written as NaN (forward), and so is the ``dV`` of a key read by a
   row whose ``dO`` is not finite (backward); everything else is bit-identical.
 """
@@ -106,6 +107,15 @@ def _finite(x):
     finite values and NaN for NaN/Inf."""
     ok = (x - x) == 0
     return tl.where(ok, x, tl.zeros_like(x)), ok
+
+
+@triton.jit
+def _hides_keys(ok, live):
+    """Whether a tile masks some (row, key) pair of ``live`` (valid rows / keys): only such a
+    tile needs its operands cleaned for NaN containment. In a fully visible tile every row
+    reads every key, so a non-finite value reaches exactly the rows that read it unaided and
+    the per-element cleaning (2.5x the selection's time on an H200) is skipped."""
+    return tl.sum(tl.where(live & (ok == 0), 1, 0)) > 0
 
 
 @triton.jit
@@ -217,9 +227,10 @@ def _sel_fwd_kernel(
             p = tl.where(ok, _exp(s - m_safe[:, None], PRECISE), 0.0)
             alpha = _exp(m_i - m_safe, PRECISE)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v, v_ok = _finite(v)
-            v_bad = tl.max(tl.where(v_ok, 0, 1), axis=1)  # [BN]: key holds a non-finite value
-            bad = tl.maximum(bad, tl.max(tl.where(ok & (v_bad[None, :] > 0), 1, 0), axis=1))
+            if _hides_keys(ok, valid[:, None]):  # containment only where some row is masked
+                v, v_ok = _finite(v)
+                v_bad = tl.max(tl.where(v_ok, 0, 1), axis=1)  # [BN]: key holds a non-finite
+                bad = tl.maximum(bad, tl.max(tl.where(ok & (v_bad[None, :] > 0), 1, 0), axis=1))
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
     # Empty rows (l == 0) give exact zeros; a NaN l (a row that read a NaN) must stay NaN.
@@ -274,7 +285,8 @@ def _sel_dq_kernel(
             p = tl.where(ok, _exp(s - lse[:, None], PRECISE), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-            k, _ = _finite(k)
+            if _hides_keys(ok, valid[:, None]):
+                k, _ = _finite(k)
             dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(
         DQ + pos[:, None] * stride_dqn + head[:, None] * stride_dqh + dk[None, :],
@@ -337,14 +349,15 @@ def _sel_dkdv_kernel(
         st = _scores(k, tl.trans(q), scale, IEEE)  # [BKEY, BR]
         ok = kin[:, None] & ok_row[None, :] & (kl[:, None] <= ploc[None, :])
         pt = tl.where(ok, _exp(st - lse[None, :], PRECISE), 0.0)
-        do_clean, do_ok = _finite(do)
-        do_bad = tl.max(tl.where(do_ok, 0, 1), axis=1)  # [BR]
-        v_bad = tl.maximum(v_bad, tl.max(tl.where(ok & (do_bad[None, :] > 0), 1, 0), axis=1))
-        acc_v += _acc_dot(pt.to(do.dtype), do_clean, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
-        q_clean, _ = _finite(q)
-        acc_k += _acc_dot(dst.to(q.dtype), q_clean, IEEE)
+        if _hides_keys(ok, kin[:, None] & ok_row[None, :]):  # some row misses some key
+            do, do_ok = _finite(do)
+            do_bad = tl.max(tl.where(do_ok, 0, 1), axis=1)  # [BR]
+            v_bad = tl.maximum(v_bad, tl.max(tl.where(ok & (do_bad[None, :] > 0), 1, 0), axis=1))
+            q, _ = _finite(q)
+        acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
+        acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
     acc_v = tl.where(v_bad[:, None] > 0, float("nan"), acc_v)
     key = kc + tl.arange(0, BKEY)
     # Scalar-by-tensor masks are broadcast explicitly (Triton's interpreter mis-types them).
