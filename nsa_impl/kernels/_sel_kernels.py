@@ -13,11 +13,13 @@ Common notation inside the kernels:
 * Masked scores are ``-inf`` (never a finite sentinel, spec A7); a row with no visible key ends
   with ``l == 0`` and writes an exact zero output and ``lse = -inf``.
 * NaN containment: a tile's keys are shared by rows that may not all read them, so scores and
-  probabilities are selected with ``tl.where`` and, in a tile that masks some (row, key) pair
-  (`_hides_keys`), every ``tl.dot`` contracting over masked entries reads its other operand
-  through `_finite` (non-finite values zeroed). A row that
-  reads a non-finite ``v`` is written as NaN (forward), and so is the ``dV`` of a key read by a
-  row whose ``dO`` is not finite (backward); everything else is bit-identical.
+  probabilities are selected with ``tl.where`` (never multiplied by zero), and the operands
+  that products contract over masked entries arrive cleaned (non-finite entries zeroed, by
+  `nsa_impl.kernels.triton_sel.contained` before the launch): the hot loops carry no
+  containment code. A row that reads a non-finite ``v`` gets NaN scores there (the forward's
+  keys are poisoned where ``v`` is not finite), so its output and log-sum-exp are NaN; in the
+  dK/dV kernel a row whose ``delta`` (rowsum ``dO * O``) is not finite makes its probabilities
+  NaN, so the dK/dV of the keys it reads are NaN.
 """
 
 from __future__ import annotations
@@ -99,23 +101,6 @@ def _log(x, PRECISE: tl.constexpr):
         return libdevice.log(x)
     else:
         return tl.log(x)
-
-
-@triton.jit
-def _finite(x):
-    """``(x with non-finite entries zeroed, mask of finite entries)``: ``x - x`` is 0 exactly for
-    finite values and NaN for NaN/Inf."""
-    ok = (x - x) == 0
-    return tl.where(ok, x, tl.zeros_like(x)), ok
-
-
-@triton.jit
-def _hides_keys(ok, live):
-    """Whether a tile masks some (row, key) pair of ``live`` (valid rows / keys): only such a
-    tile needs its operands cleaned for NaN containment. In a fully visible tile every row
-    reads every key, so a non-finite value reaches exactly the rows that read it unaided and
-    the per-element cleaning (2.5x the selection's time on an H200) is skipped."""
-    return tl.sum(tl.where(live & (ok == 0), 1, 0)) > 0
 
 
 @triton.jit
@@ -210,7 +195,6 @@ def _sel_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    bad = tl.zeros([BM], tl.int32)  # rows that read a non-finite value
     cnt = tl.load(CNT + tile * G + g)
     uni = UNI + tile * stride_ut + g * stride_ug
     for u in range(0, cnt):
@@ -227,16 +211,11 @@ def _sel_fwd_kernel(
             p = tl.where(ok, _exp(s - m_safe[:, None], PRECISE), 0.0)
             alpha = _exp(m_i - m_safe, PRECISE)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if _hides_keys(ok, valid[:, None]):  # containment only where some row is masked
-                v, v_ok = _finite(v)
-                v_bad = tl.max(tl.where(v_ok, 0, 1), axis=1)  # [BN]: key holds a non-finite
-                bad = tl.maximum(bad, tl.max(tl.where(ok & (v_bad[None, :] > 0), 1, 0), axis=1))
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
     # Empty rows (l == 0) give exact zeros; a NaN l (a row that read a NaN) must stay NaN.
     empty = l_i == 0.0
     o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
-    o = tl.where(bad[:, None] > 0, float("nan"), o)
     lse = tl.where(empty, float("-inf"), m_i + _log(tl.where(empty, 1.0, l_i), PRECISE))
     tl.store(
         O + pos[:, None] * stride_on + head[:, None] * stride_oh + dv[None, :],
@@ -285,8 +264,6 @@ def _sel_dq_kernel(
             p = tl.where(ok, _exp(s - lse[:, None], PRECISE), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-            if _hides_keys(ok, valid[:, None]):
-                k, _ = _finite(k)
             dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(
         DQ + pos[:, None] * stride_dqn + head[:, None] * stride_dqh + dk[None, :],
@@ -332,7 +309,6 @@ def _sel_dkdv_kernel(
     v = _load_rows(V, krow, g + 0 * kl, kin, stride_vn, stride_vg, DV, BDV)
     acc_k = _acc_zeros(BKEY, BDK, IEEE)
     acc_v = _acc_zeros(BKEY, BDV, IEEE)
-    v_bad = tl.zeros([BKEY], tl.int32)  # keys read by a row whose dO is not finite
     r = tl.arange(0, BR)
     pr = r // h
     head = g * h + r % h
@@ -348,17 +324,13 @@ def _sel_dkdv_kernel(
         delta = tl.load(DELTA + pos * stride_lsen + head, mask=ok_row, other=0.0)
         st = _scores(k, tl.trans(q), scale, IEEE)  # [BKEY, BR]
         ok = kin[:, None] & ok_row[None, :] & (kl[:, None] <= ploc[None, :])
-        pt = tl.where(ok, _exp(st - lse[None, :], PRECISE), 0.0)
+        # + (delta - delta): 0 for a finite delta, NaN for a row whose dO or O is not finite,
+        # whose probabilities (and so the dK/dV of the keys it reads) become NaN.
+        pt = tl.where(ok, _exp(st - lse[None, :] + (delta - delta)[None, :], PRECISE), 0.0)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
-        if _hides_keys(ok, kin[:, None] & ok_row[None, :]):  # some row misses some key
-            do, do_ok = _finite(do)
-            do_bad = tl.max(tl.where(do_ok, 0, 1), axis=1)  # [BR]
-            v_bad = tl.maximum(v_bad, tl.max(tl.where(ok & (do_bad[None, :] > 0), 1, 0), axis=1))
-            q, _ = _finite(q)
         acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
         acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
-    acc_v = tl.where(v_bad[:, None] > 0, float("nan"), acc_v)
     key = kc + tl.arange(0, BKEY)
     # Scalar-by-tensor masks are broadcast explicitly (Triton's interpreter mis-types them).
     used = key[:, None] * 0 + seg >= 0
