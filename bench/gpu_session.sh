@@ -10,6 +10,9 @@
 #   bash bench/gpu_session.sh recheck   # 2026-12-02: call 1's failing GPU tests, NaN-rows per
 #                                       # CUDA torch path, peers' conformance, the profile and
 #                                       # the side by side again, the decode grid
+#   bash bench/gpu_session.sh measure   # 2026-12-02: determinism per CUDA path, GPU tests,
+#                                       # conformance (router, peers), the profile, the side by
+#                                       # side with flash_nsa and fla-core
 #   bash bench/gpu_session.sh serve     # 2026-12-02: the triton path's and the peers' GPU
 #                                       # conformance, the decode benchmark grid
 # Results under $OUT, packed so that at most 8 files come back: summary.txt (the tables),
@@ -163,6 +166,45 @@ recheck)
   note "decode bench rc=$?"
   [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
       || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
+  ;;
+measure)
+  unpack_fla
+  note "determinism per CUDA path (float64, bf16); GPU tests of the selection, plan and compile; router conformance; peers' conformance (in parallel)"
+  timeout 120 python3 bench/determinism_probe.py > "$OUT/tests/determinism.log" 2>&1 &
+  pids=($!)
+  timeout 200 python3 -m pytest tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py \
+      tests/test_amp.py -m gpu -q -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
+  pids+=($!)
+  timeout 200 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants --examples 1 \
+      --report "$OUT/tests/conf_nsa_impl" > "$OUT/tests/conf_nsa_impl.log" 2>&1 &
+  pids+=($!)
+  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 200 python3 -m conformance run --impl fla:parallel \
+      --peer --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
+      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
+  pids+=($!)
+  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 200 \
+      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
+      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
+  pids+=($!)
+  for p in "${pids[@]}"; do wait "$p"; done
+  cat "$OUT/tests/determinism.log" | tee -a "$SUM"
+  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
+  for n in conf_nsa_impl conf_fla_parallel conf_flash_nsa; do
+    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
+    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-240 | head -6 | tee -a "$SUM"
+    rm -f "$OUT/tests/$n/junit.xml"
+  done
+  note "profile of a planned call at 64k"
+  timeout 60 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
+  note "side by side: ours, then flash_nsa and fla-core"
+  timeout 80 python3 .peers/peer_bench.py ours 8192,16384,32768,65536 > "$OUT/prefill/peer_ours.jsonl" 2>&1
+  left=$(( 560 - (SECONDS - t0) ))
+  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout $(( left > 30 ? left : 30 )) \
+      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
+  note "peers rc=$?"
+  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

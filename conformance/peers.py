@@ -308,6 +308,8 @@ class FlaAdapter(Adapter):
             nsa_config=False,
             min_group_size=16,
             pow2_group_size=True,
+            # parallel_nsa's Triton dots need K >= 16 ("Input shapes should have ... K >= 16")
+            min_head_dim=None if kind == "naive" else 16,
             max_head_dim=None if kind == "naive" else 256,
             limits=FlaLimits(kind),
         )
@@ -525,6 +527,7 @@ class FlashNsaAdapter(Adapter):
         min_head_dim=16,
         max_head_dim=256,
         pow2_head_dims=True,
+        same_head_dims=True,  # its window's flash_attn takes one head dim for q, k and v
         limits=FlashNsaLimits(),
     )
     profile = {
