@@ -112,5 +112,9 @@ def test_installed_environment_matches_its_constraints():
     path = os.environ.get("NSA_CONSTRAINTS")
     if not path or not Path(path).is_file():
         pytest.skip(f"not installed under a constraints file (NSA_CONSTRAINTS={path!r})")
-    installed = {d.metadata["Name"]: d.version for d in metadata.distributions()}
+    # the first distribution of a name on sys.path is the one imported; later ones (e.g. the
+    # copies setuptools vendors and puts on sys.path once imported) are shadowed by it
+    installed: dict[str, str] = {}
+    for d in metadata.distributions():
+        installed.setdefault(d.metadata["Name"], d.version)
     assert pins.mismatches(Path(path).read_text(encoding="utf-8"), installed) == []

@@ -78,6 +78,14 @@ FLAGS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "NSA_DEBUG_TIMING": ("debug_timing", _parse_bool),
 }
 
+#: ``NSA_*`` variables of the project's tooling (nox, conformance, peers), not routing flags:
+#: set in the same processes, never warned about.
+TOOLING_VARIABLES = frozenset({
+    "NSA_CONSTRAINTS", "NSA_TORCH_SPEC", "NSA_TRITON_SPEC", "NSA_GPU_MATRIX_PYTHON",
+    "NSA_FLASH_NSA_PATH", "NSA_CONFORMANCE_DEVICE", "NSA_CONFORMANCE_EXAMPLES",
+    "NSA_CONFORMANCE_IMPL", "NSA_CONFORMANCE_LANES",
+})
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -116,7 +124,8 @@ class Settings:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         """Parse ``environ``; warn about unknown ``NSA_*`` names."""
-        unknown = sorted(n for n in environ if n.startswith("NSA_") and n not in FLAGS)
+        unknown = sorted(n for n in environ if n.startswith("NSA_") and n not in FLAGS
+                         and n not in TOOLING_VARIABLES)  # fmt: skip
         if unknown:
             warnings.warn(
                 f"unknown NSA_* environment variable(s) {unknown} ignored; known flags: "

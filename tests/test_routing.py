@@ -80,3 +80,15 @@ def test_values_are_parsed():
     assert (s.fa2_win, s.fa2_cmp, s.sel_varlen_min_len, s.use_sel_pack) == (True, False, 128, False)
     assert s.triton_interpret and s.source["NSA_USE_FA2"] == "off"
     assert hash(s) == hash(routing.Settings.from_environ(dict(s.source, TRITON_INTERPRET="1")))
+
+
+def test_tooling_variables_are_not_warned_about():
+    """The project's own NSA_* tooling variables (nox, conformance) are not routing flags and
+    raise no unknown-variable warning; an unknown NSA_* name still does."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        routing.Settings.from_environ({name: "x" for name in routing.TOOLING_VARIABLES})
+    with pytest.warns(RuntimeWarning, match="NSA_BOGUS"):
+        routing.Settings.from_environ({"NSA_BOGUS": "1"})
