@@ -481,6 +481,11 @@ def _forced(branch: str, name: str, inp: Inputs, why: str, *, any_device=False) 
     return Decision(branch, name, why, error=f"{why}, but {name} cannot run: {reason}")
 
 
+def device_profile(device: torch.device):
+    """The device's `nsa_impl.kernels.tuning.Profile` as routing sees it (`_profile`)."""
+    return _profile(device)
+
+
 def _profile(device: torch.device):
     """The device's `nsa_impl.kernels.tuning.Profile` (or the one `tuning.use_profile` set);
     ``None`` when it cannot be read (no GPU to ask, a broken file): the built-in order."""
@@ -726,5 +731,6 @@ def gate(o_cmp, o_sel, o_win, gates, plan) -> torch.Tensor:
     else `nsa_ref.reference.gate` in the work dtype (float32 for half precision on the CPU),
     rounded once."""
     if plan.route.gate == "triton":
-        return triton_gate.gate_combine(*(t.to(plan.dtype) for t in (o_cmp, o_sel, o_win, gates)))
+        return triton_gate.gate_combine(*(t.to(plan.dtype) for t in (o_cmp, o_sel, o_win, gates)),
+                                        tuning=plan.tuning("gate"))  # fmt: skip
     return ref_gate(o_cmp, o_sel, o_win, gates.to(plan.work_dtype)).to(plan.dtype)

@@ -78,6 +78,8 @@ class Plan:
             what RoPE of ``q`` and the selection read.
         cu_seqlens: int32 ``[N+1]`` on the device (``None`` without varlen).
         cmp: the `CmpLayout` (compressed-block geometry, with device copies).
+        profile: the device's `nsa_impl.kernels.tuning.Profile` when the plan was built
+            (``None`` if none could be read); `tuning` gives its launch shapes.
     """
 
     def __init__(self, cfg, B, T, H, G, Dk, Dv, device, dtype, backward, bounds, varlen,
@@ -96,6 +98,9 @@ class Plan:
                              backward, cfg, rows is not None)  # fmt: skip
         self.route = dispatch.choose(self.inputs)
         self.route.raise_errors()
+        # The device profile, read once: the Triton launches take their shapes from the plan
+        # (`tuning`), so a planned call reads no file or context variable (torch.compile traces it).
+        self.profile = dispatch.device_profile(device)
         self.positions = self.layout.pos.to(device)
         self.seq_start = self.layout.seq_start.to(device)
         self.row_positions, self.row_seq_start = self.positions, self.seq_start
@@ -108,6 +113,12 @@ class Plan:
         for branch, decision in self.route.items():  # the layouts the route reads, now
             if branch in branches and branch in decision.decl.layouts:
                 self.layout_of(branch, decision.path)
+
+    def tuning(self, kernel: str):
+        """The plan's device-profile launch shape of ``kernel`` (``"cmp"``, ``"win"``, ``"topn"``,
+        ``"gate"``: `nsa_impl.kernels.tuning.Profile` fields); ``None`` without a profile (the
+        launcher then asks `nsa_impl.kernels.tuning.profile_for`)."""
+        return None if self.profile is None else getattr(self.profile, kernel)
 
     def __repr__(self) -> str:
         shape = (self.B, self.T_q, self.H, self.Dk)

@@ -113,14 +113,14 @@ def triton(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool = False) -> Sc
     kc3 = k_cmp.reshape(-1, G, Dk)
     o, lse = triton_attn.cmp_attention(
         q3, kc3, v_cmp.reshape(-1, G, Dv), lay.qstart, lay.kstart, lay.max_len,
-        cfg.cmp_block, cfg.cmp_stride, scale,
+        cfg.cmp_block, cfg.cmp_stride, scale, tuning=plan.tuning("cmp"),
     )  # fmt: skip
     num_scores = cfg.num_sel_blocks(T) if want_aux else 0
     idx, sc = triton_topn.select_blocks(
         q3, kc3, lse, lay.qstart, lay.kstart, lay.max_len,
         cmp_block=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_block=cfg.sel_block,
         top_n=cfg.sel_top_n, init_blocks=cfg.sel_init_blocks, local_blocks=cfg.sel_local_blocks,
-        scale=scale, num_scores=num_scores,
+        scale=scale, num_scores=num_scores, tuning=plan.tuning("topn"),
     )  # fmt: skip
     p_slc = p_cmp = None
     if want_aux:

@@ -41,4 +41,5 @@ def flash(q, k, v, plan, scale: float) -> torch.Tensor:
 def triton(q, k, v, plan, scale: float) -> torch.Tensor:
     """The "triton" path: the Triton window kernels with the plan's sequence starts."""
     lay = plan.layout_of("win", "triton")
-    return triton_attn.window_attention(q, k, v, plan.cfg.window, scale, layout=lay)
+    return triton_attn.window_attention(q, k, v, plan.cfg.window, scale, layout=lay,
+                                        tuning=plan.tuning("win"))  # fmt: skip
