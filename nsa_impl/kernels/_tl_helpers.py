@@ -124,8 +124,14 @@ def acc_dot(a, b, IEEE: tl.constexpr):
 def finite(x):
     """``(x with non-finite entries zeroed, mask of its finite entries)``: ``x - x`` is exactly 0
     for finite values and NaN for NaN/Inf (NaN containment: a ``tl.dot`` contracting over
-    masked entries reads its operand through this, so a masked NaN adds nothing)."""
-    ok = (x - x) == 0
+    masked entries reads its operand through this, so a masked NaN adds nothing). The
+    interpreter subtracts bfloat16 tiles as raw bit patterns (NaN - NaN == 0 there, see
+    `INTERPRETED`), so it tests the float32 values; compiled code tests ``x`` itself."""
+    if INTERPRETED:
+        xf = x.to(tl.float32)
+        ok = (xf - xf) == 0
+    else:
+        ok = (x - x) == 0
     return tl.where(ok, x, tl.zeros_like(x)), ok
 
 
