@@ -13,6 +13,8 @@
 #   bash bench/gpu_session.sh measure   # 2026-12-02: determinism per CUDA path, GPU tests,
 #                                       # conformance (router, peers), the profile, the side by
 #                                       # side with flash_nsa and fla-core
+#   bash bench/gpu_session.sh final     # 2026-12-02: the last call's checks of the fixes, the
+#                                       # profile and ours against dense
 #   bash bench/gpu_session.sh serve     # 2026-12-02: the triton path's and the peers' GPU
 #                                       # conformance, the decode benchmark grid
 # Results under $OUT, packed so that at most 8 files come back: summary.txt (the tables),
@@ -205,6 +207,39 @@ measure)
       python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
   note "peers rc=$?"
   grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
+  ;;
+final)
+  note "determinism per CUDA path; GPU NaN/compile/plan tests; NaN and parity clauses (router, triton) (in parallel)"
+  timeout 120 python3 bench/determinism_probe.py --paths masked,packed,varlen > "$OUT/tests/determinism.log" 2>&1 &
+  pids=($!)
+  timeout 150 python3 -m pytest tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_attn.py \
+      tests/test_api.py tests/test_plan.py -m gpu -q -rfEs -n 3 -p no:cacheprovider \
+      > "$OUT/tests/gpu_tests.log" 2>&1 &
+  pids+=($!)
+  clauses="--clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION --clause NSA-NAN-EMPTY-CMP --clause NSA-DENSE-CROSSCHECK --clause NSA-EQ5-SHAPES"
+  for impl in nsa_impl nsa_impl:triton; do
+    n="${impl//:/_}"
+    timeout 150 python3 -m conformance run --impl "$impl" --device cuda --no-mutants --examples 1 \
+        $clauses --report "$OUT/tests/conf_$n" > "$OUT/tests/conf_$n.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  cat "$OUT/tests/determinism.log" | tee -a "$SUM"
+  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
+  for n in conf_nsa_impl conf_nsa_impl_triton; do
+    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
+    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-240 | head -6 | tee -a "$SUM"
+    rm -f "$OUT/tests/$n/junit.xml"
+  done
+  note "profile of a planned call at 64k"
+  timeout 45 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
+  left=$(( 255 - (SECONDS - t0) ))
+  note "side by side: ours (${left}s)"
+  timeout $(( left > 20 ? left : 20 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
+      > "$OUT/prefill/peer_ours.jsonl" 2>&1
+  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_ours.jsonl | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

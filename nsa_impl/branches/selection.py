@@ -450,11 +450,30 @@ def _chunks_backward(do, q, k, v, o, rows: _Rows, chunks: list[_Chunk], scale: f
             ds.masked_fill_(~valid.unsqueeze(1), 0.0)
             idx = torch.where(valid, idx, dump)
         dq.index_copy_(0, c.rows, torch.matmul(ds, kc).mul_(scale))
-        dk.index_add_(
-            0, idx.flatten(), torch.matmul(ds.transpose(1, 2), qc).mul_(scale).flatten(0, 1)
-        )
-        dv.index_add_(0, idx.flatten(), dvc.flatten(0, 1))
+        dsq = torch.matmul(ds.transpose(1, 2), qc).mul_(scale).flatten(0, 1)
+        _add_rows(dk, idx.flatten(), dsq)
+        _add_rows(dv, idx.flatten(), dvc.flatten(0, 1))
     return dq.view(q.shape), dk[:dump].view(k.shape), dv[:dump].view(v.shape)
+
+
+def _add_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[idx[i]] += src[i]``, bit-reproducible on every device.
+
+    CUDA's ``index_add_`` adds with atomics, so a key's gradient sums its rows in a different
+    order on every run (measured on an H200: dK/dV of the torch selection paths differed run to
+    run, and NSA-NAN-ROWS, which compares a clean and a dirty run bit for bit, failed). Under
+    PyTorch's deterministic mode it sorts the indices and adds in that order instead; the mode is
+    switched on for this one call and restored (``warn_only`` keeps other code unaffected).
+    """
+    if dst.device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        dst.index_add_(0, idx, src)
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        dst.index_add_(0, idx, src)
+    finally:
+        torch.use_deterministic_algorithms(False, warn_only=warn_only)
 
 
 # --------------------------------------------------------------------------------------------
