@@ -210,9 +210,9 @@ measure)
   ;;
 final)
   note "determinism per CUDA path; GPU NaN/compile/plan tests; NaN and parity clauses (router, triton) (in parallel)"
-  timeout 120 python3 bench/determinism_probe.py --paths masked,packed,varlen > "$OUT/tests/determinism.log" 2>&1 &
+  timeout 100 python3 bench/determinism_probe.py --paths masked,packed,varlen > "$OUT/tests/determinism.log" 2>&1 &
   pids=($!)
-  timeout 150 python3 -m pytest tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_attn.py \
+  timeout 110 python3 -m pytest tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_attn.py \
       tests/test_api.py tests/test_plan.py -m gpu -q -rfEs -n 3 -p no:cacheprovider \
       > "$OUT/tests/gpu_tests.log" 2>&1 &
   pids+=($!)
@@ -235,7 +235,7 @@ final)
   note "profile of a planned call at 64k"
   timeout 45 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
   grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
-  left=$(( 255 - (SECONDS - t0) ))
+  left=$(( 235 - (SECONDS - t0) ))
   note "side by side: ours (${left}s)"
   timeout $(( left > 20 ? left : 20 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
       > "$OUT/prefill/peer_ours.jsonl" 2>&1
