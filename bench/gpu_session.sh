@@ -219,7 +219,7 @@ final)
   clauses="--clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION --clause NSA-NAN-EMPTY-CMP --clause NSA-DENSE-CROSSCHECK --clause NSA-EQ5-SHAPES"
   for impl in nsa_impl nsa_impl:triton; do
     n="${impl//:/_}"
-    timeout 150 python3 -m conformance run --impl "$impl" --device cuda --no-mutants --examples 1 \
+    timeout 110 python3 -m conformance run --impl "$impl" --device cuda --no-mutants --examples 1 \
         $clauses --report "$OUT/tests/conf_$n" > "$OUT/tests/conf_$n.log" 2>&1 &
     pids+=($!)
   done
