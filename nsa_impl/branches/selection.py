@@ -12,11 +12,11 @@ Paths (the dispatcher's names; `selection_attention` ``path=``):
     The exact fallback: every row gets ``n * l'`` key slots (its ``n`` block windows), a slot is
     valid iff its block is a first occurrence and its key is ``<= p``; explicit masked softmax.
 ``packed``
-    Rows are sorted by selected length ``L`` and cut into chunks ("buckets") of similar length;
-    the selected keys of each row are compacted (via `block_ranges`) to the left of a
-    ``[rows, W]`` slab, ``W`` = the bucket's longest row, and one
-    ``scaled_dot_product_attention`` call per bucket attends (a boolean prefix mask only when the
-    bucket's lengths differ). The ``h`` heads of a group are the query rows of one SDPA problem,
+    Rows are bucketed by their own width ``W`` (selected length ``L`` rounded up to whole
+    selection blocks; rows with ``L == W`` apart) and cut into chunks; the selected keys of each
+    row are compacted (via `block_ranges`) to the left of a ``[rows, W]`` slab, and one
+    ``scaled_dot_product_attention`` call per chunk attends (a boolean prefix mask only in the
+    chunks of rows with ``L < W``). A row's result so depends on that row alone. The ``h`` heads of a group are the query rows of one SDPA problem,
     so each gathered key is read once per group (the paper's group-centric layout).
 ``varlen``
     Flat packing over (row, group) pairs: the compacted keys of all rows of a chunk are
@@ -213,26 +213,43 @@ def _natural_chunks(rows: _Rows, chunk_slots: int) -> list[_Chunk]:
 
 
 def _sorted_chunks(rows: _Rows, member: torch.Tensor, kind: str, chunk_slots: int) -> list[_Chunk]:
-    """Rows with ``member`` (and ``L > 0``) sorted by ``L``, cut into chunks of similar length.
+    """Rows with ``member`` (and ``L > 0``) bucketed by their own width, cut into chunks.
 
-    Two host syncs per call (the counts, then every chunk's width and key total), none per chunk.
+    A row's padded width is its length rounded up to whole selection blocks, and rows whose
+    length fills that width exactly go to chunks of their own (no mask): what SDPA computes
+    for a row then depends on that row alone, not on the rows it shares a chunk with. (With
+    ``W`` = the chunk's longest row, a NaN in another sequence's keys changed its selections,
+    so the bucketing, so other rows' bf16 results on CUDA: NSA-NAN-ROWS failed on an H200.)
+    Two host syncs per call (the bucket counts, then every chunk's key total), none per chunk.
     """
+    ls = rows.ls
     L = torch.where(member, rows.lengths, 0)
-    order = torch.argsort(L, stable=True)
-    sorted_L = L[order]
-    skip, longest = torch.stack([(L == 0).sum(), sorted_L[-1]]).tolist()
-    if skip == rows.R:
+    width = (L + ls - 1) // ls * ls
+    key = width * 2 + (L != width).to(width.dtype)  # 0: not in these chunks
+    order = torch.argsort(key, stable=True)
+    keys, counts = (t.tolist() for t in torch.unique_consecutive(key[order], return_counts=True))
+    first, last, widths, uniform = [], [], [], []
+    start = 0
+    for kv, n in zip(keys, counts, strict=True):
+        if kv > 0:
+            W = kv // 2
+            step = max(1, chunk_slots // W)
+            for i in range(start, start + n, step):
+                first.append(i)
+                last.append(min(i + step, start + n) - 1)
+                widths.append(W)
+                uniform.append(kv % 2 == 0)
+        start += n
+    if not first:
         return []
-    step = max(1, chunk_slots // longest)
-    first = list(range(skip, rows.R, step))
-    last = [min(i + step, rows.R) - 1 for i in first]
+    sorted_L = L[order]
     csum = torch.cat([sorted_L.new_zeros(1), sorted_L.cumsum(0)])
     a = torch.tensor(first, device=L.device)
     b = torch.tensor(last, device=L.device)
-    info = torch.stack([sorted_L[b], sorted_L[a], csum[b + 1] - csum[a]]).tolist()
+    totals = (csum[b + 1] - csum[a]).tolist()
     return [
-        _Chunk(kind, order[a : b + 1], W, lo == W, tot)
-        for a, b, W, lo, tot in zip(first, last, *info, strict=True)
+        _Chunk(kind, order[i : j + 1], W, u, tot)
+        for i, j, W, u, tot in zip(first, last, widths, uniform, totals, strict=True)
     ]
 
 

@@ -315,3 +315,28 @@ def test_cuda_varlen_flash_low_precision(dtype):
     for i, kind in enumerate(("out", "grad", "grad", "grad")):
         bound = lowp_bound(err(naive[i], ref[i]), kind)
         assert err(got[i], ref[i]) <= bound, f"{dtype} item {i}"
+
+
+def test_a_rows_bucket_depends_on_that_row_alone():
+    """The packed/varlen buckets: a row's padded width is its own length rounded up to whole
+    selection blocks, and rows filling their width (no mask) are chunked apart, so changing other
+    rows' lengths (a NaN in another sequence changes its selections) never changes how a row is
+    computed. Checked on the chunk assignment itself: (width, uniform) per row."""
+    from types import SimpleNamespace
+
+    def assignment(lengths, chunk_slots=256):
+        rows = SimpleNamespace(ls=16, lengths=torch.tensor(lengths), R=len(lengths))
+        member = torch.ones(len(lengths), dtype=torch.bool)
+        out = {}
+        for c in selection._sorted_chunks(rows, member, "packed", chunk_slots):
+            assert c.W % 16 == 0 and c.W * c.rows.numel() <= max(chunk_slots, c.W)
+            for r in c.rows.tolist():
+                out[r] = (c.W, c.uniform)
+        return out
+
+    base = assignment([5, 16, 40, 48, 0, 33, 64, 7])
+    assert base == {0: (16, False), 1: (16, True), 2: (48, False), 3: (48, True),
+                    5: (48, False), 6: (64, True), 7: (16, False)}  # row 4: L = 0, no chunk
+    other = assignment([5, 16, 40, 48, 0, 128, 64, 1])  # rows 5 and 7 changed
+    for r in (0, 1, 2, 3, 6):
+        assert other[r] == base[r]
