@@ -86,12 +86,18 @@ class NSARefCache:
         """Append compressed block ``i`` when ``i*d + l == p + 1`` (its last key just arrived)."""
         cfg = self.cfg
         k, v = seq.raw["cmp"]
+        # float16/bfloat16: compressed blocks in float32, as the prefill's (`SequenceKV.widen`:
+        # the mean pools the float32 copies, a user phi sees the input dtype)
+        wide = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
         if seq.cmp_k is None:
-            seq.cmp_k = k.new_zeros(0, k.shape[1], k.shape[2])
-            seq.cmp_v = v.new_zeros(0, v.shape[1], v.shape[2])
+            seq.cmp_k = k.new_zeros(0, k.shape[1], k.shape[2], dtype=wide)
+            seq.cmp_v = v.new_zeros(0, v.shape[1], v.shape[2], dtype=wide)
         start = p + 1 - cfg.cmp_block
         if start >= 0 and start % cfg.cmp_stride == 0:  # one block: the newest l keys
-            new_k = rules.compress(k[start:], 1, cfg, seq.phi_k, name="phi_k")
-            new_v = rules.compress(v[start:], 1, cfg, seq.phi_v, name="phi_v")
-            seq.cmp_k = torch.cat([seq.cmp_k, new_k])
-            seq.cmp_v = torch.cat([seq.cmp_v, new_v])
+            ks, vs = k[start:], v[start:]
+            new_k = rules.compress(ks.to(wide) if seq.phi_k is None else ks, 1, cfg, seq.phi_k,
+                                   name="phi_k")  # fmt: skip
+            new_v = rules.compress(vs.to(wide) if seq.phi_v is None else vs, 1, cfg, seq.phi_v,
+                                   name="phi_v")  # fmt: skip
+            seq.cmp_k = torch.cat([seq.cmp_k, new_k.to(wide)])
+            seq.cmp_v = torch.cat([seq.cmp_v, new_v.to(wide)])
