@@ -19,16 +19,13 @@ docstring of `nsa_impl.kernels.triton_attn`; the notation used here:
   as ``lse * DOM``. Masked logits are ``-inf``; probabilities of masked keys are *selected* to 0.
 * Every key loop runs in three parts: chunks where some row needs a mask, chunks every row sees
   whole (no mask), and the masked tail.
-* NaN containment (`_tl_helpers` docstring): in a masked chunk a key may be outside some rows'
-  ranges, so probabilities and ``dS`` are selected with ``tl.where``. Where some valid (row,
-  key) pair of the chunk really is masked (`_hides`: a scalar from the tile's bounds, a
-  runtime branch), the other operand of every dot over the chunk's keys (``v``, ``k``; ``dO``
-  and ``q`` in dK/dV) is read with its non-finite values zeroed; a row that reads a non-finite
-  ``v`` is written as NaN (forward), and so is the ``dV`` of a key read by a row whose ``dO`` is
-  not finite (dK/dV). Where every valid row reads every in-range key (mask-free chunks, and the
-  masked chunks whose only masked keys lie past the sequence's last key, loaded as zeros),
-  nothing is zeroed: a NaN reaches exactly the rows that read it. Rows that see no key give
-  exact zeros; a row whose sum is NaN (it read a NaN) stays NaN.
+* NaN containment (`nsa_impl.kernels.triton_sel`'s rule): in a masked chunk a key may be outside
+  some rows' ranges, so probabilities and ``dS`` are selected with ``tl.where``; the operands
+  the products contract over masked entries arrive cleaned (``v`` forward, ``k``, ``q`` and the
+  dK/dV kernel's ``dO`` backward), the forward's keys poisoned where ``v`` is not finite, and
+  the dK/dV probabilities carry ``delta - delta`` (NaN for a row whose ``dO`` or ``O`` is not
+  finite). The loops carry no containment code. Rows that see no key give exact zeros; a row
+  whose sum is NaN (it read a NaN) stays NaN.
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ from ._loader import executing_mode, load_kernel_module
 
 _h = load_kernel_module("_tl_helpers.py", executing_mode())
 _dot, _logits, _exp_d, _log_d = _h.dot, _h.logits, _h.exp_d, _h.log_d
-_acc_zeros, _acc_dot, _load_tile, _finite = _h.acc_zeros, _h.acc_dot, _h.load_tile, _h.finite
+_acc_zeros, _acc_dot, _load_tile = _h.acc_zeros, _h.acc_dot, _h.load_tile
 
 
 @triton.jit
@@ -100,27 +97,11 @@ def _chunk_bounds(pa, pb, BN: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr
 
 
 @triton.jit
-def _hides(k_first, k_last, p_first, p_last, MODE: tl.constexpr, CL: tl.constexpr,
-           CD: tl.constexpr, WIN: tl.constexpr):
-    """Whether some position of ``[p_first, p_last]`` misses some key of ``[k_first, k_last]``
-    (all valid, non-empty ranges). Key ranges only grow with ``p``, so that is: the first key is
-    below the last position's range, or the last key past the first position's. Only such a
-    chunk needs its operands cleaned (NaN containment; per-element cleaning of every tile costs
-    up to 2.5x in an MMA-light kernel)."""
-    lo_last, _ = _key_range(p_last, MODE, CL, CD, WIN)
-    _, hi_first = _key_range(p_first, MODE, CL, CD, WIN)
-    return (k_first < lo_last) | (k_last >= hi_first)
-
-
-@triton.jit
-def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i, acc, bad, skn, svn,
-              qk_scale, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr,
-              WIN: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn, svn, qk_scale,
+              BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+              BDV: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
               PRECISE: tl.constexpr):
-    """One key chunk ``[j, j+BN)`` of the online softmax (``lo, hi``: the rows' key ranges,
-    ``[pa, pb]``: the tile's valid positions); ``bad`` flags the rows that read a non-finite
-    value of a chunk that hides keys from some row."""
+    """One key chunk ``[j, j+BN)`` of the online softmax (``lo, hi``: the rows' key ranges)."""
     kj = j + tl.arange(0, BN)
     kin = kj < e
     k = _load_tile(K, (ks + kj) * skn + kcol, kin, DK, BDK, MASKED)
@@ -132,11 +113,6 @@ def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i, acc, bad,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf; shift them by 0 so exp gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # A masked key's value must add nothing (0 * NaN is NaN): zeroed, its readers flagged.
-        if _hides(j, tl.minimum(j + BN, e) - 1, pa, pb, MODE, CL, CD, WIN):
-            v, v_ok = _finite(v)
-            v_bad = tl.max(tl.where(v_ok, 0, 1), 1)  # [BN]: the key holds a non-finite value
-            bad = tl.maximum(bad, tl.max(tl.where(ok & (v_bad[None, :] > 0), 1, 0), 1))
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = m_new
@@ -144,7 +120,7 @@ def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i, acc, bad,
     alpha = _exp_d(m_i - m_safe, IEEE, PRECISE)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-    return m_new, l_i, acc, bad
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -170,26 +146,21 @@ def _range_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    bad = tl.zeros([BM], tl.int32)
     kcol = g.to(tl.int64) * skg
     vcol = g.to(tl.int64) * svg
     for j in range(a, ab, BN):
-        m_i, l_i, acc, bad = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i,
-                                       acc, bad, skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK,
-                                       DV, BDK, BDV, True, IEEE, PRECISE)
+        m_i, l_i, acc = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn,
+                                  svn, qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
     for j in range(b, c, BN):
-        m_i, l_i, acc, bad = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i,
-                                       acc, bad, skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK,
-                                       DV, BDK, BDV, False, IEEE, PRECISE)
+        m_i, l_i, acc = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn,
+                                  svn, qk_scale, BN, DK, DV, BDK, BDV, False, IEEE, PRECISE)
     for j in range(c, e, BN):
-        m_i, l_i, acc, bad = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, m_i, l_i,
-                                       acc, bad, skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK,
-                                       DV, BDK, BDV, True, IEEE, PRECISE)
+        m_i, l_i, acc = _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn,
+                                  svn, qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
     # Empty rows (l == 0) give exact zeros; a NaN l (the row read a NaN) must stay NaN.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    o = tl.where(bad[:, None] > 0, float("nan"), o)
     lse = tl.where(empty, float("-inf"), (m_i + _log_d(l_safe, IEEE, PRECISE)) * LN_DOM)
     dv = tl.arange(0, BDV)
     tl.store(O + (row * son + head * soh)[:, None] + dv[None, :], o.to(O.dtype.element_ty),
@@ -198,10 +169,9 @@ def _range_fwd_kernel(
 
 
 @triton.jit
-def _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, skn, svn,
-             qk_scale, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr,
-             WIN: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-             BDK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+def _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn, qk_scale,
+             BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BDK: tl.constexpr,
+             BDV: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
              PRECISE: tl.constexpr):
     """dQ contribution of key chunk ``[j, j+BN)``; probabilities recomputed from ``lse``."""
     kj = j + tl.arange(0, BN)
@@ -210,11 +180,9 @@ def _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb, 
     v = _load_tile(V, (ks + kj) * svn + vcol, kin, DV, BDV, MASKED)
     p = _exp_d(_logits(q, tl.trans(k), qk_scale, IEEE) - lse[:, None], IEEE, PRECISE)
     dp = _dot(do, tl.trans(v), IEEE)
-    if MASKED:  # selected, and k read clean: a masked key adds nothing (module docstring)
+    if MASKED:  # selected (k arrives cleaned: a masked key adds nothing, module docstring)
         ok = (kj[None, :] >= lo[:, None]) & (kj[None, :] < hi[:, None])
         ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-        if _hides(j, tl.minimum(j + BN, e) - 1, pa, pb, MODE, CL, CD, WIN):
-            k, _ = _finite(k)
     else:
         ds = p * (dp - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, IEEE)
@@ -255,17 +223,14 @@ def _range_dq_kernel(
         kcol = g.to(tl.int64) * skg
         vcol = g.to(tl.int64) * svg
         for j in range(a, ab, BN):
-            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb,
-                          skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK, DV, BDK, BDV, True,
-                          IEEE, PRECISE)
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
         for j in range(b, c, BN):
-            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb,
-                          skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK, DV, BDK, BDV, False,
-                          IEEE, PRECISE)
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, False, IEEE, PRECISE)
         for j in range(c, e, BN):
-            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, pa, pb,
-                          skn, svn, qk_scale, MODE, CL, CD, WIN, BN, DK, DV, BDK, BDV, True,
-                          IEEE, PRECISE)
+            dq = _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn,
+                          qk_scale, BN, DK, DV, BDK, BDV, True, IEEE, PRECISE)
         dk = tl.arange(0, BDK)
         tl.store(DQ + (row * sdqn + head * sdqh)[:, None] + dk[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (dk[None, :] < DK))
@@ -310,8 +275,7 @@ def _query_bounds(j0, L, NK, it, MODE: tl.constexpr, CL: tl.constexpr, CD: tl.co
 
 
 @triton.jit
-def _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0, ie,
-             L,
+def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0, ie, L,
              sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM, scale,
              MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
              H_PER_G: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, DK: tl.constexpr,
@@ -319,8 +283,8 @@ def _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE, DELTA, DQ_A
              IEEE: tl.constexpr, PRECISE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK/dV contribution of the ``BR`` (position, head) rows starting at position ``pos0``.
 
-    ``v_bad`` flags the keys read by a row whose ``dO`` is not finite (their ``dV`` is NaN);
-    ``[j0, nk)``: the chunk's in-range keys.
+    ``k``, ``q`` and ``dO`` arrive cleaned; ``delta - delta`` in the exponent makes the
+    probabilities of a row whose ``dO`` or ``O`` is not finite NaN (module docstring).
     ``ATOMIC_DQ``: also adds these rows' dQ contribution ``scale * dS^T K`` to the float32
     ``DQ_ACC`` with atomics (one kernel for the whole backward: 5 matrix products instead of
     7, at the price of a run-to-run varying float32 summation order in dQ).
@@ -339,34 +303,26 @@ def _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE, DELTA, DQ_A
     lse = tl.load(LSE + row * sln + head, mask=ok_r, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse) * DOM
     delta = tl.load(DELTA + row * sln + head, mask=ok_r, other=0.0)
-    pt = _exp_d(_logits(k, tl.trans(q), qk_scale, IEEE) - lse[None, :], IEEE, PRECISE)
+    flag = (delta - delta)[None, :]  # 0, or NaN for a row whose dO or O is not finite
+    pt = _exp_d(_logits(k, tl.trans(q), qk_scale, IEEE) - lse[None, :] + flag, IEEE, PRECISE)
     dpt = _dot(v, tl.trans(do), IEEE)
-    do_c, q_c, k_c = do, q, k
-    if MASKED:  # selected; q and dO read clean; keys read by a non-finite dO are flagged
+    if MASKED:  # selected: a masked (key, row) pair adds nothing
         lo, hi = _key_range(pq, MODE, CL, CD, WIN)
         ok = (kin[:, None] & ok_r[None, :] & (kj[:, None] >= lo[None, :])
               & (kj[:, None] < hi[None, :]))
         pt = tl.where(ok, pt, 0.0)
         dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
-        # The sums run over rows: clean only where a valid row misses a valid key.
-        if _hides(j0, nk - 1, pos0, tl.minimum(pos0 + BR // HP, ie) - 1, MODE, CL, CD,
-                  WIN):
-            do_c, do_ok = _finite(do)
-            do_bad = tl.max(tl.where(do_ok, 0, 1), 1)  # [BR]
-            v_bad = tl.maximum(v_bad, tl.max(tl.where(ok & (do_bad[None, :] > 0), 1, 0), 1))
-            q_c, _ = _finite(q)
-            k_c, _ = _finite(k)
     else:
         dst = pt * (dpt - delta[None, :])
     # Rows outside the item (zero q, dO, lse, delta) add exactly 0 to both sums.
-    acc_v += _acc_dot(pt.to(do.dtype), do_c, IEEE)
-    acc_k += _acc_dot(dst.to(q.dtype), q_c, IEEE)
+    acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
+    acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
     if ATOMIC_DQ:
-        dq = _dot(tl.trans(dst.to(k.dtype)), k_c, IEEE) * scale  # [BR, BDK]
+        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * scale  # [BR, BDK]
         dk_ = tl.arange(0, BDK)
         tl.atomic_add(DQ_ACC + (row * sdqn + head * sdqh)[:, None] + dk_[None, :], dq,
                       mask=ok_r[:, None] & (dk_[None, :] < DK) & (pq < L)[:, None], sem="relaxed")
-    return acc_k, acc_v, v_bad
+    return acc_k, acc_v
 
 
 @triton.jit
@@ -396,33 +352,27 @@ def _range_dkdv_kernel(
     j0 = kc * BKN
     kj = j0 + tl.arange(0, BKN)
     kin = kj < NK
-    nk = tl.minimum(j0 + BKN, NK)
     k = _load_tile(K, (ks + kj) * skn + g.to(tl.int64) * skg, kin, DK, BDK, True)
     v = _load_tile(V, (ks + kj) * svn + g.to(tl.int64) * svg, kin, DV, BDV, True)
     ia, b, c, ie = _query_bounds(j0, L, NK, it, MODE, CL, CD, WIN, BKN, QP, QCH)
     acc_k = _acc_zeros(BKN, BDK, IEEE)
     acc_v = _acc_zeros(BKN, BDV, IEEE)
-    v_bad = tl.zeros([BKN], tl.int32)
     for pos in range(ia, b, QP):
-        acc_k, acc_v, v_bad = _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE,
-                                       DELTA, DQ_ACC, qs, g, pos, ie, L, sqn, sqh, sdon, sdoh, sln,
-                                       sdqn, sdqh, qk_scale, DOM, scale, MODE, CL, CD, WIN,
-                                       H_PER_G, HP, BR, DK, DV, BDK, BDV, True, IEEE, PRECISE,
-                                       ATOMIC_DQ)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV,
+                                True, IEEE, PRECISE, ATOMIC_DQ)
     for pos in range(b, c, QP):
-        acc_k, acc_v, v_bad = _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE,
-                                       DELTA, DQ_ACC, qs, g, pos, ie, L, sqn, sqh, sdon, sdoh, sln,
-                                       sdqn, sdqh, qk_scale, DOM, scale, MODE, CL, CD, WIN,
-                                       H_PER_G, HP, BR, DK, DV, BDK, BDV, False, IEEE, PRECISE,
-                                       ATOMIC_DQ)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV,
+                                False, IEEE, PRECISE, ATOMIC_DQ)
     for pos in range(c, ie, QP):
-        acc_k, acc_v, v_bad = _kv_step(k, v, kj, kin, j0, nk, acc_k, acc_v, v_bad, Q, DO, LSE,
-                                       DELTA, DQ_ACC, qs, g, pos, ie, L, sqn, sqh, sdon, sdoh, sln,
-                                       sdqn, sdqh, qk_scale, DOM, scale, MODE, CL, CD, WIN,
-                                       H_PER_G, HP, BR, DK, DV, BDK, BDV, True, IEEE, PRECISE,
-                                       ATOMIC_DQ)
+        acc_k, acc_v = _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g,
+                                pos, ie, L, sqn, sqh, sdon, sdoh, sln, sdqn, sdqh, qk_scale, DOM,
+                                scale, MODE, CL, CD, WIN, H_PER_G, HP, BR, DK, DV, BDK, BDV,
+                                True, IEEE, PRECISE, ATOMIC_DQ)
     acc_k = acc_k * scale
-    acc_v = tl.where(v_bad[:, None] > 0, float("nan"), acc_v)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     if NIT == 1:

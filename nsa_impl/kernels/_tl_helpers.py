@@ -16,8 +16,8 @@ Two arithmetic regimes, picked by the constexpr ``IEEE``:
 
 NaN containment (the rule of `nsa_impl.kernels.triton_sel`): masked keys contribute exactly
 nothing. Scores and probabilities are selected with ``tl.where`` (never multiplied by a zero
-probability), and a ``tl.dot`` whose contraction runs over masked entries reads its other
-operand through `finite`; the kernels then mark the rows that really read a non-finite value.
+probability); the operands a ``tl.dot`` contracts over masked entries arrive cleaned by the
+launchers (`nsa_impl.kernels.ops.nan_to_zero`), so no kernel loop cleans a tile.
 """
 
 from __future__ import annotations
@@ -118,21 +118,6 @@ def acc_dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a.to(tl.float64), b.to(tl.float64))
     else:
         return mma(a, b)
-
-
-@triton.jit
-def finite(x):
-    """``(x with non-finite entries zeroed, mask of its finite entries)``: ``x - x`` is exactly 0
-    for finite values and NaN for NaN/Inf (NaN containment: a ``tl.dot`` contracting over
-    masked entries reads its operand through this, so a masked NaN adds nothing). The
-    interpreter subtracts bfloat16 tiles as raw bit patterns (NaN - NaN == 0 there, see
-    `INTERPRETED`), so it tests the float32 values; compiled code tests ``x`` itself."""
-    if INTERPRETED:
-        xf = x.to(tl.float32)
-        ok = (xf - xf) == 0
-    else:
-        ok = (x - x) == 0
-    return tl.where(ok, x, tl.zeros_like(x)), ok
 
 
 @triton.jit

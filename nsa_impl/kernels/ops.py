@@ -114,7 +114,8 @@ def autocast_off_backward(backward: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# NaN containment helpers (for opaque kernels; the torch paths and the Triton kernels select).
+# NaN containment helpers: for opaque kernels, and for the Triton kernels' operands, cleaned
+# once per call before the launches (the torch paths and the kernels also select).
 
 
 def nan_to_zero(x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,15 @@ import torch
 
 from . import tuning as _tuning
 from ._loader import load_kernel_module
-from .ops import Inputs, autocast_off_backward, kernel_op, new_output
+from .ops import (
+    Inputs,
+    autocast_off_backward,
+    finite_rows,
+    kernel_op,
+    nan_to_zero,
+    new_output,
+    poison,
+)
 from .triton_sel import triton_available
 
 #: Head dims the kernels accept (padded to a power of two >= 16 inside; 256 keeps tiles on chip).
@@ -318,8 +326,37 @@ def range_forward(
     `nsa_impl.kernels.tuning.AttnTuning` as a list.
     """
     max_len, _, mode, cl, cd, win = sizes
-    return _forward(q, k, v, qstart, kstart, max_len, mode, cl, cd, win, scale,
-                    _tuning.AttnTuning.from_list(launch))  # fmt: skip
+    # NaN containment (`_range_kernels` docstring): the product reads a cleaned v; the rows
+    # that read a non-finite v are set to NaN after (the log-sum-exp, which the top-n reads,
+    # stays that of the keys: a NaN in v changes no selection)
+    bad_keys = ~finite_rows(v)
+    o, lse = _forward(q, k, nan_to_zero(v), qstart, kstart, max_len, mode, cl, cd, win, scale,
+                      _tuning.AttnTuning.from_list(launch))  # fmt: skip
+    return poison(o, _reads_marked(bad_keys, qstart, kstart, q.shape[0], mode, cl, cd, win,
+                                   q.shape[1] // k.shape[1])), lse  # fmt: skip
+
+
+def _reads_marked(marked, qstart, kstart, NQ: int, mode, cmp_block, cmp_stride, window,
+                  h: int) -> torch.Tensor:
+    """Bool ``[NQ, H]``: whether query row ``(token, head)`` has a ``marked`` key (``[NK, G]``)
+    in its range (`_range_kernels._key_range`), by prefix counts (no host sync)."""
+    S = qstart.numel() - 1
+    lengths = qstart[1:] - qstart[:-1]
+    seq = torch.repeat_interleave(torch.arange(S, device=qstart.device), lengths, output_size=NQ)
+    p = torch.arange(NQ, device=qstart.device) - qstart[seq]
+    if mode == MODE_CMP:
+        hi = torch.where(p + 1 < cmp_block, 0, (p + 1 - cmp_block).clamp(min=0) // cmp_stride + 1)
+        lo = torch.zeros_like(hi)
+    else:
+        hi, lo = p + 1, (p - window + 1).clamp(min=0)
+    nkeys = (kstart[1:] - kstart[:-1])[seq]  # a sequence's keys bound its rows' ranges
+    hi = torch.minimum(hi, nkeys)
+    lo = torch.minimum(lo, hi)
+    counts = torch.cat([marked.new_zeros(1, marked.shape[1], dtype=torch.int32),
+                        marked.to(torch.int32).cumsum(0, dtype=torch.int32)])  # fmt: skip
+    base = kstart[seq]
+    hit = (counts[base + hi] - counts[base + lo]) > 0  # [NQ, G]
+    return hit.repeat_interleave(h, dim=1)
 
 
 def _backward_fake(do, q, k, v, o, lse, qstart, kstart, sizes, scale, launch):
@@ -353,14 +390,18 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
     ``dq_atomic``, dQ added by the dK/dV kernel)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     geo = (mode, cmp_block, cmp_stride, window, scale, tn)
+    # NaN containment (`nsa_impl.kernels.ops`): the products read cleaned k (both
+    # kernels), q and dO (dK/dV); delta comes from the raw dO and O.
+    k = nan_to_zero(k)
     if not tn.dq_atomic:
         dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
-        dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)
+        dk, dv = _dkdv(nan_to_zero(do), nan_to_zero(q), k, v, lse, delta, qstart, kstart,
+                       max_len, max_keys, *geo)  # fmt: skip
         return dq, dk, dv
     _, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo, delta_only=True)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo,
-                   dq_acc=dq_acc)
+    dk, dv = _dkdv(nan_to_zero(do), nan_to_zero(q), k, v, lse, delta, qstart, kstart,
+                   max_len, max_keys, *geo, dq_acc=dq_acc)  # fmt: skip
     return dq_acc.to(q.dtype), dk, dv
 
 

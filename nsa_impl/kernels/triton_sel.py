@@ -51,9 +51,10 @@ layout (`TokenLayout`) is built once per plan; a forward+backward reads no devic
 
 *NaN containment.* Masked keys contribute exactly nothing: scores and probabilities are
 selected with ``tl.where``, and the operands that products contract over masked entries are
-cleaned once per call, before the launches (`contained`: ``v`` in the forward, ``q``, ``k`` and
-the dK/dV kernel's ``dO`` in the backward), so the kernels' loops carry no containment code
-(cleaning every tile inside them cost 2.5x on an H200). The forward reads `poisoned_keys`: a
+cleaned once per call, before the launches (`nsa_impl.kernels.ops.nan_to_zero`: ``v`` in
+the forward, ``q``, ``k`` and the dK/dV kernel's ``dO`` in the backward), so the kernels' loops
+carry no containment code (cleaning every tile inside them cost 2.5x on an H200). The forward
+reads keys poisoned (`nsa_impl.kernels.ops.poison`) where ``v`` is not finite: a
 row that reads a non-finite ``v`` gets a NaN score, so a NaN output and log-sum-exp; in the
 backward a row whose ``dO`` or ``O`` is not finite has a NaN ``delta``, which makes its dK/dV
 probabilities NaN. Other rows are bit-identical to a run without the non-finite value.
@@ -76,8 +77,11 @@ from .ops import (
     TUNING,
     Inputs,
     autocast_off_backward,
+    finite_rows,
     kernel_op,
+    nan_to_zero,
     new_output,
+    poison,
     record_launch,
 )
 
@@ -368,22 +372,6 @@ def _launch_opts(warps: int, stages: int, interpret: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def contained(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its non-finite entries zeroed: the operand a product contracts over masked
-    entries reads (`nsa_impl.kernels._sel_kernels`, NaN containment). One elementwise pass per
-    call instead of cleaning every tile inside the kernels' loops (on an H200 at T = 64k the
-    in-loop cleaning took the selection forward from 17.6 to 45.5 ms)."""
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def poisoned_keys(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``k`` with NaN rows where the key's ``v`` row is not finite: a row that reads such a key
-    gets a NaN score there (so a NaN output), while the forward reads `contained` ``v``."""
-    bad = ~torch.isfinite(v).all(dim=-1, keepdim=True)
-    return torch.where(bad, torch.full((), float("nan"), dtype=k.dtype, device=k.device), k)
-
-
-
 def _forward_fake(q, k, v, idx, union, count, tstart, trows, tseq, scale, sizes, launch):
     N, H, _ = q.shape
     return q.new_empty(N, H, v.shape[-1]), q.new_empty(N, H, dtype=torch.float32)
@@ -416,7 +404,7 @@ def sel_forward(
     G, DV = k.shape[1], v.shape[-1]
     o = new_output(N, H, DV, like=q)
     lse = new_output(N, H, like=q, dtype=torch.float32)
-    k, v = poisoned_keys(k, v), contained(v)  # NaN containment (`_sel_kernels`)
+    k, v = poison(k, ~finite_rows(v)), nan_to_zero(v)  # NaN containment (`_sel_kernels`)
     grid = (tstart.numel(), G)
     handle = kern._sel_fwd_kernel[grid](
         q, k, v, o, lse, idx, union, count, tstart, trows, tseq,
@@ -484,7 +472,7 @@ def sel_backward(
     dq = new_output(*q.shape, like=q)
     # NaN containment (`_sel_kernels`): the products read cleaned q and k; the dQ kernel's delta
     # comes from the raw dO, the dK/dV products read a cleaned one.
-    q, k = contained(q), contained(k)
+    q, k = nan_to_zero(q), nan_to_zero(k)
     handle = kern._sel_dq_kernel[(tstart.numel(), G)](
         q, k, v, o, do, dq, lse, delta, idx, union, count, tstart, trows, tseq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -502,7 +490,7 @@ def sel_backward(
     part_k = torch.empty(W, SELP, BDK, device=q.device, dtype=part_dtype)
     part_v = torch.empty(W, SELP, BDV, device=q.device, dtype=part_dtype)
     nkc = SELP // tn.BKEY
-    do = contained(do)
+    do = nan_to_zero(do)
     handle = kern._sel_dkdv_kernel[(W, nkc)](
         q, k, v, do, lse, delta, part_k, part_v,
         ent_pos, item_seg, item_start, item_end, blk_seq0, blk_local, blk_len,

@@ -71,9 +71,9 @@ def _check(route, which, dtype, device, B=2, T=48, D=16, j=21, seed=90):
                     reason="CPU tensors reach the Triton kernels only with TRITON_INTERPRET=1")
 @pytest.mark.parametrize("route", ["cmp", "sel", "win"])
 def test_a_nan_in_k_stays_in_its_readers_bf16(route):
-    """bf16 on CPU: the interpreter's bf16 arithmetic once hid a NaN from the masked chunks'
-    cleaning (`_tl_helpers.finite`), so the window and compressed kernels leaked into the
-    rows of their tiles that do not read it."""
+    """bf16 on CPU: a NaN in k stays in the rows that read it on each triton branch (the
+    interpreter's bf16 arithmetic once hid a NaN from the kernels' in-loop cleaning, which the
+    launchers' cleaning has since replaced)."""
     _check(route, "k", torch.bfloat16, "cpu")
 
 
