@@ -28,6 +28,8 @@ import os
 import triton
 import triton.language as tl
 
+from ._loader import executing_mode, load_kernel_module
+
 try:  # the backend-neutral shim (triton >= 3.1)
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - older layouts
@@ -38,18 +40,22 @@ except ImportError:  # pragma: no cover - older layouts
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def _helper(fn):
-    """``triton.jit`` for a device helper; under the interpreter, its rewritten Python function.
+def _direct(jitted):
+    """A jitted device helper; under the interpreter, its rewritten Python function.
 
     The interpreter re-patches ``triton.language`` at every call of a jitted helper (about
     0.3 ms each, a third of a CPU test's time); the kernel that calls the helper has patched it
     already, so the interpreted helper is called directly. Compiled kernels are unaffected.
     """
-    jitted = triton.jit(fn)
     rewrite = getattr(jitted, "rewrite", None)
     if type(jitted).__name__ == "InterpretedFunction" and rewrite is not None:
         return rewrite()
     return jitted
+
+
+def _helper(fn):
+    """``triton.jit`` for a device helper of this file, called directly (`_direct`)."""
+    return _direct(triton.jit(fn))
 
 
 @_helper
@@ -71,16 +77,8 @@ def _log(x, PRECISE: tl.constexpr):
         return tl.log(x)
 
 
-@_helper
-def _to(x, dt):
-    """``x.to(dt)`` rounding to nearest even. The interpreter truncates float32 -> bfloat16, so
-    it rounds here by hand (add half an ulp and the tie bit, keep the top 16 bits)."""
-    if INTERPRETED and dt == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dt)
+#: ``x.to(dt)`` rounding to nearest even, in the interpreter too (`_tl_helpers.round_to`).
+_to = _direct(load_kernel_module("_tl_helpers.py", executing_mode()).round_to)
 
 
 @_helper
