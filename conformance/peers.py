@@ -309,7 +309,7 @@ class FlaAdapter(Adapter):
             min_group_size=16,
             pow2_group_size=True,
             # parallel_nsa's Triton dots need K >= 16 ("Input shapes should have ... K >= 16")
-            min_head_dim=None if kind == "naive" else 16,
+            min_head_dim=1 if kind == "naive" else 16,
             max_head_dim=None if kind == "naive" else 256,
             limits=FlaLimits(kind),
         )

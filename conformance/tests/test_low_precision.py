@@ -36,12 +36,13 @@ def test_float16_large_unscaled_logits(subject):
     raw = (inp.q.to(torch.float16).float() @ inp.k.to(torch.float16).float().transpose(-1, -2))
     assert raw.abs().max() > 65504  # the unscaled products do overflow float16
     x = inp.to(torch.float16, subject.device)
-    o, aux = subject.run(x, CFG_B, aux=subject.has("aux"), scale=scale)
+    cfg = subject.config(CFG_B)
+    o, aux = subject.run(x, cfg, aux=subject.has("aux"), scale=scale)
     subject.expect(bool(torch.isfinite(o).all()), "float16 output with large logits is finite")
     idx = None if aux is None else aux.block_indices  # the oracle uses the same selection
-    ref = dense.nsa_dense(*(t.float() for t in (x.q, x.k, x.v, x.gates)), CFG_B, scale=scale,
+    ref = dense.nsa_dense(*(t.float() for t in (x.q, x.k, x.v, x.gates)), cfg, scale=scale,
                           block_indices=idx).o  # fmt: skip
     q_scaled = (x.q.float() * scale).to(torch.float16)
-    naive = dense.nsa_dense(q_scaled, x.k, x.v, x.gates, CFG_B, scale=1.0, block_indices=idx).o
+    naive = dense.nsa_dense(q_scaled, x.k, x.v, x.gates, cfg, scale=1.0, block_indices=idx).o
     subject.record("o, float16 with |q.k| > 65504 (low-precision)", max_err(o, ref),
                    TOL.lowp_bound(max_err(naive, ref)))  # fmt: skip
