@@ -1,24 +1,20 @@
 #!/usr/bin/env bash
-# One device call of the 2026-12-01 session, by stage name (each stays inside the 600 s limit):
-#   bash bench/gpu_session.sh kernels   # GPU tests of the v4 prefill and the decode kernels
-#                                       # (in parallel), the prefill launch-shape sweep + parts +
-#                                       # table (8k..64k), the decode benchmark grid
-#   bash bench/gpu_session.sh verify    # 2026-12-02: every GPU test and the router's GPU
-#                                       # conformance (in parallel), the profile of a planned
-#                                       # 64k call, then ours / dense / flash_nsa / fla-core side
-#                                       # by side (.peers/peer_bench.py; wheels from .whl/)
-#   bash bench/gpu_session.sh recheck   # 2026-12-02: call 1's failing GPU tests, NaN-rows per
-#                                       # CUDA torch path, peers' conformance, the profile and
-#                                       # the side by side again, the decode grid
-#   bash bench/gpu_session.sh measure   # 2026-12-02: determinism per CUDA path, GPU tests,
-#                                       # conformance (router, peers), the profile, the side by
-#                                       # side with flash_nsa and fla-core
-#   bash bench/gpu_session.sh final     # 2026-12-02: the last call's checks of the fixes, the
-#                                       # profile and ours against dense
-#   bash bench/gpu_session.sh serve     # 2026-12-02: the triton path's and the peers' GPU
-#                                       # conformance, the decode benchmark grid
-# Results under $OUT, packed so that at most 8 files come back: summary.txt (the tables),
-# prefill.tgz, decode.tgz, tests.tgz.
+# One device call, by stage name (each stays inside the 600 s limit; the stages are what the
+# calls of 2026-12-01 and 2026-12-02 ran, kept so that a number can be reproduced):
+#   bash bench/gpu_session.sh kernels   # 12-01: GPU tests of the v4 prefill and decode kernels,
+#                                       # the prefill sweep + parts + table, the decode grid
+#   bash bench/gpu_session.sh verify    # 12-02 call 1: every GPU test and the router's GPU
+#                                       # conformance, the profile of a planned 64k call, ours /
+#                                       # dense / flash_nsa / fla-core side by side
+#   bash bench/gpu_session.sh recheck   # call 2: call 1's failing tests, NaN rows per CUDA torch
+#                                       # path, peers' conformance, profile, side by side, decode
+#   bash bench/gpu_session.sh measure   # call 3: determinism per CUDA path, tests, router and
+#                                       # peers' conformance, profile, side by side
+#   bash bench/gpu_session.sh final     # call 4: the fixes' checks, profile, ours vs dense
+#   bash bench/gpu_session.sh serve     # the triton path's and the peers' conformance, decode
+# The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
+# fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
+# summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 OUT="${OUT:-/tmp/nsa_session}"
@@ -26,19 +22,77 @@ mkdir -p "$OUT"/prefill "$OUT"/decode "$OUT"/tests
 SUM="$OUT/summary.txt"
 : > "$SUM"
 t0=$SECONDS
+PIDS=()
 note() { echo "[$((SECONDS - t0)) s] $*" | tee -a "$SUM"; }
+left() { echo $(( $1 - (SECONDS - t0) )); }  # seconds left before mark $1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   git log --oneline -1 2>/dev/null || true
 } 2>&1 | tee -a "$SUM"
 
-# fla-core is a pure-Python wheel (carried in .whl/): unpacked onto a path of its own, put on
-# PYTHONPATH only in the peers' processes.
+# fla-core is a pure-Python wheel: unpacked onto a path of its own, on PYTHONPATH only in the
+# peers' processes (as is the flash_attn stand-in).
 FLA=/tmp/fla_site
+PEERS_PATH="$PWD/.peers/stand_in:$FLA:$PWD"
 unpack_fla() {
   python3 -m zipfile -e .whl/fla_core-*.whl "$FLA" && python3 -c "import sys; sys.path.insert(0, '$FLA'); import fla; print('fla', fla.__version__)" 2>&1 | tail -1 | tee -a "$SUM"
 }
+
+# gpu_tests TIMEOUT FILE...: `pytest -m gpu` on FILEs in the background (log tests/gpu_tests.log)
+gpu_tests() {
+  local limit=$1; shift
+  timeout "$limit" python3 -m pytest "$@" -m gpu -q -rfEs -n 3 -p no:cacheprovider \
+      > "$OUT/tests/gpu_tests.log" 2>&1 &
+  PIDS+=($!)
+}
+# conf NAME TIMEOUT ARGS...: `conformance run ARGS --device cuda` in the background, report in
+# tests/NAME (peers: pass --peer and set PYTHONPATH/NSA_FLASH_NSA_PATH in the environment)
+conf() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m conformance run --device cuda --examples 1 "$@" \
+      --report "$OUT/tests/$name" > "$OUT/tests/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+peer_conf() {  # peer_conf NAME TIMEOUT IMPL: a peer graded with its runtime on the path
+  PYTHONPATH="$PEERS_PATH" NSA_FLASH_NSA_PATH="$PWD/.peers" conf "$1" "$2" --impl "$3" --peer
+}
+wait_all() { for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
+report_tests() {
+  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -30 | tee -a "$SUM"
+}
+report_conf() {  # report_conf NAME...: each report's graded line and first failures
+  for n in "$@"; do
+    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
+    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-300 | head -6 | tee -a "$SUM"
+    rm -f "$OUT/tests/$n/junit.xml"
+  done
+}
+profile64k() {  # profile64k TIMEOUT: torch.profiler of a planned call at T = 65536
+  note "profile of a planned call at 64k"
+  timeout "$1" python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" \
+      > "$OUT/prefill/profile.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
+}
+side_by_side() {  # side_by_side WHO TIMEOUT: peer_bench rows (ours | peers) at 8k..64k
+  local who=$1 limit=$2 path="$PWD"
+  [ "$who" = peers ] && path="$PWD/.peers:$PEERS_PATH"
+  note "side by side: $who (${limit}s)"
+  PYTHONPATH="$path" timeout $(( limit > 20 ? limit : 20 )) python3 .peers/peer_bench.py "$who" \
+      8192,16384,32768,65536 > "$OUT/prefill/peer_$who.jsonl" 2>&1
+  grep -hE "^ROW|failed|Error" "$OUT/prefill/peer_$who.jsonl" | tee -a "$SUM"
+}
+decode_grid() {  # decode_grid TIMEOUT: bench/decode_bench.py (graph-replayed steps)
+  local limit=$(( $1 > 20 ? $1 : 20 ))
+  note "decode bench, ${limit}s"
+  timeout "$limit" python3 bench/decode_bench.py --out "$OUT/decode/decode" \
+      --budget-s $(( limit > 30 ? limit - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
+  note "decode bench rc=$?"
+  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
+      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
+}
+NAN_CLAUSES=(--clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION)
 
 case "${1:-kernels}" in
 kernels)
@@ -53,193 +107,82 @@ kernels)
   note "prefill tests rc=$r1: $(tail -1 "$OUT/tests/prefill_tests.log")"
   note "decode tests rc=$r2: $(tail -1 "$OUT/tests/decode_tests.log")"
   grep -E "^(FAILED|ERROR)" "$OUT"/tests/*.log | head -20 | tee -a "$SUM"
-  budget=$(( 560 - (SECONDS - t0) - 130 ))
+  budget=$(( $(left 560) - 130 ))
   note "prefill sweep/parts/table with budget ${budget}s"
   timeout $(( budget + 15 )) python3 bench/gpu_prefill.py --out "$OUT/prefill" --budget-s "$budget" \
       --T 8192,16384,32768,65536 --sections sweep,parts,table > "$OUT/prefill/gpu_prefill.log" 2>&1
   note "prefill rc=$?"
   tail -40 "$OUT/prefill/gpu_prefill.log" | grep -vE "^ +(File|\^|~)" | tee -a "$SUM"
-  left=$(( 570 - (SECONDS - t0) ))
-  note "decode bench, ${left}s left"
-  timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
-      --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
-  note "decode bench rc=$?"
-  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
-      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
+  decode_grid "$(left 570)"
   ;;
 verify)
   note "GPU tests (all, -m gpu) and the router's GPU conformance, in parallel"
-  timeout 300 python3 -m pytest tests gpu_matrix conformance/tests -m gpu -q -rfEs -n 4 \
-      -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
-  p1=$!
-  timeout 300 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants --examples 1 \
-      --report "$OUT/tests/conf_nsa_impl" > "$OUT/tests/conf_nsa_impl.log" 2>&1 &
-  p2=$!
-  wait $p1; r1=$?; wait $p2; r2=$?
-  note "gpu tests rc=$r1: $(tail -1 "$OUT/tests/gpu_tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -30 | tee -a "$SUM"
-  note "conformance nsa_impl cuda rc=$r2: $(grep -E 'pass, .* fail' "$OUT/tests/conf_nsa_impl.log" | tail -1)"
-  grep -E "FAIL|ERROR" "$OUT/tests/conf_nsa_impl.log" | head -20 | tee -a "$SUM"
-  rm -f "$OUT/tests/conf_nsa_impl/junit.xml"
-  note "profile of a planned call at 64k"
-  timeout 90 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" \
-      > "$OUT/prefill/profile.log" 2>&1
-  note "profile rc=$?"; cat "$OUT/prefill/profile.log" | tee -a "$SUM"
+  gpu_tests 300 tests gpu_matrix conformance/tests
+  conf conf_nsa_impl 300 --impl nsa_impl --no-mutants
+  wait_all; report_tests; report_conf conf_nsa_impl
+  profile64k 90
   unpack_fla
-  left=$(( 575 - (SECONDS - t0) ))
-  note "side by side (peer_bench ours, then peers), ${left}s left"
-  timeout $(( left / 2 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
-      > "$OUT/prefill/peer_ours.jsonl" 2>&1
-  note "ours rc=$?"
-  left=$(( 580 - (SECONDS - t0) ))
-  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout $(( left > 20 ? left : 20 )) \
-      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
-  note "peers rc=$?"
-  grep -hE "^\{|failed" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
+  side_by_side ours $(( $(left 575) / 2 ))
+  side_by_side peers "$(left 580)"
+  ;;
+recheck)
+  unpack_fla
+  note "call 1's failing tests, the selection kernels; NaN rows per CUDA torch path; peers"
+  gpu_tests 240 tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py gpu_matrix
+  for impl in nsa_impl:masked nsa_impl:packed nsa_impl:varlen; do
+    conf "nan_${impl//:/_}" 240 --impl "$impl" --no-mutants "${NAN_CLAUSES[@]}"
+  done
+  peer_conf conf_fla_parallel 240 fla:parallel
+  peer_conf conf_flash_nsa 240 flash_nsa
+  wait_all; report_tests
+  report_conf nan_nsa_impl_masked nan_nsa_impl_packed nan_nsa_impl_varlen conf_fla_parallel \
+      conf_flash_nsa
+  profile64k 60
+  side_by_side ours 100
+  side_by_side peers 120
+  decode_grid "$(left 575)"
+  ;;
+measure)
+  unpack_fla
+  note "determinism per CUDA path; selection, plan, compile tests; router and peers' conformance"
+  timeout 120 python3 bench/determinism_probe.py > "$OUT/tests/determinism.log" 2>&1 &
+  PIDS+=($!)
+  gpu_tests 200 tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py tests/test_amp.py
+  conf conf_nsa_impl 200 --impl nsa_impl --no-mutants
+  peer_conf conf_fla_parallel 200 fla:parallel
+  peer_conf conf_flash_nsa 200 flash_nsa
+  wait_all
+  tee -a "$SUM" < "$OUT/tests/determinism.log"
+  report_tests; report_conf conf_nsa_impl conf_fla_parallel conf_flash_nsa
+  profile64k 60
+  side_by_side ours 80
+  side_by_side peers "$(left 560)"
+  ;;
+final)
+  note "determinism per CUDA path; NaN, compile and plan tests; NaN and parity clauses"
+  timeout 100 python3 bench/determinism_probe.py --paths masked,packed,varlen \
+      > "$OUT/tests/determinism.log" 2>&1 &
+  PIDS+=($!)
+  gpu_tests 110 tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_attn.py \
+      tests/test_api.py tests/test_plan.py
+  for impl in nsa_impl nsa_impl:triton; do
+    conf "conf_${impl//:/_}" 110 --impl "$impl" --no-mutants "${NAN_CLAUSES[@]}" \
+        --clause NSA-NAN-EMPTY-CMP --clause NSA-DENSE-CROSSCHECK --clause NSA-EQ5-SHAPES
+  done
+  wait_all
+  tee -a "$SUM" < "$OUT/tests/determinism.log"
+  report_tests; report_conf conf_nsa_impl conf_nsa_impl_triton
+  profile64k 45
+  side_by_side ours "$(left 235)"
   ;;
 serve)
   unpack_fla
   note "GPU conformance: nsa_impl:triton, fla:parallel, flash_nsa (in parallel)"
-  timeout 280 python3 -m conformance run --impl nsa_impl:triton --device cuda --no-mutants \
-      --examples 1 --report "$OUT/tests/conf_triton" > "$OUT/tests/conf_triton.log" 2>&1 &
-  p1=$!
-  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 280 python3 -m conformance run --impl fla:parallel --peer \
-      --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
-      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
-  p2=$!
-  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 280 \
-      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
-      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
-  p3=$!
-  for p in $p1 $p2 $p3; do wait $p; done
-  for n in triton fla_parallel flash_nsa; do
-    note "conformance $n: $(grep -E 'pass, .* fail' "$OUT/tests/conf_$n.log" | tail -1)"
-    rm -f "$OUT/tests/conf_$n/junit.xml"
-  done
-  left=$(( 570 - (SECONDS - t0) ))
-  note "decode bench, ${left}s left"
-  timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
-      --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
-  note "decode bench rc=$?"
-  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
-      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
-  ;;
-recheck)
-  unpack_fla
-  note "GPU tests of call 1's failures and the selection kernels; NaN-rows attribution per CUDA path; peers' conformance (in parallel)"
-  timeout 240 python3 -m pytest tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py \
-      gpu_matrix -m gpu -q -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
-  pids=($!)
-  for impl in nsa_impl:masked nsa_impl:packed nsa_impl:varlen; do
-    n="${impl//:/_}"
-    timeout 240 python3 -m conformance run --impl "$impl" --device cuda --no-mutants \
-        --clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION --report "$OUT/tests/nan_$n" \
-        > "$OUT/tests/nan_$n.log" 2>&1 &
-    pids+=($!)
-  done
-  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 240 python3 -m conformance run --impl fla:parallel \
-      --peer --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
-      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
-  pids+=($!)
-  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 240 \
-      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
-      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
-  pids+=($!)
-  for p in "${pids[@]}"; do wait "$p"; done
-  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
-  for n in nan_nsa_impl_masked nan_nsa_impl_packed nan_nsa_impl_varlen conf_fla_parallel conf_flash_nsa; do
-    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
-    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-300 | head -4 | tee -a "$SUM"
-    rm -f "$OUT/tests/$n/junit.xml"
-  done
-  note "profile of a planned call at 64k"
-  timeout 60 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
-  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
-  note "side by side: ours, then fla-core (flash_nsa's rows are call 1's)"
-  timeout 100 python3 .peers/peer_bench.py ours 8192,16384,32768,65536 > "$OUT/prefill/peer_ours.jsonl" 2>&1
-  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout 120 \
-      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
-  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
-  left=$(( 575 - (SECONDS - t0) ))
-  note "decode bench, ${left}s left"
-  timeout $(( left > 20 ? left : 20 )) python3 bench/decode_bench.py --out "$OUT/decode/decode" \
-      --budget-s $(( left > 30 ? left - 15 : 15 )) > "$OUT/decode/decode_bench.log" 2>&1
-  note "decode bench rc=$?"
-  [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
-      || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
-  ;;
-measure)
-  unpack_fla
-  note "determinism per CUDA path (float64, bf16); GPU tests of the selection, plan and compile; router conformance; peers' conformance (in parallel)"
-  timeout 120 python3 bench/determinism_probe.py > "$OUT/tests/determinism.log" 2>&1 &
-  pids=($!)
-  timeout 200 python3 -m pytest tests/test_plan.py tests/test_api.py tests/kernels/test_triton_sel.py \
-      tests/test_amp.py -m gpu -q -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1 &
-  pids+=($!)
-  timeout 200 python3 -m conformance run --impl nsa_impl --device cuda --no-mutants --examples 1 \
-      --report "$OUT/tests/conf_nsa_impl" > "$OUT/tests/conf_nsa_impl.log" 2>&1 &
-  pids+=($!)
-  PYTHONPATH="$PWD/.peers/stand_in:$FLA:$PWD" timeout 200 python3 -m conformance run --impl fla:parallel \
-      --peer --device cuda --examples 1 --report "$OUT/tests/conf_fla_parallel" \
-      > "$OUT/tests/conf_fla_parallel.log" 2>&1 &
-  pids+=($!)
-  NSA_FLASH_NSA_PATH="$PWD/.peers" PYTHONPATH="$PWD/.peers/stand_in:$PWD" timeout 200 \
-      python3 -m conformance run --impl flash_nsa --peer --device cuda --examples 1 \
-      --report "$OUT/tests/conf_flash_nsa" > "$OUT/tests/conf_flash_nsa.log" 2>&1 &
-  pids+=($!)
-  for p in "${pids[@]}"; do wait "$p"; done
-  cat "$OUT/tests/determinism.log" | tee -a "$SUM"
-  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
-  for n in conf_nsa_impl conf_fla_parallel conf_flash_nsa; do
-    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
-    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-240 | head -6 | tee -a "$SUM"
-    rm -f "$OUT/tests/$n/junit.xml"
-  done
-  note "profile of a planned call at 64k"
-  timeout 60 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
-  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
-  note "side by side: ours, then flash_nsa and fla-core"
-  timeout 80 python3 .peers/peer_bench.py ours 8192,16384,32768,65536 > "$OUT/prefill/peer_ours.jsonl" 2>&1
-  left=$(( 560 - (SECONDS - t0) ))
-  PYTHONPATH="$PWD/.peers:$PWD/.peers/stand_in:$FLA:$PWD" timeout $(( left > 30 ? left : 30 )) \
-      python3 .peers/peer_bench.py peers 8192,16384,32768,65536 > "$OUT/prefill/peer_peers.jsonl" 2>&1
-  note "peers rc=$?"
-  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_*.jsonl | tee -a "$SUM"
-  ;;
-final)
-  note "determinism per CUDA path; GPU NaN/compile/plan tests; NaN and parity clauses (router, triton) (in parallel)"
-  timeout 100 python3 bench/determinism_probe.py --paths masked,packed,varlen > "$OUT/tests/determinism.log" 2>&1 &
-  pids=($!)
-  timeout 110 python3 -m pytest tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_attn.py \
-      tests/test_api.py tests/test_plan.py -m gpu -q -rfEs -n 3 -p no:cacheprovider \
-      > "$OUT/tests/gpu_tests.log" 2>&1 &
-  pids+=($!)
-  clauses="--clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION --clause NSA-NAN-EMPTY-CMP --clause NSA-DENSE-CROSSCHECK --clause NSA-EQ5-SHAPES"
-  for impl in nsa_impl nsa_impl:triton; do
-    n="${impl//:/_}"
-    timeout 110 python3 -m conformance run --impl "$impl" --device cuda --no-mutants --examples 1 \
-        $clauses --report "$OUT/tests/conf_$n" > "$OUT/tests/conf_$n.log" 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p"; done
-  cat "$OUT/tests/determinism.log" | tee -a "$SUM"
-  note "gpu tests: $(tail -1 "$OUT/tests/gpu_tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests/gpu_tests.log" | head -20 | tee -a "$SUM"
-  for n in conf_nsa_impl conf_nsa_impl_triton; do
-    note "$n: $(grep -E 'graded' "$OUT/tests/$n.log" | tail -1)"
-    grep -E "^  FAIL" "$OUT/tests/$n.log" | cut -c1-240 | head -6 | tee -a "$SUM"
-    rm -f "$OUT/tests/$n/junit.xml"
-  done
-  note "profile of a planned call at 64k"
-  timeout 45 python3 bench/profile_forward.py --T 65536 --out "$OUT/prefill" > "$OUT/prefill/profile.log" 2>&1
-  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
-  left=$(( 235 - (SECONDS - t0) ))
-  note "side by side: ours (${left}s)"
-  timeout $(( left > 20 ? left : 20 )) python3 .peers/peer_bench.py ours 8192,16384,32768,65536 \
-      > "$OUT/prefill/peer_ours.jsonl" 2>&1
-  grep -hE "^ROW|failed|Error" "$OUT"/prefill/peer_ours.jsonl | tee -a "$SUM"
+  conf conf_triton 280 --impl nsa_impl:triton --no-mutants
+  peer_conf conf_fla_parallel 280 fla:parallel
+  peer_conf conf_flash_nsa 280 flash_nsa
+  wait_all; report_conf conf_triton conf_fla_parallel conf_flash_nsa
+  decode_grid "$(left 570)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
