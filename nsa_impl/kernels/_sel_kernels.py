@@ -32,6 +32,12 @@ try:  # the backend-neutral shim (triton >= 3.1)
 except ImportError:  # pragma: no cover - older layouts
     from triton.language.extra.cuda import libdevice
 
+from ._loader import executing_mode, load_kernel_module
+
+# The long-running dK/dV accumulators, shared with the row-range kernels.
+_h = load_kernel_module("_tl_helpers.py", executing_mode())
+_acc_zeros, _acc_dot = _h.acc_zeros, _h.acc_dot
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -55,29 +61,6 @@ def _scores(a, b, scale, IEEE: tl.constexpr):
         return (tl.dot(a.to(tl.float64), b.to(tl.float64)) * scale).to(tl.float32)
     else:
         return tl.dot(a, b) * scale
-
-
-@triton.jit
-def _acc_zeros(M: tl.constexpr, N: tl.constexpr, IEEE: tl.constexpr):
-    """A long-running dK/dV accumulator: float64 for float32 inputs, else float32.
-
-    dK of a block sums over every (position, head) that selected it (block 0: all of them);
-    a float32 running sum of ~25k terms drifts by ~1e-4 at T=1536, h=16, beyond the fp32
-    class's 1e-5 on gradients. The fp32 path is for parity, so it pays for float64.
-    """
-    if IEEE:
-        return tl.zeros([M, N], tl.float64)
-    else:
-        return tl.zeros([M, N], tl.float32)
-
-
-@triton.jit
-def _acc_dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` for the `_acc_zeros` accumulators (float64 products when ``IEEE``)."""
-    if IEEE:
-        return tl.dot(a.to(tl.float64), b.to(tl.float64))
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
