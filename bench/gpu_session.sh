@@ -12,6 +12,9 @@
 #                                       # peers' conformance, profile, side by side
 #   bash bench/gpu_session.sh final     # call 4: the fixes' checks, profile, ours vs dense
 #   bash bench/gpu_session.sh serve     # the triton path's and the peers' conformance, decode
+#   bash bench/gpu_session.sh close     # 12-03 call 1: every GPU test, the GPU conformance of the
+#                                       # router, the triton path and fla:parallel, the profile
+#                                       # of a planned 64k call, ours side by side
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -183,6 +186,17 @@ serve)
   peer_conf conf_flash_nsa 280 flash_nsa
   wait_all; report_conf conf_triton conf_fla_parallel conf_flash_nsa
   decode_grid "$(left 570)"
+  ;;
+close)
+  unpack_fla
+  note "every GPU test; conformance of the router, the triton path and fla:parallel (in parallel)"
+  gpu_tests 320 tests gpu_matrix conformance/tests
+  conf conf_nsa_impl 320 --impl nsa_impl --no-mutants
+  conf conf_triton 320 --impl nsa_impl:triton --no-mutants
+  peer_conf conf_fla_parallel 320 fla:parallel
+  wait_all; report_tests; report_conf conf_nsa_impl conf_triton conf_fla_parallel
+  profile64k 60
+  side_by_side ours "$(left 560)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
