@@ -34,33 +34,11 @@ except ImportError:  # pragma: no cover - older layouts
 
 from ._loader import executing_mode, load_kernel_module
 
-# The long-running dK/dV accumulators, shared with the row-range kernels.
+# Products, logits and the long-running dK/dV accumulators, shared with the row-range kernels
+# (half-precision dots go through float32 in the interpreter, whose bf16 `tl.dot` is wrong).
 _h = load_kernel_module("_tl_helpers.py", executing_mode())
-_acc_zeros, _acc_dot = _h.acc_zeros, _h.acc_dot
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` accumulated in float32; IEEE float32 products when ``IEEE`` (fp32 parity)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _scores(a, b, scale, IEEE: tl.constexpr):
-    """``scale * a @ b`` as float32 scores; float64 products and sums for float32 inputs.
-
-    A float32 dot over ``Dk = 128`` already rounds the logits by ~1e-6 (a plain float32 PyTorch
-    softmax lands 1.7e-6 from float64 at T=1536, Dk=128): exact-enough logits keep the fp32
-    path within the spec's fp32 class of the float64 truth. Hopper/Ampere run fp64 dots at the
-    fp32 FMA rate, and the fp32 path exists for parity, not speed.
-    """
-    if IEEE:
-        return (tl.dot(a.to(tl.float64), b.to(tl.float64)) * scale).to(tl.float32)
-    else:
-        return tl.dot(a, b) * scale
+_dot, _scores, _acc_zeros, _acc_dot = _h.dot, _h.logits, _h.acc_zeros, _h.acc_dot
+_to = _h.round_to  # round-to-nearest casts in the interpreter too
 
 
 @triton.jit
@@ -194,7 +172,7 @@ def _sel_fwd_kernel(
             p = tl.where(ok, _exp(s - m_safe[:, None], PRECISE), 0.0)
             alpha = _exp(m_i - m_safe, PRECISE)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + _dot(_to(p, v.dtype), v, IEEE)
             m_i = m_new
     # Empty rows (l == 0) give exact zeros; a NaN l (a row that read a NaN) must stay NaN.
     empty = l_i == 0.0
@@ -247,7 +225,7 @@ def _sel_dq_kernel(
             p = tl.where(ok, _exp(s - lse[:, None], PRECISE), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)
             ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
-            dq += _dot(ds.to(k.dtype), k, IEEE)
+            dq += _dot(_to(ds, k.dtype), k, IEEE)
     tl.store(
         DQ + pos[:, None] * stride_dqn + head[:, None] * stride_dqh + dk[None, :],
         (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & (dk[None, :] < DK),
@@ -312,8 +290,8 @@ def _sel_dkdv_kernel(
         pt = tl.where(ok, _exp(st - lse[None, :] + (delta - delta)[None, :], PRECISE), 0.0)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = tl.where(ok, pt * (dpt - delta[None, :]), 0.0)
-        acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
-        acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
+        acc_v += _acc_dot(_to(pt, do.dtype), do, IEEE)
+        acc_k += _acc_dot(_to(dst, q.dtype), q, IEEE)
     key = kc + tl.arange(0, BKEY)
     # Scalar-by-tensor masks are broadcast explicitly (Triton's interpreter mis-types them).
     used = key[:, None] * 0 + seg >= 0
