@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from .kernels.ops import autocast_off_backward
+from .kernels.ops import autocast_enabled, autocast_off_backward
 
 __all__ = ["autocast_dtype", "autocast_off_backward", "entry", "run_dtype", "user_fn"]
 
@@ -58,19 +58,11 @@ def _cast(x: object, dtype: torch.dtype) -> object:
     return x
 
 
-#: Device types with autocast kernels in every torch build.
-_ALWAYS_AUTOCAST = frozenset({"cpu", "cuda"})
-
-
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype in effect for ``x``'s device type, or ``None`` when autocast is off
     (or has no kernels for that device type, e.g. ``meta``)."""
     device_type = x.device.type
-    # cpu/cuda always have autocast: asking would stop torch.compile on torch 2.11, whose dynamo
-    # cannot trace torch._C._is_autocast_available (measured on the H200 machine)
-    if device_type not in _ALWAYS_AUTOCAST and not torch.amp.is_autocast_available(device_type):
-        return None
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

@@ -88,6 +88,19 @@ def kernel_op(name: str, fake: Callable, *, mutates: tuple[str, ...] = ()) -> Ca
     return register
 
 
+#: Device types with autocast kernels in every torch build.
+_ALWAYS_AUTOCAST = frozenset({"cpu", "cuda"})
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``False`` where it has no kernels, e.g.
+    ``meta``). cpu/cuda always have autocast, and asking would stop torch.compile on torch 2.11,
+    whose dynamo cannot trace ``torch._C._is_autocast_available`` (measured on the H200)."""
+    if device_type not in _ALWAYS_AUTOCAST and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def autocast_off_backward(backward: Callable) -> Callable:
     """Decorate an autograd Function's ``backward`` to run with autocast disabled.
 
@@ -103,9 +116,7 @@ def autocast_off_backward(backward: Callable) -> Callable:
     def wrapper(ctx, *grads):
         lead = next((g for g in grads if isinstance(g, torch.Tensor)), None)
         kind = None if lead is None else lead.device.type
-        if kind is None or not (
-            torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
-        ):
+        if kind is None or not autocast_enabled(kind):
             return backward(ctx, *grads)
         with torch.autocast(kind, enabled=False):
             return backward(ctx, *grads)
@@ -130,7 +141,7 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 
 def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """``x`` with the rows where ``bad`` (``x.shape[:-1]``, broadcastable) is true set to NaN."""
-    return torch.where(bad.unsqueeze(-1), torch.full_like(x, float("nan")), x)
+    return x.masked_fill(bad.unsqueeze(-1), float("nan"))  # one read of x, one write
 
 
 # ---------------------------------------------------------------------------------------------
