@@ -22,7 +22,8 @@ docstring of `nsa_impl.kernels.triton_attn`; the notation used here:
 * NaN containment (`nsa_impl.kernels.triton_sel`'s rule): in a masked chunk a key may be outside
   some rows' ranges, so probabilities and ``dS`` are selected with ``tl.where``; the operands
   the products contract over masked entries arrive cleaned (``v`` forward, ``k``, ``q`` and the
-  dK/dV kernel's ``dO`` backward), the forward's keys poisoned where ``v`` is not finite, and
+  dK/dV kernel's ``dO`` backward), the forward stores NaN for the rows its launcher marks as
+  reading a non-finite ``v`` (prefix counts, `nsa_impl.kernels.triton_attn._reads_marked`), and
   the dK/dV probabilities carry ``delta - delta`` (NaN for a row whose ``dO`` or ``O`` is not
   finite). The loops carry no containment code. Rows that see no key give exact zeros; a row
   whose sum is NaN (it read a NaN) stays NaN.
@@ -38,6 +39,7 @@ from ._loader import executing_mode, load_kernel_module
 _h = load_kernel_module("_tl_helpers.py", executing_mode())
 _dot, _logits, _exp_d, _log_d = _h.dot, _h.logits, _h.exp_d, _h.log_d
 _acc_zeros, _acc_dot, _load_tile = _h.acc_zeros, _h.acc_dot, _h.load_tile
+_to = _h.round_to  # round-to-nearest casts in the interpreter too
 
 
 @triton.jit
@@ -119,21 +121,24 @@ def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn, svn, qk
     p = _exp_d(s - m_safe[:, None], IEEE, PRECISE)
     alpha = _exp_d(m_i - m_safe, IEEE, PRECISE)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    acc = acc * alpha[:, None] + _dot(_to(p, v.dtype), v, IEEE)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _range_fwd_kernel(
-    Q, K, V, O, LSE, QSTART, KSTART,
-    sqn, sqh, skn, skg, svn, svg, son, soh, sln,
+    Q, K, V, O, LSE, BAD, QSTART, KSTART,
+    sqn, sqh, skn, skg, svn, svg, son, soh, sln, sbn,
     qk_scale, LN_DOM,
     MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Forward: ``o`` and the natural-log ``lse`` of one (query tile, sequence, group)."""
+    """Forward: ``o`` and the natural-log ``lse`` of one (query tile, sequence, group).
+
+    ``BAD [NQ, G]`` (bool) marks the tokens whose rows read a non-finite ``v`` (the launcher
+    cleans ``v``): their outputs are stored as NaN, their log-sum-exp is that of the keys."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2)
@@ -161,6 +166,8 @@ def _range_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    bad = tl.load(BAD + row * sbn + g, mask=valid, other=0) != 0
+    o = tl.where(bad[:, None], float("nan"), o)
     lse = tl.where(empty, float("-inf"), (m_i + _log_d(l_safe, IEEE, PRECISE)) * LN_DOM)
     dv = tl.arange(0, BDV)
     tl.store(O + (row * son + head * soh)[:, None] + dv[None, :], o.to(O.dtype.element_ty),
@@ -185,7 +192,7 @@ def _dq_step(q, do, lse, delta, dq, K, V, ks, kcol, vcol, j, e, lo, hi, skn, svn
         ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
     else:
         ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, IEEE)
+    return dq + _dot(_to(ds, k.dtype), k, IEEE)
 
 
 @triton.jit
@@ -315,10 +322,10 @@ def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0
     else:
         dst = pt * (dpt - delta[None, :])
     # Rows outside the item (zero q, dO, lse, delta) add exactly 0 to both sums.
-    acc_v += _acc_dot(pt.to(do.dtype), do, IEEE)
-    acc_k += _acc_dot(dst.to(q.dtype), q, IEEE)
+    acc_v += _acc_dot(_to(pt, do.dtype), do, IEEE)
+    acc_k += _acc_dot(_to(dst, q.dtype), q, IEEE)
     if ATOMIC_DQ:
-        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE) * scale  # [BR, BDK]
+        dq = _dot(tl.trans(_to(dst, k.dtype)), k, IEEE) * scale  # [BR, BDK]
         dk_ = tl.arange(0, BDK)
         tl.atomic_add(DQ_ACC + (row * sdqn + head * sdqh)[:, None] + dk_[None, :], dq,
                       mask=ok_r[:, None] & (dk_[None, :] < DK) & (pq < L)[:, None], sem="relaxed")
