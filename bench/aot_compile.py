@@ -284,9 +284,9 @@ def main(argv=None):
         label = f"topn {tn.positions}x{tn.block_n} w{tn.warps} s{tn.stages}"
         if (t.BN, t.warps, t.KC) != (tn.block_n, tn.warps, 0):
             label += f" (resolved: {t.P}x{t.BN} w{t.warps} KC={t.KC})"
-        bn, bs, bsp = triton_topn.band(32, 16, 64, t.BN)
+        bn, bs, bsp = triton_topn.band(32, 16, 64, t.BN, 16)
         for write in (False, True):
-            c = dict(CL=32, CD=16, SELB=64, R=4, M=2, NTOP=16, NP=16, INIT=1, LOCAL=2,
+            c = dict(CL=32, CD=16, SELB=64, R=4, M=2, NTOP=16, INIT=1, LOCAL=2,
                      H_PER_G=H_PER_G, HP=16, P=t.P, BM=t.P * 16, BN=bn,
                      BS=bs, BSP=bsp, DK=DK, BDK=BDK, KC=t.KC, IEEE=ieee, PRECISE=ieee,
                      WRITE_SCORES=write)

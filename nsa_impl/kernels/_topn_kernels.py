@@ -13,10 +13,14 @@ the sum over the group's heads (Eq. 10), the overlap weights of Eq. 9 as a ``[BN
 (one IEEE float32 dot), then a merge into each position's running top-n.
 
 The running top-n is exact under spec I.5's total order (forced blocks first, then higher
-score, then lower index): a candidate replaces the current worst entry iff it ranks above it.
-Bands come in ascending block order and each band's candidates in descending rank (argmax,
-lowest index on ties), and every candidate that enters beat the band's initial worst, so the
-number of merge rounds per band is bounded by that count (few after the first bands).
+score, then lower index). Each candidate's rank is one int64 (`_rank`: the float's bits in an
+order-preserving integer form, then the complemented block index), so the order is integer
+order. The list is ``BSP`` ranks sorted descending; a band's ``BSP`` ranks are sorted
+ascending, and the element-wise maximum of the two sequences holds the ``BSP`` best of their
+union (the first step of a bitonic merge), which one more sort orders again. Two fixed-size
+sorts per band, no data-dependent loop: the earlier merge, one argmax round per entering
+candidate with the count maxed over the tile's positions, took more time than the logits
+(docs/gpu_notes.md). ``BSP >= n``, so the first ``n`` entries are the top-n.
 
 float32 inputs (``IEEE``) form the logits in float64. A resident float64 query tile of
 ``P * HP = 256`` rows by 128 dims, staged through shared memory for the dot, needs 256 KB on its
@@ -37,6 +41,7 @@ _h = load_kernel_module("_tl_helpers.py", executing_mode())
 _logits, _exp_d, _load_tile = _h.logits, _h.exp_d, _h.load_tile
 
 _BIG = tl.constexpr(1 << 30)  # an index that sorts after every real block
+_LOW = tl.constexpr(0x7FFFFFFF)  # complement base of the index half of a rank
 
 
 @triton.jit
@@ -46,11 +51,18 @@ def _num_cmp(p, CL: tl.constexpr, CD: tl.constexpr):
 
 
 @triton.jit
-def _worst(tv, ti):
-    """Per position, the lowest-ranked entry of the running list: (score, index)."""
-    wv = tl.min(tv, 1)
-    wi = tl.max(tl.where(tv == wv[:, None], ti, -1), 1)
-    return wv, wi
+def _mono(key):
+    """int32 that orders as float32 ``key`` (no NaN): non-negative float bits order as integers;
+    flipping the other 31 bits of a negative float reverses its order. ``-0.0`` counts as ``0``."""
+    bits = (key + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ _LOW)
+
+
+@triton.jit
+def _rank(key, j):
+    """int64 ranks of ``key`` at block indices ``j`` (same shape): a higher key ranks higher,
+    then a lower index (spec I.5's order as integer order)."""
+    return (_mono(key).to(tl.int64) << 32) | (-j + _LOW).to(tl.int64)
 
 
 @triton.jit
@@ -72,7 +84,7 @@ def _select_kernel(
     sqn, sqh, skn, skg, sln, sin, sig, ssn, ssg,
     qk_scale, DOM, SMAX,
     CL: tl.constexpr, CD: tl.constexpr, SELB: tl.constexpr, R: tl.constexpr, M: tl.constexpr,
-    NTOP: tl.constexpr, NP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+    NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
     KC: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr, WRITE_SCORES: tl.constexpr,
@@ -110,15 +122,13 @@ def _select_kernel(
     lo = tl.maximum(i[:, None] - (M - 1), jj[None, :] * R)
     hi = tl.minimum(i[:, None] + 1, jj[None, :] * R + R)
     w = tl.where(jj[None, :] < BS, tl.maximum(hi - lo, 0), 0).to(tl.float32)
-    # Running top-n per position: slots >= NTOP hold (+inf, -1) and are never evicted.
-    slots = tl.arange(0, NP)
-    real = slots[None, :] < NTOP
-    tv = tl.where(real, float("-inf"), float("inf")) + tl.zeros([P, NP], tl.float32)
-    ti = tl.where(real, _BIG, -1) + tl.zeros([P, NP], tl.int32)
-    wv, wi = _worst(tv, ti)
+    # Running top-n per position: BSP ranks, sorted descending; empty slots rank lowest.
+    slots = tl.arange(0, BSP)
+    none = tl.full([P, BSP], float("-inf"), tl.float32)
+    top = _rank(none, tl.zeros([P, BSP], tl.int32) + _BIG)
     kcol = g.to(tl.int64) * skg
-    # The band loop holds the merge loop, so Triton does not software-pipeline it: the next
-    # band's keys are loaded one iteration ahead by hand (their L2 latency hides behind the MMA).
+    # The next band's keys are loaded one iteration ahead by hand (their L2 latency hides behind
+    # the MMA; Triton did not pipeline this loop when its merge was a data-dependent loop).
     c_first = i - (M - 1)
     if KC == 0:
         k_next = _load_tile(K, (ks + c_first) * skn + kcol, (c_first >= 0) & (c_first < cnt_max),
@@ -145,26 +155,17 @@ def _select_kernel(
         if WRITE_SCORES:
             tl.store(SC + ((qs + pos) * ssn + g * ssg)[:, None] + j[None, :], sc,
                      mask=valid_p[:, None] & (jj[None, :] < BS) & (j[None, :] < SMAX))
-        # Eq. 11 keys: forced blocks +inf, non-candidates -inf, else the score.
+        # Eq. 11 keys: forced blocks +inf, non-candidates -inf, else the score (a NaN score,
+        # which only a row that read a NaN has, counts as -inf: ranks must be ordered).
         cand = valid_p[:, None] & (jj[None, :] < BS) & (j[None, :] <= bp[:, None])
         forced = cand & ((j[None, :] < INIT) | (j[None, :] > bp[:, None] - LOCAL))
-        key = tl.where(cand, tl.where(forced, float("inf"), sc), float("-inf"))
-        beats = (key > float("-inf")) & ((key > wv[:, None])
-                                         | ((key == wv[:, None]) & (j[None, :] < wi[:, None])))
-        rounds = tl.minimum(tl.max(tl.sum(beats.to(tl.int32), 1), 0), NTOP)
-        for _ in range(0, rounds):
-            best = tl.max(key, 1)
-            at = tl.argmax(key, 1, tie_break_left=True).to(tl.int32)
-            jb = js0 + at
-            ok = (best > float("-inf")) & ((best > wv) | ((best == wv) & (jb < wi)))
-            hit = (tv == wv[:, None]) & (ti == wi[:, None])
-            ws = tl.argmax(hit.to(tl.int32), 1, tie_break_left=True)
-            repl = ok[:, None] & (slots[None, :] == ws[:, None])
-            tv = tl.where(repl, best[:, None], tv)
-            ti = tl.where(repl, jb[:, None], ti)
-            key = tl.where(jj[None, :] == at[:, None], float("-inf"), key)
-            wv, wi = _worst(tv, ti)
-    chosen = tl.where(real & (tv > float("-inf")), ti, _BIG)
+        key = tl.where(forced, float("inf"), tl.where(cand & (sc == sc), sc, float("-inf")))
+        band_ranks = tl.sort(_rank(key, j[None, :] + 0 * pos[:, None]), 1)
+        top = tl.sort(tl.maximum(top, band_ranks), 1, descending=True)
+    real = slots[None, :] < NTOP
+    picked = real & ((top >> 32).to(tl.int32) > _mono(none))  # a candidate filled the slot
+    block = (-(top & _LOW) + _LOW).to(tl.int32)
+    chosen = tl.where(picked, block, _BIG)
     chosen = tl.sort(chosen, 1)
     chosen = tl.where(chosen == _BIG, -1, chosen).to(tl.int64)
     tl.store(IDX + ((qs + pos) * sin + g * sig)[:, None] + slots[None, :], chosen,

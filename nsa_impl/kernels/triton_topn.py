@@ -49,15 +49,17 @@ def _kernels(interpret: bool):
     return load_kernel_module("_topn_kernels.py", interpret)
 
 
-def band(cmp_block: int, cmp_stride: int, sel_block: int, block_n: int) -> tuple[int, int, int]:
-    """``(BN, BS, BSP)``: compressed columns per band, selection blocks per band (padded).
+def band(cmp_block: int, cmp_stride: int, sel_block: int, block_n: int,
+         top_n: int) -> tuple[int, int, int]:
+    """``(BN, BS, BSP)``: compressed columns per band, selection blocks per band, and the
+    padded band width, which is also the length of the running top-n list (``>= n``).
 
     ``BN`` is at least one selection block plus its halo; ``BS = (BN - (M - 1)) // R``.
     """
     R, M = sel_block // cmp_stride, cmp_block // cmp_stride
     bn = max(int(block_n), 16, _tuning.next_pow2(R + M - 1))
     bs = (bn - (M - 1)) // R
-    return bn, bs, max(16, _tuning.next_pow2(bs))
+    return bn, bs, max(16, _tuning.next_pow2(bs), _tuning.next_pow2(top_n))
 
 
 def _select_fake(q, k_cmp, lse, qstart, kstart, sizes, scale, launch):
@@ -98,7 +100,7 @@ def select_op(
     h = H // G
     HP = _tuning.next_pow2(h)
     P = tile.P
-    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tile.BN)
+    bn, bs, bsp = band(cmp_block, cmp_stride, sel_block, tile.BN, top_n)
     grid = (-(-int(max_len) // P), qstart.numel() - 1, G)
     _kernels(interpret)._select_kernel[grid](
         q, k_cmp, lse, idx, scores, qstart, kstart,
@@ -106,7 +108,7 @@ def select_op(
         idx.stride(0), idx.stride(1), scores.stride(0), scores.stride(1),
         scale * dom, dom, num_scores,
         CL=cmp_block, CD=cmp_stride, SELB=sel_block, R=sel_block // cmp_stride,
-        M=cmp_block // cmp_stride, NTOP=top_n, NP=max(2, _tuning.next_pow2(top_n)),
+        M=cmp_block // cmp_stride, NTOP=top_n,
         INIT=init_blocks, LOCAL=local_blocks, H_PER_G=h, HP=HP, P=P, BM=P * HP, BN=bn, BS=bs,
         BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), KC=tile.KC, IEEE=ieee,
         PRECISE=ieee and not interpret, WRITE_SCORES=num_scores > 0,

@@ -125,8 +125,8 @@ def test_bad_inputs_raise():
 
 
 def test_band_covers_a_selection_block_and_its_halo():
-    for l, d, ls in ((32, 16, 64), (8, 4, 16), (4, 4, 4)):
-        bn, bs, bsp = triton_topn.band(l, d, ls, 16)
+    for l, d, ls, n in ((32, 16, 64, 16), (8, 4, 16, 3), (4, 4, 4, 40)):
+        bn, bs, bsp = triton_topn.band(l, d, ls, 16, n)
         R, M = ls // d, l // d
-        assert bs >= 1 and bs * R + M - 1 <= bn and bsp >= bs
+        assert bs >= 1 and bs * R + M - 1 <= bn and bsp >= bs and bsp >= n
         assert math.log2(bsp).is_integer()
