@@ -50,6 +50,8 @@ DEV = "cuda"
 #: ``--smoke``: CPU tensors, Triton's interpreter, tiny shapes, one launch shape per kernel and
 #: one untimed-quality run per measurement: checks this script's plumbing without a GPU.
 SMOKE = False
+#: ``--sweep-kernels``: the kernels the sweep times (empty: all).
+SWEEP_ONLY: frozenset[str] = frozenset()
 
 
 def _sync():
@@ -156,7 +158,9 @@ def candidates():
             Lc(64, 64, 8, 2, 1024), Lc(64, 64, 8, 2, 4096)]
     topn = [tuning.TopNTuning(16, 64, 8, 1), tuning.TopNTuning(16, 128, 8, 1),
             tuning.TopNTuning(16, 32, 4, 1), tuning.TopNTuning(16, 64, 4, 1),
-            tuning.TopNTuning(32, 64, 8, 1), tuning.TopNTuning(16, 64, 8, 2)]
+            tuning.TopNTuning(32, 64, 8, 1), tuning.TopNTuning(16, 64, 8, 2),
+            tuning.TopNTuning(16, 128, 8, 2), tuning.TopNTuning(32, 128, 8, 1),
+            tuning.TopNTuning(16, 64, 4, 2), tuning.TopNTuning(16, 128, 4, 1)]
     gate = [tuning.GateTuning(32, 4), tuning.GateTuning(16, 4), tuning.GateTuning(64, 4),
             tuning.GateTuning(64, 8), tuning.GateTuning(128, 8)]
     if SMOKE:
@@ -230,6 +234,8 @@ def sweep(sh: Shapes, bench: Bench, base_profile, rows: list):
         s["g"] = torch.rand(sh.T, H, 3, device=DEV).to(DT)
     best = {}
     cands = candidates()
+    if SWEEP_ONLY:
+        cands = {name: c for name, c in cands.items() if name in SWEEP_ONLY}
     # Round robin over the kernels (defaults first): a short budget still tries every kernel.
     order = [(name, c[i]) for i in range(max(map(len, cands.values())))
              for name, c in cands.items() if i < len(c)]
@@ -471,6 +477,8 @@ def main(argv=None):
     ap.add_argument("--parts-T", default="65536,8192",
                     help="lengths of the per-kernel profile (8k shows the fixed costs)")
     ap.add_argument("--sections", default="sweep,parts,table")
+    ap.add_argument("--sweep-kernels", default="",
+                    help="comma-separated kernel names to sweep (default: all), e.g. topn")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--table-reserve-s", type=float, default=150.0,
                     help="seconds of the budget kept for the table (sweep/parts stop earlier)")
@@ -480,7 +488,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="CPU + Triton interpreter, tiny shapes: test this script without a GPU")
     args = ap.parse_args(argv)
-    global SMOKE, DEV, H, G, D
+    global SMOKE, DEV, H, G, D, SWEEP_ONLY
+    SWEEP_ONLY = frozenset(filter(None, args.sweep_kernels.split(",")))
     if args.smoke:
         import os
 

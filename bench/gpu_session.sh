@@ -15,6 +15,9 @@
 #   bash bench/gpu_session.sh close     # 12-03 call 1: every GPU test, the GPU conformance of the
 #                                       # router, the triton path and fla:parallel, the profile
 #                                       # of a planned 64k call, ours side by side
+#   bash bench/gpu_session.sh sortmerge # call 2: NaN probe per path, the fixes' GPU tests, the
+#                                       # triton path's conformance (xdist), top-n sweep,
+#                                       # profile, ours side by side
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -197,6 +200,22 @@ close)
   wait_all; report_tests; report_conf conf_nsa_impl conf_triton conf_fla_parallel
   profile64k 60
   side_by_side ours "$(left 560)"
+  ;;
+sortmerge)
+  note "NaN probe per CUDA path (NSA-NAN-ROWS case)"
+  timeout 90 python3 bench/nan_probe.py 2>&1 | grep -v Warning | tee -a "$SUM"
+  note "GPU tests of the fixes; the triton path's and the router's conformance (in parallel)"
+  gpu_tests 270 tests/test_api.py tests/kernels/test_triton_topn.py tests/kernels/test_triton_attn.py \
+      tests/kernels/test_triton_nan_routes.py tests/kernels/test_triton_sel.py
+  conf conf_triton 270 --impl nsa_impl:triton --no-mutants -- -n 6
+  conf conf_nsa_impl 270 --impl nsa_impl --no-mutants "${NAN_CLAUSES[@]}" -- -n 2
+  wait_all; report_tests; report_conf conf_triton conf_nsa_impl
+  note "top-n sweep at 64k"
+  timeout 120 python3 bench/gpu_prefill.py --out "$OUT/prefill" --sections sweep \
+      --sweep-kernels topn --budget-s 100 > "$OUT/prefill/topn_sweep.log" 2>&1
+  grep -E "^  topn|error|Error" "$OUT/prefill/topn_sweep.log" | head -20 | tee -a "$SUM"
+  profile64k 60
+  side_by_side ours "$(left 575)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
