@@ -215,6 +215,9 @@ sortmerge)
       --sweep-kernels topn --budget-s 100 > "$OUT/prefill/topn_sweep.log" 2>&1
   grep -E "^  topn|error|Error" "$OUT/prefill/topn_sweep.log" | head -20 | tee -a "$SUM"
   profile64k 60
+  note "profile of a planned call at 8k"
+  timeout 40 python3 bench/profile_forward.py --T 8192 --out "$OUT/prefill" > "$OUT/prefill/profile8k.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile8k.log" | head -30 | tee -a "$SUM"
   side_by_side ours "$(left 575)"
   ;;
 *)
