@@ -18,6 +18,9 @@
 #   bash bench/gpu_session.sh sortmerge # call 2: NaN probe per path, the fixes' GPU tests, the
 #                                       # triton path's conformance (xdist), top-n sweep,
 #                                       # profile, ours side by side
+#   bash bench/gpu_session.sh train     # call 3: the fixes' GPU tests, GPU conformance of the
+#                                       # triton path, the router's NaN clauses, fla:parallel;
+#                                       # then bench/train_gpu.sh (NSA vs dense) alone on the GPU
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -53,11 +56,11 @@ gpu_tests() {
   PIDS+=($!)
 }
 # conf NAME TIMEOUT ARGS...: `conformance run ARGS --device cuda` in the background, report in
-# tests/NAME (peers: pass --peer and set PYTHONPATH/NSA_FLASH_NSA_PATH in the environment)
+# tests/NAME (pytest arguments, e.g. xdist's `-n 6`, after `--` at the end of ARGS) (peers: pass --peer and set PYTHONPATH/NSA_FLASH_NSA_PATH in the environment)
 conf() {
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m conformance run --device cuda --examples 1 "$@" \
-      --report "$OUT/tests/$name" > "$OUT/tests/$name.log" 2>&1 &
+  timeout "$limit" python3 -m conformance run --device cuda --examples 1 \
+      --report "$OUT/tests/$name" "$@" > "$OUT/tests/$name.log" 2>&1 &
   PIDS+=($!)
 }
 peer_conf() {  # peer_conf NAME TIMEOUT IMPL: a peer graded with its runtime on the path
@@ -219,6 +222,23 @@ sortmerge)
   timeout 40 python3 bench/profile_forward.py --T 8192 --out "$OUT/prefill" > "$OUT/prefill/profile8k.log" 2>&1
   grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile8k.log" | head -30 | tee -a "$SUM"
   side_by_side ours "$(left 575)"
+  ;;
+train)
+  unpack_fla
+  note "GPU tests of the fixes; conformance: triton path, router NaN clauses, fla:parallel"
+  gpu_tests 200 tests/test_api.py tests/kernels/test_triton_nan_routes.py \
+      tests/kernels/test_triton_attn.py tests/kernels/test_triton_topn.py
+  conf conf_triton 210 --impl nsa_impl:triton --no-mutants -- -n 6
+  conf conf_nsa_impl 210 --impl nsa_impl --no-mutants "${NAN_CLAUSES[@]}" -- -n 2
+  peer_conf conf_fla_parallel 210 fla:parallel -- -n 3
+  wait_all; report_tests; report_conf conf_triton conf_nsa_impl conf_fla_parallel
+  note "training run: NSA vs dense, alone on the GPU"
+  mkdir -p "$OUT/train"
+  OUT="$OUT/train" BUDGET=330 NSA_LIMIT=150 DENSE_LIMIT=90 bash bench/train_gpu.sh \
+      > "$OUT/train/session.log" 2>&1
+  grep -E "^===|eval_vs|steady|^run," "$OUT/train/train_gpu.log" | tail -20 | tee -a "$SUM"
+  cat "$OUT/train/summary.csv" 2>/dev/null | tee -a "$SUM"
+  tar -czf "$OUT/train.tgz" -C "$OUT" train && rm -rf "${OUT:?}/train"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -22,8 +22,8 @@ docstring of `nsa_impl.kernels.triton_attn`; the notation used here:
 * NaN containment (`nsa_impl.kernels.triton_sel`'s rule): in a masked chunk a key may be outside
   some rows' ranges, so probabilities and ``dS`` are selected with ``tl.where``; the operands
   the products contract over masked entries arrive cleaned (``v`` forward, ``k``, ``q`` and the
-  dK/dV kernel's ``dO`` backward), the forward stores NaN for the rows its launcher marks as
-  reading a non-finite ``v`` (prefix counts, `nsa_impl.kernels.triton_attn._reads_marked`), and
+  dK/dV kernel's ``dO`` backward), the launcher sets to NaN the forward rows that read a
+  non-finite ``v`` (prefix counts, `nsa_impl.kernels.triton_attn._reads_marked`), and
   the dK/dV probabilities carry ``delta - delta`` (NaN for a row whose ``dO`` or ``O`` is not
   finite). The loops carry no containment code. Rows that see no key give exact zeros; a row
   whose sum is NaN (it read a NaN) stays NaN.
@@ -127,18 +127,15 @@ def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn, svn, qk
 
 @triton.jit
 def _range_fwd_kernel(
-    Q, K, V, O, LSE, BAD, QSTART, KSTART,
-    sqn, sqh, skn, skg, svn, svg, son, soh, sln, sbn,
+    Q, K, V, O, LSE, QSTART, KSTART,
+    sqn, sqh, skn, skg, svn, svg, son, soh, sln,
     qk_scale, LN_DOM,
     MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Forward: ``o`` and the natural-log ``lse`` of one (query tile, sequence, group).
-
-    ``BAD [NQ, G]`` (bool) marks the tokens whose rows read a non-finite ``v`` (the launcher
-    cleans ``v``): their outputs are stored as NaN, their log-sum-exp is that of the keys."""
+    """Forward: ``o`` and the natural-log ``lse`` of one (query tile, sequence, group)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     g = tl.program_id(2)
@@ -166,8 +163,6 @@ def _range_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    bad = tl.load(BAD + row * sbn + g, mask=valid, other=0) != 0
-    o = tl.where(bad[:, None], float("nan"), o)
     lse = tl.where(empty, float("-inf"), (m_i + _log_d(l_safe, IEEE, PRECISE)) * LN_DOM)
     dv = tl.arange(0, BDV)
     tl.store(O + (row * son + head * soh)[:, None] + dv[None, :], o.to(O.dtype.element_ty),

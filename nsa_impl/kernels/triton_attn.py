@@ -194,10 +194,8 @@ def _geometry(q, k, v, mode, cmp_block, cmp_stride, window):
 
 
 def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, window, scale,
-             tn: _tuning.AttnTuning, bad_rows: torch.Tensor | None = None):
-    """``q [NQ,H,Dk], k [NK,G,Dk], v [NK,G,Dv]`` -> ``o [NQ,H,Dv]``, ``lse [NQ,H]`` float32;
-    the heads of group ``g`` at token ``i`` get NaN outputs where ``bad_rows[i, g]`` (bool
-    ``[NQ, G]``; ``None``: no row is marked, for callers whose ``v`` is known finite)."""
+             tn: _tuning.AttnTuning):
+    """``q [NQ,H,Dk], k [NK,G,Dk], v [NK,G,Dv]`` -> ``o [NQ,H,Dv]``, ``lse [NQ,H]`` float32."""
     interpret = q.device.type == "cpu"
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     tile = _tuning.resolve(tn.fwd, h, c["DK"], c["DV"], ieee)
@@ -205,13 +203,11 @@ def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, wind
     S, G = qstart.numel() - 1, k.shape[1]
     o = new_output(q.shape[0], q.shape[1], v.shape[-1], like=q)
     lse = new_output(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
-    if bad_rows is None:
-        bad_rows = torch.zeros(q.shape[0], G, device=q.device, dtype=torch.bool)
     grid = (-(-(max_len + A) // tile.P), S, G)
     _kernels(interpret)._range_fwd_kernel[grid](
-        q, k, v, o, lse, bad_rows, qstart, kstart,
+        q, k, v, o, lse, qstart, kstart,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), lse.stride(0), bad_rows.stride(0),
+        o.stride(0), o.stride(1), lse.stride(0),
         float(scale) * dom, 1.0 / dom,
         HP=tile.HP, P=tile.P, A=A, BM=tile.BM, BN=tile.BN,
         PRECISE=ieee and not interpret, **c, **_opts(tile, interpret),
@@ -330,11 +326,15 @@ def range_forward(
     """
     max_len, _, mode, cl, cd, win = sizes
     # NaN containment (`_range_kernels` docstring): the product reads a cleaned v; the rows
-    # that read a non-finite v are stored as NaN by the kernel (the log-sum-exp, which the top-n
-    # reads, stays that of the keys: a NaN in v changes no selection)
+    # that read a non-finite v are set to NaN after, in place (the log-sum-exp, which the top-n
+    # reads, stays that of the keys: a NaN in v changes no selection). Marking them inside the
+    # kernel (a bool row flag loaded at the store) made ptxas crash at Dk=16 on the H200.
     bad_rows = _reads_marked(~finite_rows(v), qstart, kstart, q.shape[0], mode, cl, cd, win)
-    return _forward(q, k, nan_to_zero(v), qstart, kstart, max_len, mode, cl, cd, win, scale,
-                    _tuning.AttnTuning.from_list(launch), bad_rows)  # fmt: skip
+    o, lse = _forward(q, k, nan_to_zero(v), qstart, kstart, max_len, mode, cl, cd, win, scale,
+                      _tuning.AttnTuning.from_list(launch))  # fmt: skip
+    G = k.shape[1]
+    o.view(o.shape[0], G, -1).masked_fill_(bad_rows.unsqueeze(-1), float("nan"))
+    return o, lse
 
 
 def _reads_marked(marked, qstart, kstart, NQ: int, mode, cmp_block, cmp_stride,
