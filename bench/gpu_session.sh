@@ -63,8 +63,8 @@ conf() {
       --report "$OUT/tests/$name" "$@" > "$OUT/tests/$name.log" 2>&1 &
   PIDS+=($!)
 }
-peer_conf() {  # peer_conf NAME TIMEOUT IMPL: a peer graded with its runtime on the path
-  PYTHONPATH="$PEERS_PATH" NSA_FLASH_NSA_PATH="$PWD/.peers" conf "$1" "$2" --impl "$3" --peer
+peer_conf() {  # peer_conf NAME TIMEOUT IMPL [ARGS]: a peer graded with its runtime on the path
+  PYTHONPATH="$PEERS_PATH" NSA_FLASH_NSA_PATH="$PWD/.peers" conf "$1" "$2" --impl "$3" --peer "${@:4}"
 }
 wait_all() { for p in "${PIDS[@]}"; do wait "$p"; done; PIDS=(); }
 report_tests() {
