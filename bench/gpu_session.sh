@@ -21,6 +21,8 @@
 #   bash bench/gpu_session.sh train     # call 3: the fixes' GPU tests, GPU conformance of the
 #                                       # triton path, the router's NaN clauses, fla:parallel;
 #                                       # then bench/train_gpu.sh (NSA vs dense) alone on the GPU
+#   bash bench/gpu_session.sh flapar    # call 4: fla:parallel's report (fp16/bf16 lanes), the
+#                                       # NaN probe per branch combination
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -239,6 +241,17 @@ train)
   grep -E "^===|eval_vs|steady|^run," "$OUT/train/train_gpu.log" | tail -20 | tee -a "$SUM"
   cat "$OUT/train/summary.csv" 2>/dev/null | tee -a "$SUM"
   tar -czf "$OUT/train.tgz" -C "$OUT" train && rm -rf "${OUT:?}/train"
+  ;;
+flapar)
+  unpack_fla
+  note "fla:parallel conformance; NaN probe per branch combination (in parallel)"
+  peer_conf conf_fla_parallel 170 fla:parallel -- -n 4
+  timeout 120 python3 bench/nan_probe.py --dtypes bfloat16 --paths \
+      "cmp:flash/sel:masked/win:masked,cmp:masked/sel:packed/win:masked,cmp:masked/sel:packed/win:flash,cmp:flash/sel:packed/win:masked" \
+      2>&1 | grep -v Warning > "$OUT/tests/nan_probe.log" &
+  PIDS+=($!)
+  wait_all; report_conf conf_fla_parallel
+  cut -c1-400 "$OUT/tests/nan_probe.log" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -1,6 +1,7 @@
 """Where does a NaN in one batch row reach the other? (NSA-NAN-ROWS, per forced path, on CUDA)
 
-    python bench/nan_probe.py [--paths router,masked,packed,varlen,triton] [--dtypes bfloat16,float16]
+    python bench/nan_probe.py [--paths router,masked,packed,varlen,triton,cmp:flash/sel:masked]
+                              [--dtypes bfloat16,float16]
 
 The clause NSA-NAN-ROWS puts a NaN at token 21 of batch row 0 (B=2, T=48, G=2, h=2, the
 conformance config CFG_B) and requires batch row 1 to be bit-identical to a clean run. For each
@@ -21,6 +22,9 @@ BRANCH_FIELDS = ("o_cmp", "o_sel", "o_win")
 
 
 def _forced(path: str) -> dict[str, str]:
+    """``router``, a path name, or per branch ``cmp:flash/sel:packed/win:masked``."""
+    if ":" in path:
+        return dict(part.split(":") for part in path.split("/"))
     if path == "router":
         return {}
     if path in ("packed", "varlen"):
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
         print("no CUDA GPU: nothing to probe")
         return 2
     for path in args.paths.split(","):
-        head_dim = 16 if path == "triton" else 8  # the triton kernels need Dk >= 16
+        head_dim = 16 if "triton" in path else 8  # the triton kernels need Dk >= 16
         for dname in args.dtypes.split(","):
             dtype = getattr(torch, dname)
             for which in "qkv":

@@ -44,7 +44,8 @@ import torch
 
 from .adapters import Adapter, Capabilities, ConfigLimits
 
-LOWP_AND_FP32 = frozenset({torch.float32, torch.bfloat16, torch.float16})
+LOWP_ONLY = frozenset({torch.bfloat16, torch.float16})
+LOWP_AND_FP32 = LOWP_ONLY | {torch.float32}
 ENV_FLASH_NSA_PATH = "NSA_FLASH_NSA_PATH"
 
 
@@ -295,7 +296,11 @@ class FlaAdapter(Adapter):
         self.description = f"fla-core fla.ops.nsa.{fn}"
         self.capabilities = Capabilities(
             devices=frozenset({"cpu", "cuda"} if kind == "naive" else {"cuda"}),
-            dtypes=LOWP_AND_FP32,  # naive_nsa computes in float32 whatever it is given
+            # naive_nsa computes in float32 whatever it is given; parallel_nsa's window calls
+            # flash_attn, which takes fp16/bf16 only and one head dim for q, k and v (measured on
+            # the H200: "FlashAttention only support fp16 and bf16 data type")
+            dtypes=LOWP_AND_FP32 if kind == "naive" else LOWP_ONLY,
+            same_head_dims=kind == "parallel",
             backward=True,
             varlen=True,
             decode=False,

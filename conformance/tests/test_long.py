@@ -25,8 +25,9 @@ def _long_inputs(subject, lane):
 def test_long_causality(subject, lane):
     """Outputs, indices and gradients at rows <= CUT ignore everything after CUT."""
     inp = _long_inputs(subject, lane)
+    cfg = subject.config(CFG_PAPER)  # the paper's, or the nearest the subject runs
     aux_ok = subject.has("aux")
-    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), CFG_PAPER, aux=aux_ok)
+    o1, a1 = subject.run(inp.to(lane.dtype, subject.device), cfg, aux=aux_ok)
     gen = torch.Generator().manual_seed(121)
     moved = inp.with_(
         **{
@@ -42,7 +43,7 @@ def test_long_causality(subject, lane):
             for n in ("q", "k", "v", "gates")
         }
     )
-    o2, a2 = subject.run(moved.to(lane.dtype, subject.device), CFG_PAPER, aux=aux_ok)
+    o2, a2 = subject.run(moved.to(lane.dtype, subject.device), cfg, aux=aux_ok)
     tol = (
         0.0
         if subject.caps.exact_causality
@@ -56,7 +57,7 @@ def test_long_causality(subject, lane):
     del o1, o2, a1, a2
     if subject.has("backward"):
         x = inp.to(lane.dtype, subject.device, requires_grad=True)
-        o, _ = subject.run(x, CFG_PAPER)
+        o, _ = subject.run(x, cfg)
         w = output_weights(inp)[:, : CUT + 1].to(o.dtype).to(o.device)
         leaves = x.leaves()
         grads = torch.autograd.grad(
@@ -75,23 +76,24 @@ def test_long_causality(subject, lane):
 def test_long_index_bounds(subject, lane):
     """Every row's indices are well formed; sampled rows match the oracle (indices and outputs)."""
     inp = _long_inputs(subject, lane)
+    cfg = subject.config(CFG_PAPER)  # the paper's, or the nearest the subject runs
     x = inp.to(lane.dtype, subject.device)
-    o, aux = subject.run(x, CFG_PAPER, aux=True)
-    problems = index_problems(aux.block_indices, CFG_PAPER, torch.arange(T_LONG))
+    o, aux = subject.run(x, cfg, aux=True)
+    problems = index_problems(aux.block_indices, cfg, torch.arange(T_LONG))
     subject.expect(not problems, f"block_indices violate spec I.5 at T=65536: {problems}")
     rows = torch.tensor(ROWS)
     idx_rows = aux.block_indices[:, rows]
     oracle_dtype = torch.float64 if lane.klass == "exact" else torch.float32
     if lane.klass == "low-precision":
-        subject.record_selection_slack(idx_rows, inp, CFG_PAPER, lane, positions=rows)
+        subject.record_selection_slack(idx_rows, inp, cfg, lane, positions=rows)
     else:
-        ref = subject.dense(x.to(oracle_dtype, subject.device), CFG_PAPER, positions=rows)
+        ref = subject.dense(x.to(oracle_dtype, subject.device), cfg, positions=rows)
     if lane.klass == "fp32":
         bad = near_tie_mismatches(
             idx_rows.cpu(),
             ref.block_indices.cpu(),
             ref.p_slc.cpu(),
-            CFG_PAPER,
+            cfg,
             rows,
             TOL.NEAR_TIE_RTOL,
         )
@@ -101,13 +103,13 @@ def test_long_index_bounds(subject, lane):
     # Outputs of the sampled rows, given the implementation's own blocks.
     given = subject.dense(
         x.to(oracle_dtype, subject.device),
-        CFG_PAPER,
+        cfg,
         positions=rows,
         block_indices=aux.block_indices,
     )
     got = o[:, rows]
     if lane.klass == "low-precision":
-        naive_o = subject.dense(x, CFG_PAPER, positions=rows, block_indices=aux.block_indices).o
+        naive_o = subject.dense(x, cfg, positions=rows, block_indices=aux.block_indices).o
         tol = TOL.lowp_bound(max_err(naive_o, given.o))
     else:
         tol = TOL.EXACT_ATOL if lane.klass == "exact" else TOL.FP32_OUT_ATOL
