@@ -288,7 +288,8 @@ def main(argv=None):
         for write in (False, True):
             c = dict(CL=32, CD=16, SELB=64, R=4, M=2, NTOP=16, INIT=1, LOCAL=2,
                      H_PER_G=H_PER_G, HP=16, P=t.P, BM=t.P * 16, BN=bn,
-                     BS=bs, BSP=bsp, DK=DK, BDK=BDK, KC=t.KC, IEEE=ieee, PRECISE=ieee,
+                     BS=bs, BSP=bsp, LOG_BSP=bsp.bit_length() - 1, DK=DK, BDK=BDK, KC=t.KC,
+                     IEEE=ieee, PRECISE=ieee,
                      WRITE_SCORES=write)
             ptr = dict(Q=dt, K=dt, LSE="fp32", IDX="i64", SC="fp32", QSTART="i64",
                        KSTART="i64")

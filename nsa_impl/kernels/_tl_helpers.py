@@ -141,3 +141,32 @@ def load_tile(PTR, row_off, row_ok, D: tl.constexpr, BD: tl.constexpr, MASKED: t
             return tl.load(ptr)
         else:
             return tl.load(ptr, mask=d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def sort_rows(x, N: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr,
+              BITONIC: tl.constexpr):
+    """``x [P, N]`` sorted along its last axis (``N = 2**LOG_N``); ``BITONIC``: each row is
+    already bitonic (rises then falls, or the reverse), so only the network's last stage runs.
+
+    Compiled: ``tl.sort``. Interpreted: a bitonic network written with reshapes and element-wise
+    min/max, because the interpreter runs ``tl.sort``'s combine-function reductions element by
+    element in Python (the fused top-n took 6x longer on the CPU).
+    """
+    if INTERPRETED:
+        P: tl.constexpr = x.shape[0]
+        first: tl.constexpr = LOG_N if BITONIC else 1
+        for s in tl.static_range(first, LOG_N + 1):  # sorted runs of 2**s
+            for t in tl.static_range(0, s):  # compare-exchange at distance d = 2**(s-1-t)
+                d: tl.constexpr = 1 << (s - 1 - t)
+                A: tl.constexpr = N // (2 * d)
+                lo, hi = tl.split(tl.permute(tl.reshape(x, [P, A, 2, d]), [0, 1, 3, 2]))
+                # run a = i // (2d) holds bit s of i as its bit t: it sets the run's direction
+                up = (((tl.arange(0, A) >> t) & 1) == 0) != DESCENDING
+                up = up[None, :, None]
+                small, big = tl.minimum(lo, hi), tl.maximum(lo, hi)
+                pair = tl.join(tl.where(up, small, big), tl.where(up, big, small))
+                x = tl.reshape(tl.permute(pair, [0, 1, 3, 2]), [P, N])
+        return x
+    else:
+        return tl.sort(x, 1, descending=DESCENDING)

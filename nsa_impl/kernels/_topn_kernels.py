@@ -38,7 +38,7 @@ import triton.language as tl
 from ._loader import executing_mode, load_kernel_module
 
 _h = load_kernel_module("_tl_helpers.py", executing_mode())
-_logits, _exp_d, _load_tile = _h.logits, _h.exp_d, _h.load_tile
+_logits, _exp_d, _load_tile, _sort_rows = _h.logits, _h.exp_d, _h.load_tile, _h.sort_rows
 
 _BIG = tl.constexpr(1 << 30)  # an index that sorts after every real block
 _LOW = tl.constexpr(0x7FFFFFFF)  # complement base of the index half of a rank
@@ -86,7 +86,8 @@ def _select_kernel(
     CL: tl.constexpr, CD: tl.constexpr, SELB: tl.constexpr, R: tl.constexpr, M: tl.constexpr,
     NTOP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, DK: tl.constexpr, BDK: tl.constexpr,
+    BN: tl.constexpr, BS: tl.constexpr, BSP: tl.constexpr, LOG_BSP: tl.constexpr,
+    DK: tl.constexpr, BDK: tl.constexpr,
     KC: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     """Block indices (and optionally the scores) of ``P`` positions of one sequence and group.
@@ -160,13 +161,13 @@ def _select_kernel(
         cand = valid_p[:, None] & (jj[None, :] < BS) & (j[None, :] <= bp[:, None])
         forced = cand & ((j[None, :] < INIT) | (j[None, :] > bp[:, None] - LOCAL))
         key = tl.where(forced, float("inf"), tl.where(cand & (sc == sc), sc, float("-inf")))
-        band_ranks = tl.sort(_rank(key, j[None, :] + 0 * pos[:, None]), 1)
-        top = tl.sort(tl.maximum(top, band_ranks), 1, descending=True)
+        band = _sort_rows(_rank(key, j[None, :] + 0 * pos[:, None]), BSP, LOG_BSP, False, False)
+        top = _sort_rows(tl.maximum(top, band), BSP, LOG_BSP, True, True)
     real = slots[None, :] < NTOP
     picked = real & ((top >> 32).to(tl.int32) > _mono(none))  # a candidate filled the slot
     block = (-(top & _LOW) + _LOW).to(tl.int32)
     chosen = tl.where(picked, block, _BIG)
-    chosen = tl.sort(chosen, 1)
+    chosen = _sort_rows(chosen, BSP, LOG_BSP, False, False)
     chosen = tl.where(chosen == _BIG, -1, chosen).to(tl.int64)
     tl.store(IDX + ((qs + pos) * sin + g * sig)[:, None] + slots[None, :], chosen,
              mask=valid_p[:, None] & real)

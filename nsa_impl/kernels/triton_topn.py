@@ -110,7 +110,8 @@ def select_op(
         CL=cmp_block, CD=cmp_stride, SELB=sel_block, R=sel_block // cmp_stride,
         M=cmp_block // cmp_stride, NTOP=top_n,
         INIT=init_blocks, LOCAL=local_blocks, H_PER_G=h, HP=HP, P=P, BM=P * HP, BN=bn, BS=bs,
-        BSP=bsp, DK=DK, BDK=max(16, _tuning.next_pow2(DK)), KC=tile.KC, IEEE=ieee,
+        BSP=bsp, LOG_BSP=bsp.bit_length() - 1, DK=DK, BDK=max(16, _tuning.next_pow2(DK)),
+        KC=tile.KC, IEEE=ieee,
         PRECISE=ieee and not interpret, WRITE_SCORES=num_scores > 0,
         **({} if interpret else dict(num_warps=tile.warps, num_stages=tile.stages)),
     )  # fmt: skip
