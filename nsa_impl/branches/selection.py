@@ -16,8 +16,11 @@ Paths (the dispatcher's names; `selection_attention` ``path=``):
     selection blocks; rows with ``L == W`` apart) and cut into chunks; the selected keys of each
     row are compacted (via `block_ranges`) to the left of a ``[rows, W]`` slab, and one
     ``scaled_dot_product_attention`` call per chunk attends (a boolean prefix mask only in the
-    chunks of rows with ``L < W``). A row's result so depends on that row alone. The ``h`` heads of a group are the query rows of one SDPA problem,
-    so each gathered key is read once per group (the paper's group-centric layout).
+    chunks of rows with ``L < W``), so a row's width and mask depend on that row alone (which
+    chunk it lands in still depends on the other rows: on an H200 a NaN in another sequence's
+    keys still changes bf16 results here, docs/gpu_notes.md). The ``h`` heads of a group are the
+    query rows of one SDPA problem, so each gathered key is read once per group (the paper's
+    group-centric layout).
 ``varlen``
     Flat packing over (row, group) pairs: the compacted keys of all rows of a chunk are
     concatenated with ``cu_seqlens_k = cumsum(L)`` and ``cu_seqlens_q = arange * h`` (built with
@@ -216,10 +219,11 @@ def _sorted_chunks(rows: _Rows, member: torch.Tensor, kind: str, chunk_slots: in
     """Rows with ``member`` (and ``L > 0``) bucketed by their own width, cut into chunks.
 
     A row's padded width is its length rounded up to whole selection blocks, and rows whose
-    length fills that width exactly go to chunks of their own (no mask): what SDPA computes
-    for a row then depends on that row alone, not on the rows it shares a chunk with. (With
-    ``W`` = the chunk's longest row, a NaN in another sequence's keys changed its selections,
-    so the bucketing, so other rows' bf16 results on CUDA: NSA-NAN-ROWS failed on an H200.)
+    length fills that width exactly go to chunks of their own (no mask): a row's width and mask
+    depend on that row alone. (With ``W`` = the chunk's longest row, a NaN in another sequence's
+    keys changed its selections, so the bucketing, so other rows' bf16 results on CUDA. The
+    chunk a row lands in still depends on the other rows, and NSA-NAN-ROWS still fails on an
+    H200 with the flash compressed scores: `bench/nan_probe.py`, docs/gpu_notes.md.)
     Two host syncs per call (the bucket counts, then every chunk's key total), none per chunk.
     """
     ls = rows.ls
