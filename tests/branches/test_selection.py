@@ -320,8 +320,9 @@ def test_cuda_varlen_flash_low_precision(dtype):
 def test_a_rows_bucket_depends_on_that_row_alone():
     """The packed/varlen buckets: a row's padded width is its own length rounded up to whole
     selection blocks, and rows filling their width (no mask) are chunked apart, so changing other
-    rows' lengths (a NaN in another sequence changes its selections) never changes how a row is
-    computed. Checked on the chunk assignment itself: (width, uniform) per row."""
+    rows' lengths (a NaN in another sequence changes its selections) never changes a row's width
+    or mask. Checked on the chunk assignment itself: (width, uniform) per row. (Which chunk a
+    row shares with whom still depends on the others; docs/gpu_notes.md.)"""
     from types import SimpleNamespace
 
     def assignment(lengths, chunk_slots=256):
