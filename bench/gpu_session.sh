@@ -23,6 +23,10 @@
 #                                       # then bench/train_gpu.sh (NSA vs dense) alone on the GPU
 #   bash bench/gpu_session.sh flapar    # call 4: fla:parallel's report (fp16/bf16 lanes), the
 #                                       # NaN probe per branch combination
+#   bash bench/gpu_session.sh contain   # 12-04 call 1: the causal-prefix fix (NaN probe, the
+#                                       # router's and the torch paths' NaN clauses, their GPU
+#                                       # tests), the router's full conformance, fla:parallel's
+#                                       # report; profiles at 8k and 16k
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -252,6 +256,28 @@ flapar)
   PIDS+=($!)
   wait_all; report_conf conf_fla_parallel
   cut -c1-400 "$OUT/tests/nan_probe.log" | tee -a "$SUM"
+  ;;
+contain)
+  unpack_fla
+  note "fla:parallel report; router conformance; NaN clauses per torch path; NaN probe"
+  peer_conf conf_fla_parallel 330 fla:parallel -- -n 4
+  conf conf_nsa_impl 330 --impl nsa_impl --no-mutants -- -n 3
+  for impl in nsa_impl:packed nsa_impl:varlen; do
+    conf "nan_${impl//:/_}" 200 --impl "$impl" --no-mutants "${NAN_CLAUSES[@]}"
+  done
+  gpu_tests 200 tests/branches/test_selection.py tests/test_api.py tests/test_scoring.py
+  timeout 150 python3 bench/nan_probe.py --dtypes bfloat16,float16 --paths "router,packed,varlen,cmp:flash/sel:packed/win:masked,cmp:flash/sel:varlen/win:masked" 2>&1 | grep -v Warning \
+      > "$OUT/tests/nan_probe.log" &
+  PIDS+=($!)
+  wait_all; report_tests
+  report_conf conf_fla_parallel conf_nsa_impl nan_nsa_impl_packed nan_nsa_impl_varlen
+  cut -c1-300 "$OUT/tests/nan_probe.log" | tee -a "$SUM"
+  for T in 8192 16384; do
+    note "profile at $T"
+    timeout 60 python3 bench/profile_forward.py --T $T --top 14 --out "$OUT/prefill" \
+        > "$OUT/prefill/profile$T.log" 2>&1
+    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
+  done
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

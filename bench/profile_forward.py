@@ -1,6 +1,7 @@
 """Where a full NSA call's time goes on a GPU: torch.profiler over a planned forward
 (``torch.no_grad()``) and a forward+backward, the top kernels by device time, the host time, and
-the device-busy fraction of the wall clock (host work and syncs show up as the gap).
+the device-busy fraction of the wall clock (host work and syncs show up as the gap); before the
+profile, the unprofiled time per call with the plan reused and without a plan.
 
     python bench/profile_forward.py --T 65536 [--out DIR]
 
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--reps", type=int, default=5, help="unprofiled calls timed per variant")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to profile")
@@ -52,8 +54,23 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
 
-        call()
-        torch.cuda.synchronize()
+        def no_plan():  # what a caller without a plan pays: the plan built inside
+            if grad:
+                o = nsa_impl.nsa_attention(*leaves, cfg, validate=False)
+                torch.autograd.grad(o, leaves, do)
+            else:
+                with torch.no_grad():
+                    nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
+
+        for name, fn in (("plan reused", call), ("no plan", no_plan)):
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.reps):
+                fn()
+            torch.cuda.synchronize()
+            lines.append(f"{label}, {name}: {(time.perf_counter() - t0) * 1e3 / args.reps:.2f} ms"
+                         f" per call (mean of {args.reps}, unprofiled)")
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:

@@ -208,10 +208,16 @@ def _keys(x: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
     return x[:, s0:s1].transpose(1, 2)
 
 
-def _allowed(lo, hi, r0: int, r1: int, s0: int, s1: int) -> torch.Tensor:
-    """Bool ``[c, span]``: key ``j`` is allowed for row ``r`` iff ``lo[r] <= j < hi[r]``."""
+def _allowed(lo, hi, r0: int, r1: int, s0: int, s1: int, active=None) -> torch.Tensor:
+    """Bool ``[1|B, 1|G, c, span]``: key ``j`` is allowed for row ``r`` iff
+    ``lo[r] <= j < hi[r]`` and, with ``active`` (bool ``[B, T, G]``), row ``r`` of that batch
+    row and group is active (an inactive row reads nothing: its probabilities are exact zeros).
+    """
     j = torch.arange(s0, s1, device=lo.device)
-    return (j >= lo[r0:r1, None]) & (j < hi[r0:r1, None])
+    allowed = ((j >= lo[r0:r1, None]) & (j < hi[r0:r1, None]))[None, None]
+    if active is not None:
+        allowed = allowed & active[:, r0:r1].transpose(1, 2).unsqueeze(-1)
+    return allowed
 
 
 def _probs(qc, kc, allowed, scale: float, acc) -> torch.Tensor:
@@ -222,16 +228,23 @@ def _probs(qc, kc, allowed, scale: float, acc) -> torch.Tensor:
     so the backward's recomputed probabilities equal the forward's bit for bit.
     """
     B, G, hc, _ = qc.shape
-    c, span = allowed.shape
+    c, span = allowed.shape[-2:]
     shape = (B, G, hc // c, c, span)
     mm = product_dtype(qc.dtype, qc.device)  # scaled before the product: no overflow
     s = torch.matmul(qc.to(mm) * scale, kc.to(mm).transpose(-1, -2)).view(shape).to(acc)
-    p = torch.softmax(s.masked_fill_(~allowed, float("-inf")), dim=-1)
-    return p.masked_fill_(~allowed, 0.0)
+    banned = ~allowed.unsqueeze(2)  # the same for the h heads of a group
+    p = torch.softmax(s.masked_fill_(banned, float("-inf")), dim=-1)
+    return p.masked_fill_(banned, 0.0)
 
 
-def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHook | None = None):
-    """The forward pass of `range_attention` over a chunk list ``[(r0, r1, s0, s1), ...]``."""
+def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHook | None = None,
+                  active: torch.Tensor | None = None):  # fmt: skip
+    """The forward pass of `range_attention` over a chunk list ``[(r0, r1, s0, s1), ...]``.
+
+    ``active`` (bool ``[B, T, G]``, optional) switches rows off per batch row and group: an
+    inactive row's output is exactly 0 and it reads no key, while the chunks (so every active
+    row's arithmetic) stay those of ``lo``/``hi``.
+    """
     B, T, H, _ = q.shape
     G, Dv = k.shape[2], v.shape[-1]
     h = H // G
@@ -245,7 +258,7 @@ def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHo
             if on_probs is not None:
                 on_probs(r0, r1, s0, q.new_zeros(B, G, h, c, 0, dtype=acc))
             continue
-        allowed = _allowed(lo, hi, r0, r1, s0, s1)
+        allowed = _allowed(lo, hi, r0, r1, s0, s1, active)
         p = _probs(_rows(q, r0, r1, G), _keys(k, s0, s1), allowed, scale, acc)
         if on_probs is not None:
             on_probs(r0, r1, s0, p)
@@ -256,8 +269,10 @@ def chunk_forward(q, k, v, lo, hi, chunks: list, scale: float, on_probs: ProbsHo
     return o
 
 
-def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
-    """``(dq, dk, dv)`` of `chunk_forward` (probabilities recomputed chunk by chunk)."""
+def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float,
+                   active: torch.Tensor | None = None):  # fmt: skip
+    """``(dq, dk, dv)`` of `chunk_forward` (probabilities recomputed chunk by chunk); inactive
+    rows contribute exact zeros."""
     B, T, H, _ = q.shape
     G = k.shape[2]
     h = H // G
@@ -275,7 +290,7 @@ def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
         c, span = r1 - r0, s1 - s0
         if span == 0:
             continue
-        allowed = _allowed(lo, hi, r0, r1, s0, s1)
+        allowed = _allowed(lo, hi, r0, r1, s0, s1, active)
         p = _probs(_rows(q, r0, r1, G), _keys(k, s0, s1), allowed, scale, acc)
         doc = _rows(do, r0, r1, G).to(mm)
         pt = p.view(B, G, h * c, span).transpose(-1, -2).to(mm)
@@ -284,7 +299,7 @@ def chunk_backward(do, q, k, v, o, lo, hi, chunks: list, scale: float):
         dv_bad[:, s0:s1] |= (allowed & bad_rows[..., None]).any(2).transpose(1, 2)
         dp = torch.matmul(doc, _keys(v, s0, s1).to(mm).transpose(-1, -2)).view(p.shape).to(acc)
         delta = (doc.to(acc) * _rows(o, r0, r1, G).to(acc)).sum(-1).view(B, G, h, c, 1)
-        ds = p.mul_(dp.sub_(delta)).masked_fill_(~allowed, 0.0)  # dS = P (dP - D), selected
+        ds = p.mul_(dp.sub_(delta)).masked_fill_(~allowed.unsqueeze(2), 0.0)  # dS = P (dP - D)
         ds = ds.view(B, G, h * c, span).to(mm)
         dq_c = torch.matmul(ds, _keys(k_clean, s0, s1).to(mm)).to(acc).mul_(scale)
         dq[:, r0:r1] = _unrows(dq_c, c)

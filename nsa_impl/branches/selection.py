@@ -33,12 +33,15 @@ Paths (the dispatcher's names; `selection_attention` ``path=``):
     `nsa_impl.kernels.triton_sel.selection_attention` with the plan's token layout.
 
 Causal-prefix shortcut (``packed`` and ``varlen``): a row whose merged ranges are the single
-range ``[0, p]`` is plain causal attention. Each sequence's leading run of such rows (for every
-batch and group; read from the block indices, never assumed; in the paper configuration all rows
-``p < n * l'`` qualify) is computed by the shared row-range attention
-(`nsa_impl.branches.chunk_forward`) over the sequence's first ``L`` keys, and only the
-remaining rows are gathered into chunks. Applied for at most `MAX_PREFIX_SEQUENCES`
-``cu_seqlens`` sequences. Since ``n`` blocks hold at most ``n * l'`` keys, ``L <= n * l'``.
+range ``[0, p]`` is plain causal attention. Only rows with ``p < n * l'`` can be such rows (``n``
+blocks hold at most ``n * l'`` keys), so each sequence's first ``min(len, n * l')`` rows form a
+prefix region fixed by the shapes; the shared row-range attention
+(`nsa_impl.branches.chunk_forward`) computes it over the sequence's first keys, with every
+(batch row, position, group) row that does not select all of ``0..p`` (read from the block
+indices, never assumed) switched off there and gathered into the chunks instead. In the paper
+configuration every row of the region qualifies. Since the region's layout depends on no row's
+data, a change in one sequence's selections (a NaN in its keys) never moves another sequence's
+rows to another path. Applied for at most `MAX_PREFIX_SEQUENCES` ``cu_seqlens`` sequences.
 
 Ops and autograd: the three torch paths are one custom op pair, ``nsa::sel_chunked`` and
 ``nsa::sel_chunked_backward`` (`nsa_impl.kernels.ops.kernel_op`), inside an autograd Function
@@ -506,20 +509,14 @@ def _add_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
 MAX_PREFIX_SEQUENCES = 64
 
 
-def _causal_prefixes(rows: _Rows, B: int, T: int, G: int, bounds: list[int]) -> list[int]:
-    """Per sequence, the length ``L`` of its leading run of rows whose selection is every key
-    ``0..p`` (for all batches and groups). Such rows equal causal attention over the sequence's
-    first ``L`` keys. Read from the merged ranges, so any ``block_indices`` is handled.
+def _causal_prefixes(num_blocks: int, sel_block: int, bounds: list[int]) -> list[int]:
+    """Per sequence, how many leading rows may be causal: row ``p`` can select every key
+    ``0..p`` only if ``p < n * l'`` (``n`` blocks of ``l'`` keys). Fixed by the shapes alone, so
+    the prefix layout (and every row's arithmetic in it) never depends on any row's data.
     Empty list when the shortcut does not apply (too many sequences)."""
-    starts = bounds[:-1]
-    if len(starts) > MAX_PREFIX_SEQUENCES:
+    if len(bounds) - 1 > MAX_PREFIX_SEQUENCES:
         return []
-    full = (rows.lengths == rows.pos + 1).view(B, T, G).all(dim=2).all(dim=0)  # [T]
-    # first failing row of each sequence (a row index >= T means none fails)
-    fail = torch.where(full, T, torch.arange(T, device=full.device))
-    seq_end = bounds[1:]
-    first = [int(fail[a:b].min()) if b > a else a for a, b in zip(starts, seq_end, strict=True)]
-    return [max(0, min(f, b) - a) for a, b, f in zip(starts, seq_end, first, strict=True)]
+    return [min(b - a, num_blocks * sel_block) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _prefix_rows(prefix: list[int], bounds: list[int], T: int) -> torch.Tensor:
@@ -553,6 +550,7 @@ class _Work:
     rows: _Rows
     chunks: list[_Chunk]
     prefix: RangeLayout | None
+    causal: torch.Tensor | None  # bool [B, T, G]: the rows the prefix computes
 
 
 def _work(q, k, blocks, positions, seq_start, bounds_t, kind, sel_block, chunk_slots,
@@ -561,15 +559,19 @@ def _work(q, k, blocks, positions, seq_start, bounds_t, kind, sel_block, chunk_s
     G, S = blocks.shape[2], k.shape[1]
     rows = _build_rows(blocks, sel_block, G, positions, seq_start, S, ranges=kind != "masked")
     if kind == "masked":
-        return _Work(rows, _natural_chunks(rows, chunk_slots), None)
+        return _Work(rows, _natural_chunks(rows, chunk_slots), None, None)
     bounds = bounds_t.tolist()
     # The causal-prefix shortcut reads query rows as key rows: not for a row subset (S > T).
-    prefix = _causal_prefixes(rows, B, T, G, bounds) if S == T else []
+    prefix = _causal_prefixes(blocks.shape[3], sel_block, bounds) if S == T else []
     rest = torch.ones_like(rows.pos, dtype=torch.bool)
-    layout = None
-    if prefix and any(prefix):
+    layout = causal = None
+    if any(prefix):
         inside = _prefix_rows(prefix, bounds, T).to(rows.pos.device)
-        rest = ~inside.view(1, T, 1).expand(B, T, G).reshape(-1)
+        # Each row decides for itself (batch row and group alike): a row of the prefix region
+        # that selects fewer keys than 0..p goes to the chunks, and no other row changes path.
+        full = (rows.lengths == rows.pos + 1) & inside.view(1, T, 1).expand(B, T, G).reshape(-1)
+        rest = ~full
+        causal = full.view(B, T, G)
         layout = _prefix_layout(prefix, bounds, T, B * H, q.device)
     if kind == "packed":
         chunks = _sorted_chunks(rows, rest, "packed", chunk_slots)
@@ -577,7 +579,7 @@ def _work(q, k, blocks, positions, seq_start, bounds_t, kind, sel_block, chunk_s
         wide = rows.lengths >= varlen_min_len
         chunks = _sorted_chunks(rows, rest & ~wide, "packed", chunk_slots)
         chunks += _sorted_chunks(rows, rest & wide, "varlen", chunk_slots)
-    return _Work(rows, chunks, layout)
+    return _Work(rows, chunks, layout, causal)
 
 
 def _chunked_fake(q, k, v, blocks, positions, seq_start, bounds, kind, sizes, scale, flash):
@@ -611,8 +613,10 @@ def _sel_chunked(
     o = o.view(B, T, H, Dv)
     if work.prefix is not None:
         lay = work.prefix
-        o_pre = chunk_forward(q, k, v, lay.lo, lay.hi, lay.chunks.tolist(), scale)
-        o = torch.where((lay.hi > lay.lo).view(1, T, 1, 1), o_pre, o)
+        o_pre = chunk_forward(q, k, v, lay.lo, lay.hi, lay.chunks.tolist(), scale,
+                              active=work.causal)  # fmt: skip
+        causal_heads = work.causal.repeat_interleave(H // G, dim=2).unsqueeze(-1)
+        o = torch.where(causal_heads, o_pre, o)
     return o
 
 
@@ -644,7 +648,8 @@ def _sel_chunked_backward(
     dq, dk, dv = _chunks_backward(do, q, k, v, o, work.rows, work.chunks, scale)
     if work.prefix is not None:
         lay = work.prefix
-        dqp, dkp, dvp = chunk_backward(do, q, k, v, o, lay.lo, lay.hi, lay.chunks.tolist(), scale)
+        dqp, dkp, dvp = chunk_backward(do, q, k, v, o, lay.lo, lay.hi, lay.chunks.tolist(), scale,
+                                       active=work.causal)  # fmt: skip
         dq, dk, dv = dq + dqp, dk + dkp, dv + dvp
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -165,9 +165,10 @@ def test_maximal_coverage_is_causal_attention():
 
 
 @pytest.mark.parametrize("cu", [None, torch.tensor([0, 13, 14, 30], dtype=torch.int32)])
-def test_causal_prefix_shortcut_stops_at_first_partial_row(cu):
-    """Leading rows selecting every key ``0..p`` take the causal prefix; the run ends at the
-    first row (any batch or group) that misses a key, and the rows after it match too."""
+def test_causal_prefix_region_is_fixed_and_rows_decide_alone(cu):
+    """The prefix region is each sequence's first ``min(len, n * l')`` rows (shapes only); in
+    it, exactly the (batch, position, group) rows selecting every key ``0..p`` take the causal
+    attention, the others (here one row of one group) the chunks, and every row matches."""
     B, T, G, h = (2 if cu is None else 1), 30, 2, 2
     n = 4
     bi = torch.arange(n).expand(B, T, G, n).clone()  # blocks 0..3 cover keys 0..15
@@ -175,13 +176,45 @@ def test_causal_prefix_shortcut_stops_at_first_partial_row(cu):
     bi[:, 22:] = torch.tensor([0, 2, 3, 5])  # later rows: partial again (sequence 3 at 8+)
     q, k, v = _qkv(B, T, G, h, 8, 8, seed=11)
     bounds = [0, T] if cu is None else cu.tolist()
+    assert selection._causal_prefixes(n, CFG.sel_block, bounds) == (
+        [16] if cu is None else [13, 1, 16]
+    )
     b = torch.tensor(bounds)
     seq_start = torch.repeat_interleave(b[:-1], b.diff())
     positions = torch.arange(T) - seq_start
-    rows = selection._build_rows(bi, CFG.sel_block, G, positions, seq_start, T, ranges=True)
-    want_prefix = [9] if cu is None else [9, 1, 8]  # local rows >= 16 miss keys >= 16
-    assert selection._causal_prefixes(rows, B, T, G, bounds) == want_prefix
+    work = selection._work(q, k, bi, positions, seq_start, b, "packed", CFG.sel_block, 40, 5)
+    want = (positions < 16).view(1, T, 1).expand(B, T, G).clone()
+    want[-1, 9, 1] = False
+    want[:, 22:] = False  # sequence 3's local rows 8..15 are in its region but partial
+    assert torch.equal(work.causal, want)
     _check_against(q, k, v, bi, CFG, 0.5, cu=cu, chunk_slots=40, varlen_min_len=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("path", ("packed", "varlen"))
+def test_other_batch_rows_selections_leave_a_row_bit_identical(path, dtype):
+    """Batch row 0 losing a block inside the prefix region (what a NaN in its keys does to its
+    top-n) changes nothing of batch row 1, forward or backward, bit for bit (the prefix region
+    was once the run common to all batch rows, so row 1's rows changed path: NSA-NAN-ROWS)."""
+    B, T, G, h = 2, 40, 2, 2
+    q, k, v = (t.to(dtype) for t in _qkv(B, T, G, h, 8, 8, seed=5))
+    cur = torch.arange(T) // CFG.sel_block
+    recent = torch.stack([torch.zeros_like(cur), cur, cur - 1, cur - 2], -1).clamp(min=0)
+    first = torch.arange(4).expand(T, 4)
+    bi = torch.where((cur < 4).unsqueeze(-1), first, recent).view(1, T, 1, 4).expand(B, T, G, 4)
+    changed = bi.clone()
+    changed[0, 5, 0] = -1
+    changed[0, 11, 1, 2] = -1
+    w = torch.randn(B, T, G * h, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def run(indices):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = selection_attention(*leaves, indices, CFG, 0.5, path=path, chunk_slots=64)
+        (out * w).sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    for name, a, b in zip(("o", "dq", "dk", "dv"), run(bi), run(changed), strict=True):
+        assert torch.equal(a[1], b[1]), f"{path} {dtype} {name}"
 
 
 @pytest.mark.parametrize("path", PATHS)
