@@ -27,6 +27,11 @@
 #                                       # router's and the torch paths' NaN clauses, their GPU
 #                                       # tests), the router's full conformance, fla:parallel's
 #                                       # report; profiles at 8k and 16k
+#   bash bench/gpu_session.sh torchpaths # call 2: the GPU conformance of the torch paths (masked,
+#                                       # packed, varlen), plan tests; ours and the peers side by
+#                                       # side in one call (plan-free calls reuse a cached plan)
+#   bash bench/gpu_session.sh kernpaths # call 3: the GPU conformance of the flash and triton
+#                                       # paths; the decode grid
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -278,6 +283,24 @@ contain)
         > "$OUT/prefill/profile$T.log" 2>&1
     grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
   done
+  ;;
+torchpaths)
+  unpack_fla
+  note "GPU conformance of the torch paths; plan tests (in parallel)"
+  for impl in nsa_impl:masked nsa_impl:packed nsa_impl:varlen; do
+    conf "conf_${impl//:/_}" 290 --impl "$impl" --no-mutants -- -n 3
+  done
+  gpu_tests 200 tests/test_plan.py tests/branches/test_selection.py
+  wait_all; report_tests; report_conf conf_nsa_impl_masked conf_nsa_impl_packed conf_nsa_impl_varlen
+  side_by_side ours 110
+  side_by_side peers "$(left 585)"
+  ;;
+kernpaths)
+  note "GPU conformance of the flash and triton paths (in parallel)"
+  conf conf_nsa_impl_flash 300 --impl nsa_impl:flash --no-mutants -- -n 4
+  conf conf_nsa_impl_triton 300 --impl nsa_impl:triton --no-mutants -- -n 6
+  wait_all; report_conf conf_nsa_impl_flash conf_nsa_impl_triton
+  decode_grid "$(left 500)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

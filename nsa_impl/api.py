@@ -22,7 +22,7 @@ from nsa_ref.validate import check_inputs
 
 from . import amp, dispatch, observe
 from .branches import selection as _selection
-from .plan import Plan
+from .plan import Plan, cached_plan
 from .plan import plan as make_plan
 from .scoring import compress
 
@@ -54,7 +54,9 @@ def nsa_attention(
 
     Args:
         plan: a `nsa_impl.plan` built for these shapes (and ``cu_seqlens``), reused across calls
-            and layers; built here when ``None`` (host work, and one read of ``cu_seqlens``).
+            and layers. When ``None`` it is built here (host work, and one read of
+            ``cu_seqlens``); without ``cu_seqlens`` the plan of an earlier plan-free call with
+            the same shapes and routing state is reused (`nsa_impl.plan.cached_plan`).
             With a plan, ``cu_seqlens`` may be omitted (the plan holds it) or must be the tensor
             the plan was built from.
         validate: value checks. ``True`` (the default, as in `nsa_ref`): gates must be finite and
@@ -90,7 +92,10 @@ def nsa_attention(
     phi_k, phi_v = amp.user_fn(phi_k), amp.user_fn(phi_v)  # under the caller's autocast
     kv = branch_pairs(k, v, branch_kv)
     needs_grad = _needs_grad(q, gates, kv)
-    if plan is None:
+    if plan is None and cu_seqlens is None:  # the same shapes again: the plan of last time
+        plan = cached_plan(q.shape, cfg, kv_heads=dims.G, v_head_dim=dims.Dv, device=q.device,
+                           dtype=q.dtype, backward=needs_grad)  # fmt: skip
+    elif plan is None:
         plan = make_plan(
             q.shape, cfg, kv_heads=dims.G, v_head_dim=dims.Dv, cu_seqlens=cu_seqlens,
             device=q.device, dtype=q.dtype, backward=needs_grad, _bounds=bounds,

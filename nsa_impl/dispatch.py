@@ -237,9 +237,21 @@ def _probe(spec: str, settings: routing.Settings) -> tuple[bool, str]:
     return _call_guarded(spec, settings)
 
 
+#: Bumped by `clear_caches`: part of the key of the plans kept for plan-free calls
+#: (`nsa_impl.plan.cached_plan`), so that those are not reused either.
+_GENERATION = [0]
+
+
 def clear_caches() -> None:
-    """Forget the availability probes' answers (tests that change what is installed)."""
+    """Forget the availability probes' answers, and with them the plans of plan-free calls
+    (tests that change what is installed)."""
     _probe.cache_clear()
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """How many times `clear_caches` ran (a key of `nsa_impl.plan.cached_plan`)."""
+    return _GENERATION[0]
 
 
 PATHS: dict[str, PathDecl] = {

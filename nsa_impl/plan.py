@@ -34,6 +34,8 @@ the class as ``from nsa_impl import Plan``.
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -293,9 +295,7 @@ def plan(
     if H % G:
         raise ValueError(f"q heads H={H} must be a multiple of kv_heads={G}")
     Dv = Dk if v_head_dim is None else as_int("v_head_dim", v_head_dim, minimum=1)
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # compare equal to the tensors' device
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _full_device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     bounds = _bounds
@@ -315,3 +315,62 @@ def plan(
             raise ValueError(f"rows must be non-empty, strictly increasing and in [0, T={T})")
     return Plan(cfg, B, T, H, G, Dk, Dv, device, dtype, bool(backward), bounds, varlen,
                 cu_seqlens, budget_bytes, _branches, rows)  # fmt: skip
+
+
+def _full_device(device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:N``), so it compares equal to tensors'."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+#: How many plans `cached_plan` keeps (least recently used dropped first). A plan holds O(T)
+#: host and device integers, so a few shapes cost little.
+PLAN_CACHE_SIZE = 8
+_PLAN_CACHE: OrderedDict[tuple, tuple[Plan, tuple]] = OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
+
+
+@torch.compiler.disable
+def cached_plan(q_shape, cfg: NSAConfig, *, kv_heads: int, v_head_dim: int, device,
+                dtype: torch.dtype, backward: bool) -> Plan:  # fmt: skip
+    """The `plan` of a plan-free call without ``cu_seqlens``, reused while nothing it was built
+    from changes.
+
+    ``nsa_attention(..., plan=None)`` calls this: building a plan is host work (milliseconds on
+    a GPU at T = 8192, where the forward's kernels take about 4 ms), and a caller who does not
+    build one still calls with the same shapes again and again. The key is everything the
+    plan's construction reads: the shapes, ``cfg``, the device, dtype and ``backward``; the
+    routing flags object (`nsa_impl.routing.settings`, replaced by ``reload_settings``), the
+    forced paths (`nsa_impl.dispatch.force_path`) and the device's tuning profile (a
+    ``tuning.use_profile`` override included); the flags and the profile by identity. Packed
+    batches (``cu_seqlens``) are not cached: their key would be the tensor's content, a host
+    read. After `nsa_impl.dispatch.clear_caches` no kept plan is reused; at most
+    `PLAN_CACHE_SIZE` are kept.
+    """
+    from . import routing
+
+    device = _full_device(device)
+    state = (routing.settings(), dispatch.device_profile(device))  # compared by identity
+    forced = tuple(sorted(dispatch.forced_paths().items()))
+    key = (tuple(int(x) for x in q_shape), cfg, int(kv_heads), int(v_head_dim), device, dtype,
+           bool(backward), forced, dispatch.generation(), *(id(x) for x in state))  # fmt: skip
+    with _PLAN_CACHE_LOCK:
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[1], state, strict=True)):
+            _PLAN_CACHE.move_to_end(key)
+            return hit[0]
+    built = plan(q_shape, cfg, kv_heads=kv_heads, v_head_dim=v_head_dim, device=device,
+                 dtype=dtype, backward=backward)  # fmt: skip
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE[key] = (built, state)  # the state objects stay alive: ids not reused
+        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return built
+
+
+def clear_plan_cache() -> None:
+    """Forget every plan `cached_plan` kept."""
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE.clear()

@@ -279,3 +279,52 @@ def test_module_forward_backward_with_a_plan_performs_zero_host_syncs():
         layer(x, plan=p).float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_plan_free_calls_reuse_one_plan_until_the_routing_state_changes():
+    """`cached_plan`: the same shapes give the very same plan; any key field (T, dtype, backward,
+    a forced path, reloaded flags, a tuning override) gives another one, and the cache is
+    bounded. Plan-free results equal planned ones."""
+    import sys
+
+    from nsa_impl import routing
+    from nsa_impl.kernels import tuning
+
+    plan_mod = sys.modules["nsa_impl.plan"]  # the package exports the function `plan` as well
+
+    def cached(T=24, dtype=torch.float32, backward=False):
+        return plan_mod.cached_plan((1, T, 4, 8), CFG, kv_heads=2, v_head_dim=8, device="cpu",
+                                    dtype=dtype, backward=backward)  # fmt: skip
+
+    first = cached()
+    assert cached() is first
+    assert cached(T=32) is not first and cached(dtype=torch.float64) is not first
+    assert cached(backward=True) is not first
+    with dispatch.force_path("masked"):
+        forced = cached()
+        assert forced is not first and cached() is forced
+        assert {d.path for d in forced.route.values()} == {"masked"}
+    assert cached() is first
+    with tuning.use_profile(dataclasses.replace(tuning.load_profile("cpu"), note="test")):
+        assert cached() is not first
+    routing.reload_settings({})
+    try:
+        assert cached() is not first
+    finally:
+        routing.reload_settings()
+    for T in range(40, 40 + 2 * plan_mod.PLAN_CACHE_SIZE):
+        cached(T=T)
+    assert len(plan_mod._PLAN_CACHE) == plan_mod.PLAN_CACHE_SIZE
+    last = cached(T=40 + 2 * plan_mod.PLAN_CACHE_SIZE - 1)
+    dispatch.clear_caches()
+    assert cached(T=40 + 2 * plan_mod.PLAN_CACHE_SIZE - 1) is not last
+    plan_mod.clear_plan_cache()
+    assert not plan_mod._PLAN_CACHE
+
+    q, k, v, gates = inputs(1, 24, 2, 2, 8, 8, seed=3)[:4]
+    free = nsa_impl.nsa_attention(q, k, v, gates, CFG)
+    again = nsa_impl.nsa_attention(q, k, v, gates, CFG)
+    p = nsa_impl.plan(tuple(q.shape), CFG, kv_heads=2, device="cpu", dtype=q.dtype,
+                      backward=False)  # fmt: skip
+    assert torch.equal(free, again)
+    assert torch.equal(free, nsa_impl.nsa_attention(q, k, v, gates, CFG, plan=p))
