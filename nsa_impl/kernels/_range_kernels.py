@@ -22,8 +22,9 @@ docstring of `nsa_impl.kernels.triton_attn`; the notation used here:
 * NaN containment (`nsa_impl.kernels.triton_sel`'s rule): in a masked chunk a key may be outside
   some rows' ranges, so probabilities and ``dS`` are selected with ``tl.where``; the operands
   the products contract over masked entries arrive cleaned (``v`` forward, ``k``, ``q`` and the
-  dK/dV kernel's ``dO`` backward), the launcher sets to NaN the forward rows that read a
-  non-finite ``v`` (prefix counts, `nsa_impl.kernels.triton_attn._reads_marked`), and
+  dK/dV kernel's ``dO`` backward), the forward sets to NaN the rows that read a non-finite
+  ``v``: it reads, at its store, two entries of the launcher's int32 prefix counts of such keys
+  (``BADC [G, NK+1]``, `nsa_impl.kernels.triton_attn.marked_counts`) per row, and
   the dK/dV probabilities carry ``delta - delta`` (NaN for a row whose ``dO`` or ``O`` is not
   finite). The loops carry no containment code. Rows that see no key give exact zeros; a row
   whose sum is NaN (it read a NaN) stays NaN.
@@ -127,8 +128,8 @@ def _fwd_step(q, K, V, ks, kcol, vcol, j, e, lo, hi, m_i, l_i, acc, skn, svn, qk
 
 @triton.jit
 def _range_fwd_kernel(
-    Q, K, V, O, LSE, QSTART, KSTART,
-    sqn, sqh, skn, skg, svn, svg, son, soh, sln,
+    Q, K, V, O, LSE, QSTART, KSTART, BADC,
+    sqn, sqh, skn, skg, svn, svg, son, soh, sln, sbg,
     qk_scale, LN_DOM,
     MODE: tl.constexpr, CL: tl.constexpr, CD: tl.constexpr, WIN: tl.constexpr,
     H_PER_G: tl.constexpr, HP: tl.constexpr, P: tl.constexpr, A: tl.constexpr,
@@ -163,6 +164,13 @@ def _range_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    # Rows whose range holds a key with a non-finite v (which the loop read cleaned) are NaN;
+    # the lse stays that of the keys. Counts of such keys before each key, per group.
+    badc = BADC + g.to(tl.int64) * sbg + ks
+    hi_c = tl.minimum(hi, NK)
+    lo_c = tl.minimum(lo, hi_c)
+    nbad = tl.load(badc + hi_c, mask=valid, other=0) - tl.load(badc + lo_c, mask=valid, other=0)
+    o = tl.where((nbad > 0)[:, None], float("nan"), o)
     lse = tl.where(empty, float("-inf"), (m_i + _log_d(l_safe, IEEE, PRECISE)) * LN_DOM)
     dv = tl.arange(0, BDV)
     tl.store(O + (row * son + head * soh)[:, None] + dv[None, :], o.to(O.dtype.element_ty),

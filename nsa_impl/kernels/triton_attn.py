@@ -59,6 +59,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import tuning as _tuning
 from ._loader import load_kernel_module
@@ -194,9 +195,13 @@ def _geometry(q, k, v, mode, cmp_block, cmp_stride, window):
 
 
 def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, window, scale,
-             tn: _tuning.AttnTuning):
-    """``q [NQ,H,Dk], k [NK,G,Dk], v [NK,G,Dv]`` -> ``o [NQ,H,Dv]``, ``lse [NQ,H]`` float32."""
+             tn: _tuning.AttnTuning, bad_counts: torch.Tensor | None = None):
+    """``q [NQ,H,Dk], k [NK,G,Dk], v [NK,G,Dv]`` -> ``o [NQ,H,Dv]``, ``lse [NQ,H]`` float32;
+    rows whose range holds a key counted in ``bad_counts`` (`marked_counts`) are NaN
+    (``None``: no key is marked, for callers that know ``v`` is finite, e.g. benchmarks)."""
     interpret = q.device.type == "cpu"
+    if bad_counts is None:
+        bad_counts = torch.zeros(k.shape[1], k.shape[0] + 1, device=q.device, dtype=torch.int32)
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     tile = _tuning.resolve(tn.fwd, h, c["DK"], c["DV"], ieee)
     A = _shift(mode, cmp_block, tile.P)
@@ -205,9 +210,9 @@ def _forward(q, k, v, qstart, kstart, max_len, mode, cmp_block, cmp_stride, wind
     lse = new_output(q.shape[0], q.shape[1], like=q, dtype=torch.float32)
     grid = (-(-(max_len + A) // tile.P), S, G)
     _kernels(interpret)._range_fwd_kernel[grid](
-        q, k, v, o, lse, qstart, kstart,
+        q, k, v, o, lse, qstart, kstart, bad_counts,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        o.stride(0), o.stride(1), lse.stride(0),
+        o.stride(0), o.stride(1), lse.stride(0), bad_counts.stride(0),
         float(scale) * dom, 1.0 / dom,
         HP=tile.HP, P=tile.P, A=A, BM=tile.BM, BN=tile.BN,
         PRECISE=ieee and not interpret, **c, **_opts(tile, interpret),
@@ -325,42 +330,23 @@ def range_forward(
     `nsa_impl.kernels.tuning.AttnTuning` as a list.
     """
     max_len, _, mode, cl, cd, win = sizes
-    # NaN containment (`_range_kernels` docstring): the product reads a cleaned v; the rows
-    # that read a non-finite v are set to NaN after, in place (the log-sum-exp, which the top-n
-    # reads, stays that of the keys: a NaN in v changes no selection). Marking them inside the
-    # kernel (a bool row flag loaded at the store) made ptxas crash at Dk=16 on the H200.
-    bad_rows = _reads_marked(~finite_rows(v), qstart, kstart, q.shape[0], mode, cl, cd, win)
-    o, lse = _forward(q, k, nan_to_zero(v), qstart, kstart, max_len, mode, cl, cd, win, scale,
-                      _tuning.AttnTuning.from_list(launch))  # fmt: skip
-    G = k.shape[1]
-    o.view(o.shape[0], G, -1).masked_fill_(bad_rows.unsqueeze(-1), float("nan"))
-    return o, lse
+    # NaN containment (`_range_kernels` docstring): the product reads a cleaned v, and the
+    # kernel sets to NaN the rows whose range holds a non-finite v (the log-sum-exp, which the
+    # top-n reads, stays that of the keys: a NaN in v changes no selection). The counts are
+    # int32: a bool row flag loaded at the store made ptxas crash at Dk=16 on the H200.
+    return _forward(q, k, nan_to_zero(v), qstart, kstart, max_len, mode, cl, cd, win, scale,
+                    _tuning.AttnTuning.from_list(launch), marked_counts(~finite_rows(v)))
 
 
-def _reads_marked(marked, qstart, kstart, NQ: int, mode, cmp_block, cmp_stride,
-                  window) -> torch.Tensor:
-    """Bool ``[NQ, G]``: whether token ``i``'s rows of group ``g`` have a ``marked`` key
-    (``[NK, G]``) in their range (`_range_kernels._key_range`), by prefix counts (no host sync).
+def marked_counts(marked: torch.Tensor) -> torch.Tensor:
+    """Int32 ``[G, NK+1]``: entry ``[g, i]`` counts the ``marked`` keys (bool ``[NK, G]``) of
+    group ``g`` before key ``i``, so a row's range ``[lo, hi)`` holds one iff the difference of
+    two entries is positive (read by the forward kernel; no host sync).
 
-    The counts run along the last axis of a ``[G, NK]`` copy: a scan over the outer axis of
+    The scan runs along the last axis of a ``[G, NK]`` copy: a scan over the outer axis of
     ``[NK, G]`` runs one thread per group (6.3 ms at T=64k on an H200, against ~0.02)."""
-    S = qstart.numel() - 1
-    lengths = qstart[1:] - qstart[:-1]
-    seq = torch.repeat_interleave(torch.arange(S, device=qstart.device), lengths, output_size=NQ)
-    p = torch.arange(NQ, device=qstart.device) - qstart[seq]
-    if mode == MODE_CMP:
-        hi = torch.where(p + 1 < cmp_block, 0, (p + 1 - cmp_block).clamp(min=0) // cmp_stride + 1)
-        lo = torch.zeros_like(hi)
-    else:
-        hi, lo = p + 1, (p - window + 1).clamp(min=0)
-    nkeys = (kstart[1:] - kstart[:-1])[seq]  # a sequence's keys bound its rows' ranges
-    hi = torch.minimum(hi, nkeys)
-    lo = torch.minimum(lo, hi)
     per_group = marked.t().to(torch.int32)
-    counts = torch.cat([per_group.new_zeros(per_group.shape[0], 1),
-                        per_group.cumsum(1, dtype=torch.int32)], dim=1)  # fmt: skip
-    base = kstart[seq]
-    return ((counts[:, base + hi] - counts[:, base + lo]) > 0).t().contiguous()  # [NQ, G]
+    return F.pad(per_group.cumsum(1, dtype=torch.int32), (1, 0))
 
 
 def _backward_fake(do, q, k, v, o, lse, qstart, kstart, sizes, scale, launch):
