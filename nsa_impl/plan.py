@@ -52,7 +52,7 @@ from .kernels.flash import FlashLayout
 from .kernels.flash_cmp import FlashCmpLayout
 from .kernels.ops import Inputs
 from .kernels.triton_attn import SeqStarts
-from .kernels.triton_sel import TokenLayout
+from .kernels.triton_sel import TokenLayout, launch_shape
 from .numerics import work_dtype
 from .scoring import CmpMaskedLayout
 from .varlen import PackedLayout
@@ -176,8 +176,10 @@ class Plan:
 
     @functools.cached_property
     def sel_tokens(self) -> TokenLayout:
-        """The Triton selection's token layout."""
-        return TokenLayout.build(self.B, self.T, self.cu_seqlens, self.device)
+        """The Triton selection's token layout, with the query tiles of its launch shape."""
+        tn = launch_shape(self.H // self.G, self.cfg.sel_block, self.Dk, self.Dv,
+                          self.work_dtype == torch.float32)  # fmt: skip
+        return TokenLayout.build(self.B, self.T, self.cu_seqlens, self.device, (tn.P,))
 
     @functools.cached_property
     def cmp_triton(self) -> SeqStarts:

@@ -68,7 +68,7 @@ ones, in one process, whatever was imported first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -166,10 +166,15 @@ class TokenLayout:
     seq: torch.Tensor
     seq_start: torch.Tensor
     local: torch.Tensor
+    #: ``P -> (tstart, trows, tseq)`` of `_tile_geometry`, for the tile sizes given to `build`
+    geometry: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> TokenLayout:
-        """Layout of ``B`` rows of ``T`` tokens, or of ``cu_seqlens`` sequences (``B == 1``)."""
+    def build(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, device,
+              tile_positions: tuple[int, ...] = ()) -> TokenLayout:  # fmt: skip
+        """Layout of ``B`` rows of ``T`` tokens, or of ``cu_seqlens`` sequences (``B == 1``);
+        with the query-tile geometry of each tile size in ``tile_positions`` (a plan passes
+        the one its launch shape uses, so a call does not rebuild it: about 25 small ops)."""
         if cu_seqlens is None:
             cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
         else:
@@ -177,7 +182,15 @@ class TokenLayout:
         tok = torch.arange(B * T, device=device, dtype=torch.int64)
         seq = torch.searchsorted(cu[1:], tok, right=True)
         start = cu[seq]
-        return cls(cu, seq, start, tok - start)
+        layout = cls(cu, seq, start, tok - start)
+        for P in tile_positions:
+            layout.geometry[P] = _tile_geometry(layout, P)
+        return layout
+
+    def tiles(self, P: int):
+        """`_tile_geometry` of tile size ``P``: built with the layout, else computed now."""
+        got = self.geometry.get(P)
+        return got if got is not None else _tile_geometry(self, P)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -200,15 +213,12 @@ def _clean_indices(idx: torch.Tensor, local: torch.Tensor, sel: int) -> torch.Te
     return torch.where(dup, -1, s).to(torch.int32)
 
 
-def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
-    """Query tiles of ``P`` positions that never cross a sequence, and each tile's block union.
-
-    Returns ``(tstart int64, trows int32, tseq int64, union int32 [NT, G, P*n], count int32
-    [NT, G])`` with ``NT = ceil(N/P) + S`` (an upper bound known without a host sync; unused
-    tiles have zero rows and an empty union).
-    """
-    N, G, n = idx.shape
-    dev = idx.device
+def _tile_geometry(L: TokenLayout, P: int):
+    """Query tiles of ``P`` positions that never cross a sequence: ``(tstart int64, trows
+    int64, tseq int64)`` ``[NT]`` (first token, rows, sequence start) with ``NT = ceil(N/P) +
+    S`` (an upper bound known without a host sync; unused tiles have zero rows)."""
+    N = L.local.numel()
+    dev = L.local.device
     S = L.cu.numel() - 1
     lens = L.cu[1:] - L.cu[:-1]
     ntile = (lens + P - 1) // P
@@ -224,7 +234,19 @@ def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
     tstart.scatter_(0, tid, tok)
     tseq.scatter_(0, tid, L.seq_start)
     trows.scatter_(0, tid, torch.clamp(lens[seq] - L.local, max=P))
-    tstart, tseq, trows = tstart[:NT], tseq[:NT], trows[:NT]
+    return tstart[:NT], trows[:NT], tseq[:NT]
+
+
+def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
+    """The query tiles (`_tile_geometry`) and each tile's block union.
+
+    Returns ``(tstart int64, trows int32, tseq int64, union int32 [NT, G, P*n], count int32
+    [NT, G])``; unused tiles have an empty union.
+    """
+    N, G, n = idx.shape
+    dev = idx.device
+    tstart, trows, tseq = L.tiles(P)
+    NT = tstart.numel()
     if P == 1:
         # A tile is a token (tile id == token id): the cleaned row, valid blocks first.
         union = torch.full((NT, G, n), _BIG, dtype=torch.int64, device=dev)
