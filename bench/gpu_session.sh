@@ -31,7 +31,8 @@
 #                                       # packed, varlen), plan tests; ours and the peers side by
 #                                       # side in one call (plan-free calls reuse a cached plan)
 #   bash bench/gpu_session.sh kernpaths # call 3: the GPU conformance of the flash and triton
-#                                       # paths; the decode grid
+#                                       # paths, the Triton kernels' GPU tests; ours side by
+#                                       # side, the 8k profile, the decode grid
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -296,11 +297,18 @@ torchpaths)
   side_by_side peers "$(left 585)"
   ;;
 kernpaths)
-  note "GPU conformance of the flash and triton paths (in parallel)"
+  note "GPU conformance of the flash and triton paths; the Triton kernels' GPU tests (in parallel)"
   conf conf_nsa_impl_flash 300 --impl nsa_impl:flash --no-mutants -- -n 4
-  conf conf_nsa_impl_triton 300 --impl nsa_impl:triton --no-mutants -- -n 6
-  wait_all; report_conf conf_nsa_impl_flash conf_nsa_impl_triton
-  decode_grid "$(left 500)"
+  conf conf_nsa_impl_triton 300 --impl nsa_impl:triton --no-mutants -- -n 5
+  gpu_tests 300 tests/kernels/test_triton_attn.py tests/kernels/test_triton_nan_routes.py \
+      tests/kernels/test_triton_sel.py tests/test_plan.py tests/test_api.py
+  wait_all; report_tests; report_conf conf_nsa_impl_flash conf_nsa_impl_triton
+  side_by_side ours 100
+  note "profile at 8192"
+  timeout 45 python3 bench/profile_forward.py --T 8192 --top 12 --out "$OUT/prefill" \
+      > "$OUT/prefill/profile8192.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile8192.log" | tee -a "$SUM"
+  decode_grid "$(left 560)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
