@@ -179,7 +179,8 @@ class Plan:
         """The Triton selection's token layout, with the query tiles of its launch shape."""
         tn = launch_shape(self.H // self.G, self.cfg.sel_block, self.Dk, self.Dv,
                           self.work_dtype == torch.float32)  # fmt: skip
-        return TokenLayout.build(self.B, self.T, self.cu_seqlens, self.device, (tn.P,))
+        return TokenLayout.build(self.B, self.T, self.cu_seqlens, self.device, (tn.P,),
+                                 self.cfg.sel_block)  # fmt: skip
 
     @functools.cached_property
     def cmp_triton(self) -> SeqStarts:

@@ -166,15 +166,17 @@ class TokenLayout:
     seq: torch.Tensor
     seq_start: torch.Tensor
     local: torch.Tensor
-    #: ``P -> (tstart, trows, tseq)`` of `_tile_geometry`, for the tile sizes given to `build`
+    #: ``("tiles", P)`` -> `_tile_geometry`, ``("blocks", l')`` -> `_block_geometry`: what
+    #: `build` was asked to precompute
     geometry: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, device,
-              tile_positions: tuple[int, ...] = ()) -> TokenLayout:  # fmt: skip
+              tile_positions: tuple[int, ...] = (), sel_block: int | None = None) -> TokenLayout:  # fmt: skip
         """Layout of ``B`` rows of ``T`` tokens, or of ``cu_seqlens`` sequences (``B == 1``);
-        with the query-tile geometry of each tile size in ``tile_positions`` (a plan passes
-        the one its launch shape uses, so a call does not rebuild it: about 25 small ops)."""
+        with the query-tile geometry of each tile size in ``tile_positions`` and the block
+        geometry of ``sel_block`` (a plan passes its own, so a call does not rebuild them:
+        about 25 small ops forward, 15 backward, one of them a searchsorted)."""
         if cu_seqlens is None:
             cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
         else:
@@ -184,13 +186,20 @@ class TokenLayout:
         start = cu[seq]
         layout = cls(cu, seq, start, tok - start)
         for P in tile_positions:
-            layout.geometry[P] = _tile_geometry(layout, P)
+            layout.geometry["tiles", P] = _tile_geometry(layout, P)
+        if sel_block is not None:
+            layout.geometry["blocks", sel_block] = _block_geometry(layout, sel_block)
         return layout
 
     def tiles(self, P: int):
         """`_tile_geometry` of tile size ``P``: built with the layout, else computed now."""
-        got = self.geometry.get(P)
+        got = self.geometry.get(("tiles", P))
         return got if got is not None else _tile_geometry(self, P)
+
+    def blocks(self, sel_block: int):
+        """`_block_geometry` of ``l' = sel_block``: built with the layout, else computed now."""
+        got = self.geometry.get(("blocks", sel_block))
+        return got if got is not None else _block_geometry(self, sel_block)
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -266,28 +275,38 @@ def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
     return tstart, trows.to(torch.int32), tseq, union, count.contiguous()
 
 
-def _inverse_index(idx: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor, sel: int, chunk: int):
-    """CSR of (selection block, group) -> positions that selected it, split into work items.
-
-    Segment ``g * NB + gb`` lists, in ascending position order, the tokens whose selection for
-    group ``g`` holds global block ``gb`` (block ``b`` of sequence ``i`` is ``gb = boff[i] + b``).
-    Each segment is cut into items of at most ``chunk`` entries. Everything is sized by upper
-    bounds and counted by a scatter-add into a fixed-size buffer, so no host sync is needed.
-    """
-    N, G, n = idx.shape
-    dev = idx.device
+def _block_geometry(L: TokenLayout, sel: int):
+    """Selection blocks of every sequence, numbered globally (block ``b`` of sequence ``i`` is
+    ``gb = boff[i] + b``): ``(boff int64 [S+1], blk_seq0 int64, blk_local int32, blk_len
+    int64)``, the last three ``[NB]`` with ``NB = ceil(N / l') + S`` (an upper bound known
+    without a host sync; unused blocks have length 0). Shapes only: a plan builds it once."""
+    N = L.local.numel()
+    dev = L.local.device
+    cu = L.cu
     S = cu.numel() - 1
     lens = cu[1:] - cu[:-1]
-    nblk = (lens + sel - 1) // sel
-    boff = _offsets(nblk)
+    boff = _offsets((lens + sel - 1) // sel)
     NB = -(-N // sel) + S
-    NBG = NB * G
-    # Per global block: its sequence start, local index and sequence length.
     gb = torch.arange(NB, device=dev)
-    bseq = torch.clamp(torch.searchsorted(boff[1:], gb, right=True), max=S - 1)
+    bseq = torch.clamp(torch.searchsorted(boff[1:].contiguous(), gb, right=True), max=S - 1)
     blk_seq0 = cu[bseq]
     blk_local = (gb - boff[bseq]).to(torch.int32)
     blk_len = torch.where(gb < boff[S], lens[bseq], 0)
+    return boff, blk_seq0.contiguous(), blk_local.contiguous(), blk_len.contiguous()
+
+
+def _inverse_index(idx: torch.Tensor, seq: torch.Tensor, boff: torch.Tensor, NB: int,
+                   chunk: int):  # fmt: skip
+    """CSR of (selection block, group) -> positions that selected it, split into work items.
+
+    Segment ``g * NB + gb`` lists, in ascending position order, the tokens whose selection for
+    group ``g`` holds global block ``gb`` (`_block_geometry`). Each segment is cut into items
+    of at most ``chunk`` entries. Everything is sized by upper bounds and counted by a
+    scatter-add into a fixed-size buffer, so no host sync is needed.
+    """
+    N, G, n = idx.shape
+    dev = idx.device
+    NBG = NB * G
     # Entries: every (token, group, slot) with a valid block.
     ix = idx.to(torch.int64)
     gidx = torch.arange(G, device=dev)[None, :, None]
@@ -318,8 +337,7 @@ def _inverse_index(idx: torch.Tensor, cu: torch.Tensor, seq: torch.Tensor, sel: 
     item_end[W:].zero_()
     return (
         ent_pos.contiguous(), item_seg[:W].contiguous(), item_start[:W].contiguous(),
-        item_end[:W].contiguous(), item_off.contiguous(), blk_seq0.contiguous(),
-        blk_local.contiguous(), blk_len.contiguous(), NB,
+        item_end[:W].contiguous(), item_off.contiguous(),
     )  # fmt: skip
 
 
@@ -543,32 +561,36 @@ class _SelectionAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(q, k, v, idx, union, count, tstart, trows, tseq, cu, seq, scale, sizes, launch):
+    def forward(q, k, v, idx, union, count, tstart, trows, tseq, seq, boff, blk_seq0, blk_local,
+                blk_len, scale, sizes, launch):  # fmt: skip
         o, lse = sel_forward(q, k, v, idx, union, count, tstart, trows, tseq, scale, sizes,
                              launch)  # fmt: skip
         return o, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, idx, union, count, tstart, trows, tseq, cu, seq, scale, sizes, launch = inputs
+        *tensors, scale, sizes, launch = inputs
+        q, k, v, *layout = tensors  # idx, union, count, tstart, trows, tseq, seq, the blocks
         o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse, idx, union, count, tstart, trows, tseq, cu, seq)
+        ctx.save_for_backward(q, k, v, o, lse, *layout)
         ctx.mark_non_differentiable(lse)
         ctx.scale, ctx.sizes, ctx.launch = scale, sizes, launch
 
     @staticmethod
     @autocast_off_backward
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, idx, union, count, tstart, trows, tseq, cu, seq = ctx.saved_tensors
+        q, k, v, o, lse, idx, union, count, tstart, trows, tseq, seq, *blocks = ctx.saved_tensors
+        boff, blk_seq0, blk_local, blk_len = blocks
         h, n, sel = ctx.sizes
         tn = LaunchShape.from_list(ctx.launch)
+        NB = blk_seq0.numel()
         with torch.no_grad():  # the backward op has no derivative of its own
-            *inv, NB = _inverse_index(idx, cu, seq, sel, tn.CH)
+            inv = _inverse_index(idx, seq, boff, NB, tn.CH)
             dq, dk, dv = sel_backward(
                 do.contiguous(), q, k, v, o, lse, idx, union, count, tstart, trows, tseq,
-                *inv, ctx.scale, [h, n, sel, NB], ctx.launch,
+                *inv, blk_seq0, blk_local, blk_len, ctx.scale, [h, n, sel, NB], ctx.launch,
             )  # fmt: skip
-        return dq, dk, dv, *([None] * 11)
+        return dq, dk, dv, *([None] * 14)
 
 
 def selection_attention(
@@ -627,6 +649,6 @@ def selection_attention(
     o, _ = _SelectionAttention.apply(
         q.reshape(N, H, DK).contiguous(), k.reshape(N, G, DK).contiguous(),
         v.reshape(N, G, DV).contiguous(), idx, union, count, tstart, trows, tseq,
-        layout.cu, layout.seq, scale, [h, n, sel], tn.as_list(),
+        layout.seq, *layout.blocks(sel), scale, [h, n, sel], tn.as_list(),
     )  # fmt: skip
     return o.reshape(B, T, H, DV)

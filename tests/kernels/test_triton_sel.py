@@ -309,17 +309,25 @@ def test_backward_deterministic_and_nan_contained_on_gpu():
 
 @pytest.mark.parametrize("cu", [None, [0, 5, 6, 23]])
 def test_token_layout_keeps_the_tile_geometry_it_was_built_with(cu):
-    """A plan's `TokenLayout` holds the query tiles of its tile size (so a call does not rebuild
-    them) and they equal the ones computed on demand; another size is computed, not stored."""
+    """A plan's `TokenLayout` holds the query tiles of its tile size and the block geometry of
+    its l' (so a call does not rebuild them), equal to the ones computed on demand; another size
+    is computed, not stored."""
     B, T = (2, 23) if cu is None else (1, 23)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    kept = triton_sel.TokenLayout.build(B, T, cu_t, "cpu", (4,))
+    kept = triton_sel.TokenLayout.build(B, T, cu_t, "cpu", (4,), 8)
     fresh = triton_sel.TokenLayout.build(B, T, cu_t, "cpu")
-    assert kept.tiles(4) is kept.geometry[4] and not fresh.geometry
-    for a, b in zip(kept.tiles(4), fresh.tiles(4), strict=True):
+    assert kept.tiles(4) is kept.geometry["tiles", 4] and not fresh.geometry
+    assert kept.blocks(8) is kept.geometry["blocks", 8]
+    for a, b in zip(kept.tiles(4) + kept.blocks(8), fresh.tiles(4) + fresh.blocks(8),
+                    strict=True):  # fmt: skip
         assert torch.equal(a, b)
     tstart, trows, tseq = kept.tiles(4)
     bounds = [0, T] if cu is None else cu
     lengths = [T] * B if cu is None else [b - a for a, b in zip(bounds, bounds[1:])]
     assert int(trows.sum()) == B * T and int((trows > 0).sum()) == sum(-(-n // 4) for n in lengths)
-    assert 2 not in kept.geometry and kept.tiles(2)[0].numel() == -(-B * T // 2) + len(lengths)
+    assert ("tiles", 2) not in kept.geometry
+    assert kept.tiles(2)[0].numel() == -(-B * T // 2) + len(lengths)
+    boff, blk_seq0, blk_local, blk_len = kept.blocks(8)  # blocks of 8 keys per sequence
+    assert boff.tolist()[-1] == sum(-(-n // 8) for n in lengths)
+    used = blk_len > 0  # blk_len: the block's sequence length (0 for the spare slots)
+    assert int(used.sum()) == boff.tolist()[-1] and int(blk_local[used].max()) < -(-T // 8)
