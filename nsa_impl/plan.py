@@ -352,8 +352,6 @@ def cached_plan(q_shape, cfg: NSAConfig, *, kv_heads: int, v_head_dim: int, devi
     read. After `nsa_impl.dispatch.clear_caches` no kept plan is reused; at most
     `PLAN_CACHE_SIZE` are kept.
     """
-    from . import routing
-
     device = _full_device(device)
     state = (routing.settings(), dispatch.device_profile(device))  # compared by identity
     forced = tuple(sorted(dispatch.forced_paths().items()))
