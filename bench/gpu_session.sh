@@ -33,6 +33,10 @@
 #   bash bench/gpu_session.sh kernpaths # call 3: the GPU conformance of the flash and triton
 #                                       # paths, the Triton kernels' GPU tests; ours side by
 #                                       # side, the 8k profile, the decode grid
+#   bash bench/gpu_session.sh compile   # 12-05 call 1: the fullgraph compile test after the block
+#                                       # geometry moved into the plan, the Triton kernels' and
+#                                       # the plan's GPU tests, the GPU conformance of the triton
+#                                       # path and the router; ours side by side, profiles 8k, 64k
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -309,6 +313,21 @@ kernpaths)
       > "$OUT/prefill/profile8192.log" 2>&1
   grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile8192.log" | tee -a "$SUM"
   decode_grid "$(left 560)"
+  ;;
+compile)
+  note "fullgraph compile + Triton kernel + plan GPU tests; triton path and router conformance"
+  conf conf_nsa_impl_triton 330 --impl nsa_impl:triton --no-mutants -- -n 5
+  conf conf_nsa_impl 330 --impl nsa_impl --no-mutants -- -n 4
+  gpu_tests 330 tests/test_api.py tests/test_plan.py tests/kernels/test_triton_sel.py \
+      tests/kernels/test_triton_attn.py tests/kernels/test_triton_nan_routes.py
+  wait_all; report_tests; report_conf conf_nsa_impl_triton conf_nsa_impl
+  side_by_side ours 100
+  for T in 8192 65536; do
+    note "profile at $T"
+    timeout 60 python3 bench/profile_forward.py --T $T --top 14 --out "$OUT/prefill" \
+        > "$OUT/prefill/profile$T.log" 2>&1
+    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
+  done
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
