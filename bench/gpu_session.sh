@@ -33,7 +33,7 @@
 #   bash bench/gpu_session.sh kernpaths # call 3: the GPU conformance of the flash and triton
 #                                       # paths, the Triton kernels' GPU tests; ours side by
 #                                       # side, the 8k profile, the decode grid
-#   bash bench/gpu_session.sh compile   # 12-05 call 1: the fullgraph compile test after the block
+#   bash bench/gpu_session.sh compile   # session 4 call 1: the fullgraph compile test after the block
 #                                       # geometry moved into the plan, the Triton kernels' and
 #                                       # the plan's GPU tests, the GPU conformance of the triton
 #                                       # path and the router; ours side by side, profiles 8k, 64k
