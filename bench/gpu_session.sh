@@ -329,6 +329,19 @@ compile)
     grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
   done
   ;;
+selsweep)
+  note "selection launch shapes (random paper selections)"
+  timeout 330 python3 bench/sel_sweep.py --T 65536,8192 --budget-s 300 --out "$OUT/prefill" \
+      > "$OUT/prefill/sel_sweep.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/sel_sweep.log" | tee -a "$SUM"
+  for T in 8192 65536; do
+    note "flash_nsa's profile at $T"
+    PYTHONPATH="$PWD/.peers:$PEERS_PATH" timeout 70 python3 bench/profile_forward.py --T $T \
+        --who flash_nsa --top 16 --out "$OUT/prefill" > "$OUT/prefill/peer_profile$T.log" 2>&1
+    grep -vE "UserWarning|_warn_once|Warning" "$OUT/prefill/peer_profile$T.log" | cut -c1-160 \
+        | tee -a "$SUM"
+  done
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac

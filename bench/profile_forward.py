@@ -3,10 +3,13 @@
 the device-busy fraction of the wall clock (host work and syncs show up as the gap); before the
 profile, the unprofiled time per call with the plan reused and without a plan.
 
-    python bench/profile_forward.py --T 65536 [--out DIR]
+    python bench/profile_forward.py --T 65536 [--out DIR] [--who flash_nsa]
 
 bf16, B=1, H=64, G=4, Dk=Dv=128, paper config; one warm-up call, then one profiled call each.
-Prints a short table; with ``--out``, writes profile_<T>.txt. Never asserts on time.
+Prints a short table; with ``--out``, writes profile_<T>.txt (profile_flash_nsa_<T>.txt).
+``--who flash_nsa`` profiles that peer's ``HFNSACore`` on the same inputs and configuration
+instead (measuring only: it must be importable, with a ``flash_attn`` on the path, e.g. the
+peers' stand-in; see ``bench/gpu_session.sh``). Never asserts on time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--reps", type=int, default=5, help="unprofiled calls timed per variant")
+    ap.add_argument("--who", choices=("nsa_impl", "flash_nsa"), default="nsa_impl")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to profile")
@@ -39,30 +43,18 @@ def main(argv=None) -> int:
     gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(dt)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
     do = torch.randn_like(q)
-    lines = [f"T={T} H={H} G={G} D={D} bf16, {torch.cuda.get_device_name()}"]
+    lines = [f"T={T} H={H} G={G} D={D} bf16, {torch.cuda.get_device_name()}, {args.who}"]
+    peer = _flash_nsa(cfg, H, G, D, dt) if args.who == "flash_nsa" else None
 
     for label, grad in (("forward (no_grad, plan reused)", False), ("forward+backward", True)):
-        p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=G, device="cuda", dtype=dt, backward=grad)
-        lines.append("route: " + " ".join(f"{b}={p.route[b].path}" for b in ("cmp", "sel", "win"))
-                     + f" gate={p.route.gate}")
-
-        def call():
-            if grad:
-                o = nsa_impl.nsa_attention(*leaves, cfg, plan=p, validate=False)
-                torch.autograd.grad(o, leaves, do)
-            else:
-                with torch.no_grad():
-                    nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
-
-        def no_plan():  # what a caller without a plan pays: the plan built inside
-            if grad:
-                o = nsa_impl.nsa_attention(*leaves, cfg, validate=False)
-                torch.autograd.grad(o, leaves, do)
-            else:
-                with torch.no_grad():
-                    nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
-
-        for name, fn in (("plan reused", call), ("no plan", no_plan)):
+        if peer is not None:
+            label = label.replace(" (no_grad, plan reused)", " (no_grad)")
+            call = _peer_call(peer, leaves if grad else (q, k, v, gates), do, grad)
+            variants = (("flash_nsa", call),)
+        else:
+            call, no_plan = _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, lines)
+            variants = (("plan reused", call), ("no plan", no_plan))
+        for name, fn in variants:
             fn()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -98,8 +90,63 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, f"profile_{T}.txt").write_text(text + "\n")
+        name = f"profile_{T}.txt" if peer is None else f"profile_flash_nsa_{T}.txt"
+        Path(args.out, name).write_text(text + "\n")
     return 0
+
+
+def _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, lines):
+    """``(planned call, plan-free call)`` of `nsa_impl.nsa_attention`; notes the route."""
+    p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=k.shape[2], device="cuda", dtype=q.dtype,
+                      backward=grad)
+    lines.append("route: " + " ".join(f"{b}={p.route[b].path}" for b in ("cmp", "sel", "win"))
+                 + f" gate={p.route.gate}")
+
+    def call():
+        if grad:
+            o = nsa_impl.nsa_attention(*leaves, cfg, plan=p, validate=False)
+            torch.autograd.grad(o, leaves, do)
+        else:
+            with torch.no_grad():
+                nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
+
+    def no_plan():  # what a caller without a plan pays: the plan built inside
+        if grad:
+            o = nsa_impl.nsa_attention(*leaves, cfg, validate=False)
+            torch.autograd.grad(o, leaves, do)
+        else:
+            with torch.no_grad():
+                nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
+
+    return call, no_plan
+
+
+def _flash_nsa(cfg, H, G, D, dt):
+    """The peer's module with our configuration (mdy666's flash_nsa, for measuring only)."""
+    from flash_nsa import HFNSACore, NSAConfig
+
+    peer_cfg = NSAConfig(
+        head_dim=D, num_heads=H, num_kv_heads=G, kernel_size=cfg.cmp_block,
+        stride=cfg.cmp_stride, block_size=cfg.sel_block, top_n=cfg.sel_top_n,
+        num_init_blocks=cfg.sel_init_blocks, num_local_blocks=cfg.sel_local_blocks,
+        window_size=cfg.window,
+    )
+    return HFNSACore(peer_cfg).to(device="cuda", dtype=dt)
+
+
+def _peer_call(peer, tensors, do, grad):
+    """One flash_nsa call on our ``[1, T, ...]`` tensors (it takes ``[T, ...]`` + cu_seqlens)."""
+    flat = [t.squeeze(0) for t in tensors]
+    cu = torch.tensor([0, flat[0].shape[0]], device="cuda", dtype=torch.int32)
+
+    def call():
+        if grad:
+            torch.autograd.grad(peer(*flat, cu), tensors, do.squeeze(0))
+        else:
+            with torch.no_grad():
+                peer(*flat, cu)
+
+    return call
 
 
 if __name__ == "__main__":
