@@ -342,6 +342,15 @@ selsweep)
         | tee -a "$SUM"
   done
   ;;
+selsweep2)
+  note "selection launch shapes: fewer warps per program (random, then coherent selections)"
+  timeout 200 python3 bench/sel_sweep.py --only-new --T 65536,8192 --budget-s 180 \
+      --out "$OUT/prefill" > "$OUT/prefill/sel_sweep.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/sel_sweep.log" | tee -a "$SUM"
+  timeout 120 python3 bench/sel_sweep.py --only-new --coherent --T 65536 --budget-s 100 \
+      --out "$OUT/prefill/coherent" > "$OUT/prefill/sel_sweep_coherent.log" 2>&1
+  grep -vE "UserWarning|_warn_once" "$OUT/prefill/sel_sweep_coherent.log" | tee -a "$SUM"
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Launch shapes of the Triton selection kernels on one GPU: forward and backward, timed alone.
 
-    python bench/sel_sweep.py --T 65536,8192 --out DIR [--budget-s 240] [--coherent]
+    python bench/sel_sweep.py --T 65536,8192 --out DIR [--budget-s 240] [--coherent] [--only-new]
 
 bf16, B=1, H=64 query heads in G=4 KV groups (h=16), Dk=Dv=128, the paper's l'=64 and n=16
 with random paper-shaped selections (`bench.workloads.random_block_indices`: forced blocks
@@ -37,7 +37,16 @@ VARIANTS: list[dict] = [
     {"BKEY": 32}, {"QB": 2}, {"QB": 8}, {"warps_bwd": 8}, {"stages_kv": 2},
     {"QB": 8, "warps_bwd": 8}, {"BKEY": 32, "warps_bwd": 8}, {"CH": 256}, {"CH": 4096},
     {"P": 2}, {"P": 4},
+    # fewer warps per program, more programs per SM (a 16-row tile needs one warp's MMA)
+    {"warps_fwd": 1}, {"warps_fwd": 1, "stages_fwd": 3}, {"warps_fwd": 1, "stages_fwd": 4},
+    {"warps_fwd": 2, "stages_fwd": 3}, {"warps_fwd": 1, "BN": 32},
+    {"warps_dq": 2}, {"warps_dq": 2, "stages_dq": 3}, {"warps_dq": 1},
+    {"warps_dq": 1, "stages_dq": 3},
+    {"warps_bwd": 2}, {"warps_bwd": 2, "stages_kv": 2}, {"QB": 2, "warps_bwd": 2},
+    {"warps_fwd": 1, "warps_dq": 2, "stages_dq": 3},
 ]
+#: ``--only-new``: the variants after this index (and the default) only.
+FIRST_NEW = 21
 
 
 def time_variant(override: dict, q, k, v, idx, do, rep_ms: float) -> tuple[float, float]:
@@ -72,7 +81,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--rep-ms", type=float, default=100.0)
     ap.add_argument("--coherent", action="store_true")
+    ap.add_argument("--only-new", action="store_true",
+                    help="the default and the variants from FIRST_NEW on")
     args = ap.parse_args(argv)
+    variants = [{}, *VARIANTS[FIRST_NEW:]] if args.only_new else VARIANTS
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to sweep")
         return 2
@@ -91,7 +103,7 @@ def main(argv=None) -> int:
                                    coherent=args.coherent)
         print(f"T={T} ({'coherent' if args.coherent else 'random'} selections), "
               f"{torch.cuda.get_device_name()}", flush=True)
-        for override in VARIANTS:
+        for override in variants:
             if time.monotonic() > deadline:
                 print(f"  {override}: skipped (budget spent)", flush=True)
                 continue

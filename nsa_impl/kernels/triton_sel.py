@@ -172,7 +172,8 @@ class TokenLayout:
 
     @classmethod
     def build(cls, B: int, T: int, cu_seqlens: torch.Tensor | None, device,
-              tile_positions: tuple[int, ...] = (), sel_block: int | None = None) -> TokenLayout:  # fmt: skip
+              tile_positions: tuple[int, ...] = (),
+              sel_block: int | None = None) -> TokenLayout:  # fmt: skip
         """Layout of ``B`` rows of ``T`` tokens, or of ``cu_seqlens`` sequences (``B == 1``);
         with the query-tile geometry of each tile size in ``tile_positions`` and the block
         geometry of ``sel_block`` (a plan passes its own, so a call does not rebuild them:
@@ -357,7 +358,8 @@ class LaunchShape:
     BR: int  # rows per step in dK/dV (QB*h padded)
     BKEY: int  # keys per dK/dV program
     CH: int  # max positions per dK/dV work item
-    warps_fwd: int  # forward and dQ kernels
+    warps_fwd: int  # forward kernel
+    warps_dq: int  # dQ kernel
     warps_bwd: int  # dK/dV kernel
     stages_fwd: int  # software-pipelining depth of the forward loop
     stages_dq: int
@@ -394,7 +396,8 @@ def launch_shape(h: int, sel: int, dk: int, dv: int, ieee: bool) -> LaunchShape:
     BR = max(16, _next_pow2(QB * h))
     tn = LaunchShape(
         P=P, BM=BM, BN=BN, QB=QB, BR=BR, BKEY=BKEY, CH=1024,
-        warps_fwd=4 if BM <= 32 else 8, warps_bwd=8 if big else 4,
+        warps_fwd=4 if BM <= 32 else 8, warps_dq=4 if BM <= 32 else 8,
+        warps_bwd=8 if big else 4,
         stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1,
     )  # fmt: skip
     if TUNING.sel:
@@ -521,7 +524,7 @@ def sel_backward(
         scale, G,
         h=h, P=tn.P, BM=tn.BM, NSEL=n, NP=max(2, _next_pow2(n)),
         SEL=sel, BN=tn.BN, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
-        **_launch_opts(tn.warps_fwd, tn.stages_dq, interpret),
+        **_launch_opts(tn.warps_dq, tn.stages_dq, interpret),
     )  # fmt: skip
     record_launch("dq", handle)
     W = item_seg.numel()
