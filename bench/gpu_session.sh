@@ -351,6 +351,27 @@ selsweep2)
       --out "$OUT/prefill/coherent" > "$OUT/prefill/sel_sweep_coherent.log" 2>&1
   grep -vE "UserWarning|_warn_once" "$OUT/prefill/sel_sweep_coherent.log" | tee -a "$SUM"
   ;;
+tma)
+  unpack_fla
+  note "TMA selection: GPU tests, triton path and router conformance (in parallel)"
+  conf conf_nsa_impl_triton 300 --impl nsa_impl:triton --no-mutants -- -n 5
+  conf conf_nsa_impl 300 --impl nsa_impl --no-mutants -- -n 4
+  gpu_tests 300 tests/kernels/test_triton_sel.py tests/branches/test_selection.py \
+      tests/test_api.py tests/test_plan.py
+  wait_all; report_tests; report_conf conf_nsa_impl_triton conf_nsa_impl
+  note "A/B: descriptor loads (default) against masked loads"
+  timeout 60 python3 bench/sel_sweep.py --T 65536,8192 --variants '[{}, {"tma": 0}]' \
+      --out "$OUT/prefill" > "$OUT/prefill/sel_ab.log" 2>&1
+  grep -E "^T=|fwd .*bwd" "$OUT/prefill/sel_ab.log" | tee -a "$SUM"
+  side_by_side ours 90
+  for T in 8192 65536; do
+    note "profile at $T"
+    timeout 45 python3 bench/profile_forward.py --T $T --top 12 --out "$OUT/prefill" \
+        > "$OUT/prefill/profile$T.log" 2>&1
+    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
+  done
+  side_by_side peers "$(left 585)"
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Launch shapes of the Triton selection kernels on one GPU: forward and backward, timed alone.
 
     python bench/sel_sweep.py --T 65536,8192 --out DIR [--budget-s 240] [--coherent] [--only-new]
+        [--variants '[{}, {"tma": 0}]']
 
 bf16, B=1, H=64 query heads in G=4 KV groups (h=16), Dk=Dv=128, the paper's l'=64 and n=16
 with random paper-shaped selections (`bench.workloads.random_block_indices`: forced blocks
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 import time
@@ -83,8 +85,12 @@ def main(argv=None) -> int:
     ap.add_argument("--coherent", action="store_true")
     ap.add_argument("--only-new", action="store_true",
                     help="the default and the variants from FIRST_NEW on")
+    ap.add_argument("--variants", default=None,
+                    help='a JSON list of overrides instead, e.g. \'[{}, {"tma": 0}]\'')
     args = ap.parse_args(argv)
     variants = [{}, *VARIANTS[FIRST_NEW:]] if args.only_new else VARIANTS
+    if args.variants:
+        variants = json.loads(args.variants)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to sweep")
         return 2

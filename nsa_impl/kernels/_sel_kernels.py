@@ -90,15 +90,27 @@ def _load_rows(PTR, pos, head, valid, stride_n, stride_h, D: tl.constexpr, BD: t
 
 
 @triton.jit
-def _kv_chunk(K, V, s0, g, b, c, last_local, stride_kn, stride_kg, stride_vn, stride_vg,
+def _kv_chunk(K, V, KD, VD, s0, g, b, c, last_local, stride_kn, stride_kg, stride_vn, stride_vg,
               SEL: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BDK: tl.constexpr, BDV: tl.constexpr):
-    """Keys ``c .. c+BN`` of local block ``b`` of group ``g``: ``(k, v, local key, in range)``."""
+              BDK: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr):
+    """Keys ``c .. c+BN`` of local block ``b`` of group ``g``: ``(k, v, local key, in range)``.
+
+    ``TMA``: ``KD``/``VD`` are tensor descriptors of ``[N, G*D]`` views with ``[BN, D]`` boxes
+    (``D`` a power of two): one bulk copy per operand instead of ``BN*D`` masked addresses.
+    Rows outside the range (after the tile's last query, another sequence, past the end: zeros)
+    are loaded too; their scores are never selected (``kin`` is part of every row's mask), and
+    the operands they could poison are clean (``v`` in the forward, ``k`` in the backward).
+    """
     kl = b * SEL + c + tl.arange(0, BN)  # local key positions of this chunk
     kin = (c + tl.arange(0, BN) < SEL) & (kl <= last_local)
-    krow = s0 + kl
-    k = _load_rows(K, krow, g + 0 * kl, kin, stride_kn, stride_kg, DK, BDK)
-    v = _load_rows(V, krow, g + 0 * kl, kin, stride_vn, stride_vg, DV, BDV)
+    if TMA:
+        row = (s0 + b * SEL + c).to(tl.int32)
+        k = KD.load([row, g * DK])
+        v = VD.load([row, g * DV])
+    else:
+        krow = s0 + kl
+        k = _load_rows(K, krow, g + 0 * kl, kin, stride_kn, stride_kg, DK, BDK)
+        v = _load_rows(V, krow, g + 0 * kl, kin, stride_vn, stride_vg, DV, BDV)
     return k, v, kl, kin
 
 
@@ -119,19 +131,20 @@ def _membership(IDX, pos, valid, g, b, stride_in, stride_ig, NSEL: tl.constexpr,
 
 
 @triton.jit
-def _chunk_scores(q, K, V, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
+def _chunk_scores(q, K, V, KD, VD, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
                   stride_kn, stride_kg, stride_vn, stride_vg, stride_in, stride_ig,
                   h: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, NSEL: tl.constexpr,
                   NP: tl.constexpr, SEL: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr,
-                  DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr):
+                  DV: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
+                  TMA: tl.constexpr):
     """Chunk ``c`` of the tile's ``u``-th union block: ``(k, v, scores, visible)``.
 
     ``visible[row, key]``: the row's position selected the block and the key is ``<= p``.
     """
     b = tl.load(uni + u)
     member = _membership(IDX, pos, valid, g, b, stride_in, stride_ig, NSEL, NP, P, BM)
-    k, v, kl, kin = _kv_chunk(K, V, s0, g, b, c, last_local, stride_kn, stride_kg,
-                              stride_vn, stride_vg, SEL, BN, DK, DV, BDK, BDV)
+    k, v, kl, kin = _kv_chunk(K, V, KD, VD, s0, g, b, c, last_local, stride_kn, stride_kg,
+                              stride_vn, stride_vg, SEL, BN, DK, DV, BDK, BDV, TMA)
     s = _scores(q, tl.trans(k), scale, IEEE)
     ok = member[:, None] & kin[None, :] & (kl[None, :] <= ploc[:, None])
     return k, v, s, ok
@@ -139,13 +152,14 @@ def _chunk_scores(q, K, V, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, 
 
 @triton.jit
 def _sel_fwd_kernel(
-    Q, K, V, O, LSE, IDX, UNI, CNT, TSTART, TROWS, TSEQ,
+    Q, K, V, KD, VD, O, LSE, IDX, UNI, CNT, TSTART, TROWS, TSEQ,
     stride_qn, stride_qh, stride_kn, stride_kg, stride_vn, stride_vg, stride_on, stride_oh,
     stride_in, stride_ig, stride_ut, stride_ug, stride_lsen,
     scale, G,
     h: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
     SEL: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Forward: one program per (query tile, group); loop over the tile's union of blocks."""
     tile = tl.program_id(0)
@@ -161,9 +175,9 @@ def _sel_fwd_kernel(
     for u in range(0, cnt):
         for c in tl.static_range(0, SEL, BN):
             k, v, s, ok = _chunk_scores(
-                q, K, V, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
+                q, K, V, KD, VD, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
                 stride_kn, stride_kg, stride_vn, stride_vg, stride_in, stride_ig,
-                h, P, BM, NSEL, NP, SEL, BN, DK, DV, BDK, BDV, IEEE,
+                h, P, BM, NSEL, NP, SEL, BN, DK, DV, BDK, BDV, IEEE, TMA,
             )
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -187,7 +201,7 @@ def _sel_fwd_kernel(
 
 @triton.jit
 def _sel_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, IDX, UNI, CNT, TSTART, TROWS, TSEQ,
+    Q, K, V, KD, VD, O, DO, DQ, LSE, DELTA, IDX, UNI, CNT, TSTART, TROWS, TSEQ,
     stride_qn, stride_qh, stride_kn, stride_kg, stride_vn, stride_vg, stride_on, stride_oh,
     stride_don, stride_doh, stride_dqn, stride_dqh, stride_in, stride_ig, stride_ut, stride_ug,
     stride_lsen,
@@ -195,6 +209,7 @@ def _sel_dq_kernel(
     h: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
     SEL: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dQ: the forward's tiling, recomputing probabilities from the saved log-sum-exp.
 
@@ -218,9 +233,9 @@ def _sel_dq_kernel(
     for u in range(0, cnt):
         for c in tl.static_range(0, SEL, BN):
             k, v, s, ok = _chunk_scores(
-                q, K, V, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
+                q, K, V, KD, VD, IDX, uni, u, c, pos, ploc, valid, g, s0, last_local, scale,
                 stride_kn, stride_kg, stride_vn, stride_vg, stride_in, stride_ig,
-                h, P, BM, NSEL, NP, SEL, BN, DK, DV, BDK, BDV, IEEE,
+                h, P, BM, NSEL, NP, SEL, BN, DK, DV, BDK, BDV, IEEE, TMA,
             )
             p = tl.where(ok, _exp(s - lse[:, None], PRECISE), 0.0)
             dp = _dot(do, tl.trans(v), IEEE)

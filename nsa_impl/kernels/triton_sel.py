@@ -35,6 +35,13 @@ buffer and a second kernel adds a segment's partials in a fixed order: no atomic
 results run to run. Splitting long segments matters because the forced block 0 is selected by
 every position of a sequence.
 
+*Loads.* On Hopper (and in the interpreter), fp16/bf16 forward and dQ kernels read each K/V
+block chunk through a tensor descriptor (one TMA bulk copy of ``[BN, D]`` per operand, no
+per-element address or mask arithmetic; power-of-two head dims). The copy reads the whole
+chunk, rows a query may not see included: those scores are never selected, and the operand
+they could poison is clean (``v`` in the forward, ``k`` in the backward), so the results are
+bit-identical to masked loads (``LaunchShape.tma = 0``; a CPU test compares the two).
+
 *Numerics and bounds.* fp16/bf16 inputs run the MMAs in that dtype with float32 accumulation;
 float32 inputs use IEEE float32 dots (``input_precision="ieee"``), float64 for the logits and
 libdevice ``exp``/``log`` so the float32 path meets the fp32 class of spec I.10 (a float32
@@ -67,6 +74,7 @@ ones, in one process, whatever was imported first.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 
@@ -364,6 +372,7 @@ class LaunchShape:
     stages_fwd: int  # software-pipelining depth of the forward loop
     stages_dq: int
     stages_kv: int
+    tma: int  # 1: forward and dQ load K/V blocks through tensor descriptors where they fit
 
     def as_list(self) -> list[int]:
         """The fields in declaration order (how the custom ops take them)."""
@@ -398,7 +407,7 @@ def launch_shape(h: int, sel: int, dk: int, dv: int, ieee: bool) -> LaunchShape:
         P=P, BM=BM, BN=BN, QB=QB, BR=BR, BKEY=BKEY, CH=1024,
         warps_fwd=4 if BM <= 32 else 8, warps_dq=4 if BM <= 32 else 8,
         warps_bwd=8 if big else 4,
-        stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1,
+        stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1, tma=1,
     )  # fmt: skip
     if TUNING.sel:
         tn = replace(tn, **TUNING.sel)
@@ -408,6 +417,37 @@ def launch_shape(h: int, sel: int, dk: int, dv: int, ieee: bool) -> LaunchShape:
 
 def _launch_opts(warps: int, stages: int, interpret: bool) -> dict:
     return {} if interpret else dict(num_warps=warps, num_stages=stages)
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Tensor-memory-accelerator copies: Hopper (sm_90) and later; the interpreter emulates them."""
+    if device.type == "cpu":
+        return True
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, tn: LaunchShape):
+    """``(kd, vd, True)``: descriptors of ``k [N,G,Dk]`` and ``v`` as ``[N, G*D]`` with
+    ``[BN, D]`` boxes (`_sel_kernels._kv_chunk`); ``(k, v, False)`` where they do not fit:
+    ``tma=0``, no TMA on the device, a head dim not a power of two, rows not contiguous or
+    not 16-byte aligned (a descriptor's base must be), or float32 (the parity path keeps its
+    masked loads; its boxes would be twice as wide)."""
+    dk, dv = k.shape[-1], v.shape[-1]
+    fits = (
+        tn.tma and k.element_size() == 2 and _has_tma(k.device)
+        and _next_pow2(dk) == dk and _next_pow2(dv) == dv
+        and k.is_contiguous() and v.is_contiguous()
+        and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+    )  # fmt: skip
+    if not fits:
+        return k, v, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, G = k.shape[0], k.shape[1]
+    kd = TensorDescriptor.from_tensor(k.view(N, G * dk), [tn.BN, dk])
+    vd = TensorDescriptor.from_tensor(v.view(N, G * dv), [tn.BN, dv])
+    return kd, vd, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,9 +488,10 @@ def sel_forward(
     o = new_output(N, H, DV, like=q)
     lse = new_output(N, H, like=q, dtype=torch.float32)
     k, v = poison(k, ~finite_rows(v)), nan_to_zero(v)  # NaN containment (`_sel_kernels`)
+    kd, vd, tma = _kv_descriptors(k, v, tn)
     grid = (tstart.numel(), G)
     handle = kern._sel_fwd_kernel[grid](
-        q, k, v, o, lse, idx, union, count, tstart, trows, tseq,
+        q, k, v, kd, vd, o, lse, idx, union, count, tstart, trows, tseq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), idx.stride(0), idx.stride(1),
         union.stride(0), union.stride(1), lse.stride(0),
@@ -458,7 +499,7 @@ def sel_forward(
         h=h, P=tn.P, BM=tn.BM, NSEL=n, NP=max(2, _next_pow2(n)),
         SEL=sel, BN=tn.BN, DK=DK, DV=DV, BDK=max(16, _next_pow2(DK)),
         BDV=max(16, _next_pow2(DV)), IEEE=q.dtype == torch.float32,
-        PRECISE=q.dtype == torch.float32 and not interpret,
+        PRECISE=q.dtype == torch.float32 and not interpret, TMA=tma,
         **_launch_opts(tn.warps_fwd, tn.stages_fwd, interpret),
     )  # fmt: skip
     record_launch("fwd", handle)
@@ -516,15 +557,16 @@ def sel_backward(
     # NaN containment (`_sel_kernels`): the products read cleaned q and k; the dQ kernel's delta
     # comes from the raw dO, the dK/dV products read a cleaned one.
     q, k = nan_to_zero(q), nan_to_zero(k)
+    kd, vd, tma = _kv_descriptors(k, v, tn)
     handle = kern._sel_dq_kernel[(tstart.numel(), G)](
-        q, k, v, o, do, dq, lse, delta, idx, union, count, tstart, trows, tseq,
+        q, k, v, kd, vd, o, do, dq, lse, delta, idx, union, count, tstart, trows, tseq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
         idx.stride(0), idx.stride(1), union.stride(0), union.stride(1), lse.stride(0),
         scale, G,
         h=h, P=tn.P, BM=tn.BM, NSEL=n, NP=max(2, _next_pow2(n)),
         SEL=sel, BN=tn.BN, DK=DK, DV=DV, BDK=BDK, BDV=BDV, IEEE=IEEE, PRECISE=PRECISE,
-        **_launch_opts(tn.warps_dq, tn.stages_dq, interpret),
+        TMA=tma, **_launch_opts(tn.warps_dq, tn.stages_dq, interpret),
     )  # fmt: skip
     record_launch("dq", handle)
     W = item_seg.numel()

@@ -137,14 +137,16 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("which", ["q", "k", "v", "do"])
-def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, device="cpu"):
+def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, dtype, device="cpu"):
     """A NaN at one token of sequence 0: sequence 1's outputs and gradients are bit-identical to
-    a clean run, so are rows of sequence 0 that do not read the token; its readers are NaN."""
+    a clean run, so are rows of sequence 0 that do not read the token; its readers are NaN.
+    bf16 takes the descriptor (TMA) loads, which read whole blocks, masked rows included."""
     cu = torch.tensor([0, 40, 70], dtype=torch.int32, device=device)
-    (q, k, v), gen = _inputs(1, 70, 1, 2, 16, 16, seed=2, device=device)
+    (q, k, v), gen = _inputs(1, 70, 1, 2, 16, 16, seed=2, dtype=dtype, device=device)
     idx = _messy_indices(1, 70, 1, 3, 16, gen, device=device)
-    do = torch.randn(1, 70, 2, 16, generator=gen, device=device)
+    do = torch.randn(1, 70, 2, 16, generator=gen, device=device).to(dtype)
     j = 20  # block 1 of sequence 0
 
     def run(q, k, v, do):
@@ -169,6 +171,37 @@ def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, device="cpu")
     hit = slice(0, 1) if which in ("q", "do") else slice(None)  # head 0 / both heads of g
     if readers.any() and which != "do":
         assert torch.isnan(dirty[0][0, readers, hit]).all()
+
+
+def _launch(q, k, v, idx, sel, tma):
+    """Outputs and gradients with the K/V blocks loaded through descriptors (``tma=1``) or
+    masked pointer loads (``tma=0``)."""
+    with tuning(sel={"tma": tma}):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = triton_sel.selection_attention(*leaves, idx, sel, 0.3)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(9)).to(o.dtype)
+        return (o.detach(), *torch.autograd.grad(o, leaves, do))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_descriptor_loads_equal_masked_loads(case, dtype):
+    """The forward's and dQ's K/V blocks through tensor descriptors (whole blocks, rows outside
+    the range included) give bit-identical outputs and gradients to masked loads, with a
+    non-finite k and v at some tokens (whose readers turn NaN in both)."""
+    B, T, G, h, Dk, Dv, n, sel, cu = CASES[case]
+    (q, k, v), gen = _inputs(B, T, G, h, Dk, Dv, seed=len(case), dtype=dtype)
+    idx = _messy_indices(B, T, G, n, sel, gen)
+    k, v = k.detach().clone(), v.detach().clone()
+    k[0, T // 3, 0, 1] = float("inf")
+    v[0, T // 2, -1, 0] = float("nan")
+    tn = triton_sel.launch_shape(h, sel, Dk, Dv, ieee=False)
+    flat = k.reshape(B * T, G, Dk), v.reshape(B * T, G, Dv)
+    assert triton_sel._kv_descriptors(*flat, tn)[2], "the descriptor path was not taken"
+    with_tma, without = _launch(q, k, v, idx, sel, 1), _launch(q, k, v, idx, sel, 0)
+    assert torch.isnan(with_tma[0]).any()  # the non-finite tokens have readers
+    for name, a, b in zip(("o", "dq", "dk", "dv"), with_tma, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_supports_reasons():
