@@ -372,6 +372,11 @@ tma)
   done
   side_by_side peers "$(left 585)"
   ;;
+tmatests)
+  note "the selection kernels' GPU tests"
+  gpu_tests 300 tests/kernels/test_triton_sel.py
+  wait_all; report_tests
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac

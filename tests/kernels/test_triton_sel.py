@@ -337,7 +337,34 @@ def test_backward_deterministic_and_nan_contained_on_gpu():
     for a, b in zip(g1, g2, strict=False):
         assert torch.equal(a, b)
     for which in ("q", "k", "v", "do"):
-        test_nan_in_one_sequence_leaves_the_other_bit_identical(which, device="cuda")
+        for dtype in (torch.float32, torch.bfloat16):  # masked loads; descriptor (TMA) loads
+            test_nan_in_one_sequence_leaves_the_other_bit_identical(which, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_descriptor_loads_equal_masked_loads_on_gpu(dtype):
+    """On the GPU (TMA bulk copies on sm_90): bit-identical to masked loads, packed sequences,
+    a non-finite k and v included."""
+    if not triton_sel._has_tma(torch.device("cuda")):
+        pytest.skip("no TMA on this GPU (compute capability < 9.0): nothing to compare")
+    T, G, h, D = 1536, 2, 16, 128
+    (q, k, v), gen = _inputs(1, T, G, h, D, D, seed=4, dtype=dtype, device="cuda")
+    idx = _random_indices(1, T, G, 16, 64, gen)
+    cu = torch.tensor([0, 700, T], dtype=torch.int32, device="cuda")
+    k, v = k.detach().clone(), v.detach().clone()
+    k[0, 300, 0, 5] = float("inf")
+    v[0, 1000, 1, 7] = float("nan")
+    do = torch.randn(1, T, G * h, D, device="cuda", generator=gen).to(dtype)
+    runs = []
+    for tma in (1, 0):
+        with tuning(sel={"tma": tma}):
+            runs.append(_grads(lambda a, b, c: triton_sel.selection_attention(
+                a, b, c, idx, 64, None, cu), q, k, v, do))  # fmt: skip
+    assert torch.isnan(runs[0][0]).any()
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 @pytest.mark.parametrize("cu", [None, [0, 5, 6, 23]])
