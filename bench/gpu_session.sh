@@ -377,6 +377,13 @@ tmatests)
   gpu_tests 300 tests/kernels/test_triton_sel.py
   wait_all; report_tests
   ;;
+graphed)
+  note "the plan's GPU tests (CUDA-graph replay included); graphed vs eager planned calls"
+  gpu_tests 240 tests/test_plan.py
+  wait_all; report_tests
+  timeout 200 python3 bench/graphed_bench.py > "$OUT/prefill/graphed.jsonl" 2>&1
+  grep -hE "^ROW|failed|differs|Error" "$OUT/prefill/graphed.jsonl" | tee -a "$SUM"
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac

@@ -267,6 +267,39 @@ def test_planned_forward_backward_performs_zero_host_syncs(cu, route):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_planned_call_replays_from_cuda_graphs_bit_identically():
+    """A planned call captures into CUDA graphs (no sync, static shapes): the forward with
+    ``torch.cuda.graph``, forward+backward with ``make_graphed_callables``; replays equal eager
+    bit for bit (same kernels, deterministic backward). `bench/graphed_bench.py` times it."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    cfg = NSAConfig()
+    q, k, v, gates = inputs(1, 2048, 2, 8, 128, 128, dtype=torch.bfloat16, grad=True,
+                            device="cuda")  # fmt: skip
+    do = torch.randn_like(q)
+    p_fwd, p_bwd = plan_of(q, k, v, cfg, backward=False), plan_of(q, k, v, cfg)
+    call = lambda plan, *xs: nsa_attention(*xs, cfg, plan=plan, validate=False)  # noqa: E731
+    with torch.no_grad():
+        eager = call(p_fwd, q, k, v, gates)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call(p_fwd, q, k, v, gates)  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call(p_fwd, q, k, v, gates)
+        graph.replay()
+    assert torch.equal(static_out, eager)
+    want = torch.autograd.grad(call(p_bwd, q, k, v, gates), (q, k, v, gates), do)
+    graphed = torch.cuda.make_graphed_callables(lambda *xs: call(p_bwd, *xs), (q, k, v, gates))
+    for _ in range(2):  # replays, not a one-off
+        got = torch.autograd.grad(graphed(q, k, v, gates), (q, k, v, gates), do)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_module_forward_backward_with_a_plan_performs_zero_host_syncs():
     pytest.importorskip("triton", reason="triton is not installed")
     layer = NSAAttention(1024, 16, 2, 64, NSAConfig(), rope=True).cuda().bfloat16()
