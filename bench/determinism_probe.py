@@ -1,6 +1,7 @@
 """Is a path's forward+backward bit-reproducible on this GPU, and which op is not?
 
-    python bench/determinism_probe.py [--paths masked,packed,varlen,triton] [--dtypes float64,bfloat16]
+    python bench/determinism_probe.py [--paths masked,packed,varlen,triton] \
+        [--dtypes float64,bfloat16]
 
 For each forced path and dtype: runs one small NSA forward+backward twice on identical inputs and
 reports whether the output and the gradients are bit-identical; then once more under
@@ -32,7 +33,8 @@ def _run(path: str, dtype: torch.dtype, seed: int = 0):
     gates = torch.rand(B, T, G * h, 3, device="cuda", generator=gen).to(dtype).requires_grad_()
     cfg = nsa_impl.NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_top_n=4, window=64)
     forced = {"triton": {"cmp": "triton", "sel": "triton", "win": "triton"}}.get(
-        path, {"sel": path} if path in ("packed", "varlen") else {b: path for b in ("cmp", "sel", "win")}
+        path,
+        {"sel": path} if path in ("packed", "varlen") else {b: path for b in ("cmp", "sel", "win")},
     )
     with dispatch.force_path(**forced):
         p = nsa_impl.plan(q.shape, cfg, kv_heads=G, device="cuda", dtype=dtype, backward=True)

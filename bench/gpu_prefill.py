@@ -241,7 +241,8 @@ def sweep(sh: Shapes, bench: Bench, base_profile, rows: list):
              for name, c in cands.items() if i < len(c)]
     for name, cfg in order:
         label = f"sweep {name} {cfg}"
-        ms = bench.run(label, lambda: median_ms(kernel_call(name, cfg, sh, base)))
+        ms = bench.run(label, lambda name=name, cfg=cfg: median_ms(kernel_call(name, cfg, sh,
+                                                                                base)))
         error = "" if ms is not None else (bench.notes[-1] if bench.notes else "")
         rows.append(dict(kernel=name, T=sh.T, config=json.dumps(dataclasses.asdict(cfg)),
                          ms=ms, error=error))
@@ -292,10 +293,10 @@ def sweep(sh: Shapes, bench: Bench, base_profile, rows: list):
 def parts(T: int, bench: Bench, prof, rows: list):
     """Each piece of the v4 forward and backward at length ``T``, on the measured profile."""
     import nsa_impl
+    from bench.workloads import random_block_indices
     from nsa_impl import scoring
     from nsa_impl.branches.compressed import CmpLayout
     from nsa_impl.kernels import triton_attn, triton_gate, triton_sel, triton_topn
-    from bench.workloads import random_block_indices
     from nsa_impl.varlen import PackedLayout
 
     cfg = nsa_impl.NSAConfig(**PAPER)
@@ -346,9 +347,7 @@ def parts(T: int, bench: Bench, prof, rows: list):
         rows.append(dict(T=T, part=name, ms=ms))
         if ms is not None:
             print(f"  {name:38s} {ms:8.3f} ms", flush=True)
-    del sh, leaves, o_sel
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
+    # the inputs go when this returns; `Bench.run` then empties the CUDA cache
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,7 +356,14 @@ def parts(T: int, bench: Bench, prof, rows: list):
 
 
 def nsa_times(T: int, bench: Bench, prof, rows: list):
-    """v4 and v3 full-NSA forward / forward+backward and peak memory at length ``T``."""
+    """v4 and v3 full-NSA forward / forward+backward and peak memory at length ``T``, then
+    dense SDPA at the same length (after NSA's inputs are freed)."""
+    _nsa_rows(T, bench, prof, rows)
+    _dense_rows(T, bench, rows)
+
+
+def _nsa_rows(T: int, bench: Bench, prof, rows: list):
+    """The NSA rows of `nsa_times`; its inputs are freed when it returns."""
     import contextlib
 
     import nsa_impl
@@ -379,11 +385,11 @@ def nsa_times(T: int, bench: Bench, prof, rows: list):
 
     for who, ctx in (("nsa v4", v4),
                      ("nsa v3 (flash cmp/win)", lambda: dispatch.force_path("flash"))):
-        def fwd():
+        def fwd(ctx=ctx):
             with ctx(), torch.no_grad():
                 nsa_impl.nsa_attention(q, k, v, gates, cfg, validate=False)
 
-        def fwdbwd():
+        def fwdbwd(ctx=ctx):
             with ctx():
                 o = nsa_impl.nsa_attention(*leaves, cfg, validate=False)
             torch.autograd.grad(o, leaves, do)
@@ -400,7 +406,10 @@ def nsa_times(T: int, bench: Bench, prof, rows: list):
                          route=" ".join(f"{b}={p}" for b, p in plan.paths().items())))
         print(f"  {who:24s} T={T:6d} fwd {f} fwd+bwd {fb} peak {peak:.2f} GiB "
               f"[{rows[-1]['route']}]", flush=True)
-    del q, k, v, gates, leaves, do
+
+
+def _dense_rows(T: int, bench: Bench, rows: list):
+    """The dense rows of `nsa_times` (none in ``--smoke``)."""
     if SMOKE:
         return
     torch.cuda.empty_cache()

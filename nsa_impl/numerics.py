@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 
 
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype attention is computed in for inputs of ``dtype`` (see the module docstring)."""
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32

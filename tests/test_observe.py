@@ -15,8 +15,8 @@ import torch
 import nsa_impl
 from conformance.inputs import Case
 from nsa_impl import NSAConfig, dispatch, nsa_attention, observe, routing
-from nsa_impl.model import NSAToyLM
 from nsa_impl.dispatch import Decision, Route
+from nsa_impl.model import NSAToyLM
 
 CFG = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, sel_top_n=3, window=12)
 

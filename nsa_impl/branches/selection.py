@@ -516,7 +516,8 @@ def _causal_prefixes(num_blocks: int, sel_block: int, bounds: list[int]) -> list
     Empty list when the shortcut does not apply (too many sequences)."""
     if len(bounds) - 1 > MAX_PREFIX_SEQUENCES:
         return []
-    return [min(b - a, num_blocks * sel_block) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    limit = num_blocks * sel_block
+    return [min(b - a, limit) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _prefix_rows(prefix: list[int], bounds: list[int], T: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``triton.jit`` helpers shared by the kernel files (`_range_kernels`, `_topn_kernels`, `_gate_kernels`).
+"""``triton.jit`` helpers shared by the kernel files (`_range_kernels`, `_topn_kernels`,
+`_gate_kernels`).
 
 Loaded through `nsa_impl.kernels._loader.load_kernel_module` in the mode of the kernel file that
 asks for it (``executing_mode()``), so compiled kernels call compiled helpers and interpreted

@@ -123,13 +123,16 @@ class _GateCombine(torch.autograd.Function):
 
 
 def gate_combine(o_cmp, o_sel, o_win, gates, *, tuning: _tuning.GateTuning | None = None):
-    """Eq. 5 fused: ``o [..., H, Dv]`` from three ``[..., H, Dv]`` outputs and ``gates [..., H, 3]``.
+    """Eq. 5 fused: ``o [..., H, Dv]`` from three ``[..., H, Dv]`` outputs and
+    ``gates [..., H, 3]``.
 
     ``tuning`` defaults to the device profile's ``gate``. Raises ``ValueError`` on shape
     mismatch.
     """
     if not (o_cmp.shape == o_sel.shape == o_win.shape):
-        raise ValueError(f"branch outputs differ in shape: {o_cmp.shape}, {o_sel.shape}, {o_win.shape}")
+        raise ValueError(
+            f"branch outputs differ in shape: {o_cmp.shape}, {o_sel.shape}, {o_win.shape}"
+        )
     if gates.shape != (*o_cmp.shape[:-1], 3):
         raise ValueError(f"gates must be {(*o_cmp.shape[:-1], 3)}, got {tuple(gates.shape)}")
     tn = _tuning.profile_for(o_cmp.device).gate if tuning is None else tuning

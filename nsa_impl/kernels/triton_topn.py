@@ -156,9 +156,13 @@ def select_blocks(
     Not differentiable (the selection is discrete): ``q``, ``k_cmp`` are read detached.
     """
     if q.dim() != 3 or k_cmp.dim() != 3 or k_cmp.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} / k_cmp {tuple(k_cmp.shape)}: expected [N, heads, Dk]")
+        raise ValueError(
+            f"q {tuple(q.shape)} / k_cmp {tuple(k_cmp.shape)}: expected [N, heads, Dk]"
+        )
     if lse.shape != q.shape[:2] or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 {tuple(q.shape[:2])}, got {lse.dtype} {tuple(lse.shape)}")
+        raise ValueError(
+            f"lse must be float32 {tuple(q.shape[:2])}, got {lse.dtype} {tuple(lse.shape)}"
+        )
     G = k_cmp.shape[1]
     if G == 0 or q.shape[1] % G:
         raise ValueError(f"H={q.shape[1]} must be a multiple of G={G}")

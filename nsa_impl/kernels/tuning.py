@@ -109,7 +109,9 @@ class TopNTuning:
         for name in ("positions", "block_n", "warps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or next_pow2(value) != value:
-                raise ValueError(f"TopNTuning.{name} must be a positive power of two, got {value!r}")
+                raise ValueError(
+                    f"TopNTuning.{name} must be a positive power of two, got {value!r}"
+                )
         if self.positions < 16 or self.block_n < 16:
             raise ValueError(f"TopNTuning positions and block_n must be >= 16, got {self}")
 

@@ -28,7 +28,6 @@ from ..module import NSAAttention
 from .attention import ContextParallel, context_parallel, cp_nsa_attention
 
 
-
 def cp_attention(attn: NSAAttention, x: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
     """`NSAAttention` ``attn`` on this rank's rows ``x [B, 2C, hidden]`` (context parallel)."""
     if not isinstance(attn, NSAAttention):

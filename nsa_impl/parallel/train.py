@@ -34,10 +34,10 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from nsa_ref.config import NSAConfig
 
+from ..data import IGNORE_INDEX
 from ..model import NSAToyLM
 from ..model.toy import TOY_CONFIG
 from .fsdp import DTYPES, load_checkpoint, mixed_precision, save_checkpoint, shard_model
-from ..data import IGNORE_INDEX
 from .model import CPToyLM, cp_loss
 
 #: Named NSA configurations (``--nsa-config``).

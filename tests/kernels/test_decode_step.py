@@ -20,6 +20,13 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed: the decode kernels cannot run", allow_module_level=True)
 
+import nsa_ref  # noqa: E402
+from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
+from nsa_impl.kernels import decode_step  # noqa: E402
+from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
+from nsa_ref import rules  # noqa: E402
+
+from ..helpers import plan_of  # noqa: E402
 from ..test_decode import (  # noqa: E402
     CONFIGS,
     check_needle,
@@ -28,14 +35,6 @@ from ..test_decode import (  # noqa: E402
     needle_context,
     row,
 )
-
-import nsa_ref  # noqa: E402
-from nsa_impl import NSACache, NSAConfig, nsa_attention  # noqa: E402
-from nsa_impl.kernels import decode_step  # noqa: E402
-from nsa_impl.tolerances import FP32_OUT_ATOL, lowp_bound  # noqa: E402
-from nsa_ref import rules  # noqa: E402
-
-from ..helpers import plan_of  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -411,7 +411,8 @@ def test_cmp_triton_parity_cuda(_profile_defaults, dtype, B, T, G, h, Dk, Dv, cu
     for name, x, r, n in zip(("o_cmp", "dq", "dk", "dv", "p_slc"), got, ref, low, strict=False):
         kind = "grad" if name.startswith("d") else "out"
         bound = lowp_bound(err(n, r), kind)
-        print(f"triton cmp {dtype} B={B} T={T} h={h} {Dk}/{Dv} {name}: {err(x, r):.3g} / {bound:.3g}")
+        print(f"triton cmp {dtype} B={B} T={T} h={h} {Dk}/{Dv} {name}: "
+              f"{err(x, r):.3g} / {bound:.3g}")
         assert torch.isfinite(x).all(), name
         assert err(x, r) <= bound, f"{name}: {err(x, r):.3g} > {bound:.3g}"
     idx, sc, p = _kernel_selection(q, k, PAPER, cu)
@@ -449,7 +450,8 @@ def test_window_triton_parity_cuda(_profile_defaults, dtype, B, T, G, h, Dk, Dv,
     low = _win(lambda *a: _dense_window(*a, w, scale, cu), q, k, v, do)
     for name, x, r, n in zip(("o", "dq", "dk", "dv"), got, ref, low, strict=True):
         bound = lowp_bound(err(n, r), "out" if name == "o" else "grad")
-        print(f"triton win {dtype} T={T} h={h} w={w} {Dk}/{Dv} {name}: {err(x, r):.3g} / {bound:.3g}")
+        print(f"triton win {dtype} T={T} h={h} w={w} {Dk}/{Dv} {name}: "
+              f"{err(x, r):.3g} / {bound:.3g}")
         assert torch.isfinite(x).all() and err(x, r) <= bound, name
 
 

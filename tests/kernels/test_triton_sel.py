@@ -383,7 +383,7 @@ def test_token_layout_keeps_the_tile_geometry_it_was_built_with(cu):
         assert torch.equal(a, b)
     tstart, trows, tseq = kept.tiles(4)
     bounds = [0, T] if cu is None else cu
-    lengths = [T] * B if cu is None else [b - a for a, b in zip(bounds, bounds[1:])]
+    lengths = [T] * B if cu is None else [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
     assert int(trows.sum()) == B * T and int((trows > 0).sum()) == sum(-(-n // 4) for n in lengths)
     assert ("tiles", 2) not in kept.geometry
     assert kept.tiles(2)[0].numel() == -(-B * T // 2) + len(lengths)

@@ -31,8 +31,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nsa_impl.parallel import train
 from nsa_impl.data import IGNORE_INDEX
+from nsa_impl.parallel import train
 from nsa_impl.tolerances import EXACT_ATOL
 
 from . import cases, spawn, workers
