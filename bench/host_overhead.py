@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from nsa_impl import dispatch
 
     cfg = nsa_impl.NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, sel_top_n=4, window=32)
-    T, H, G, D = 128, 8, 2, 16
+    T, H, G, D = 128, 32, 2, 16  # h = 16 heads per group, as in the benchmarks (P = 1)
     gen = torch.Generator().manual_seed(0)
     # float32: on the CPU half precision computes in float32 (casts a CUDA call does not have)
     q = torch.randn(1, T, H, D, generator=gen)
