@@ -10,6 +10,8 @@ Dk/Dv = 192/128, the paper's l=32, d=16, l'=64, n=16, w=512, T in {8k, 16k, 32k,
 * ``decode``: one `nsa_impl.NSACache.step` after a prompt of ``T`` tokens, vs one dense
   query over ``T`` cached keys.
 * ``h=4``: 16 query heads in 4 groups, selection forward time per query head, against h=16.
+* ``nsa_h4``: full NSA (planned) with 16 query heads in 4 groups against dense with the same
+  heads.
 
 Dense baseline: ``torch.nn.functional.scaled_dot_product_attention`` (causal) with the flash and
 cuDNN backends each timed; the faster one is the denominator. Ratios are dense / ours (higher is
@@ -17,7 +19,8 @@ better). Times are medians of CUDA-event measurements after warm-up. Nothing ass
 
 Usage::
 
-    python bench/gpu_bench.py --out bench/results/h100 [--T 8192,65536] [--parts sel,nsa,decode,h4]
+    python bench/gpu_bench.py --out bench/results/h100 [--T 8192,65536] \
+        [--parts sel,nsa,decode,h4,nsa_h4]
 """
 
 from __future__ import annotations
@@ -453,6 +456,12 @@ def main(argv=None):
                 f, fb = nsa_times(T, H, G, Dk, Dv, bench, planned=True)
                 add("nsa fwd (plan reused)", f, best["fwd"])
                 add("nsa fwd+bwd (plan reused)", fb, best["fwdbwd"])
+            if "nsa_h4" in parts:  # full NSA with small groups: 16 query heads in 4 groups
+                best4, _ = dense_times(T, 16, 4, Dk, Dv, bench)
+                f, fb = nsa_times(T, 16, 4, Dk, Dv, bench, planned=True)
+                base4 = dict(base, H=16)
+                add("nsa fwd h=4 (plan reused)", f, best4["fwd"], base=base4)
+                add("nsa fwd+bwd h=4 (plan reused)", fb, best4["fwdbwd"], base=base4)
             if "decode" in parts:
                 add("decode step", decode_time(T, H, G, Dk, Dv, bench),
                     dense_decode(T, H, G, Dk, Dv, bench))

@@ -384,6 +384,15 @@ graphed)
   timeout 200 python3 bench/graphed_bench.py > "$OUT/prefill/graphed.jsonl" 2>&1
   grep -hE "^ROW|failed|differs|Error" "$OUT/prefill/graphed.jsonl" | tee -a "$SUM"
   ;;
+acceptance)
+  note "Dk/Dv = 192/128 at 64k; full NSA with h = 4 (16 heads, 4 groups) at 32k and 64k"
+  timeout 85 python3 bench/gpu_bench.py --T 65536 --dims 192/128 --parts nsa --budget-s 75 \
+      --out "$OUT/prefill/dims192" > "$OUT/prefill/dims192.log" 2>&1
+  grep -E "^\|" "$OUT/prefill/dims192.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/dims192.log" | tee -a "$SUM"
+  timeout "$(left 165)" python3 bench/gpu_bench.py --T 32768,65536 --dims 128/128 \
+      --parts nsa_h4 --budget-s 60 --out "$OUT/prefill/h4" > "$OUT/prefill/h4.log" 2>&1
+  grep -E "^\|" "$OUT/prefill/h4.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/h4.log" | tee -a "$SUM"
+  ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
 esac
