@@ -72,7 +72,8 @@ class Inputs:
 
 
 def kernel_op(name: str, fake: Callable, *, mutates: tuple[str, ...] = ()) -> Callable:
-    """Decorator: ``fn`` becomes the custom op ``nsa::<name>`` with ``fake`` as its fake impl.
+    """Decorator: ``fn`` becomes the custom op ``nsa::<name>`` with ``fake`` as its fake impl,
+    wrapped in a `KernelOp`.
 
     ``fn`` must be fully annotated (the schema is inferred) and functional (fresh outputs,
     never views of its inputs), except for the arguments named in ``mutates``, which it writes
@@ -80,12 +81,52 @@ def kernel_op(name: str, fake: Callable, *, mutates: tuple[str, ...] = ()) -> Ca
     fake tensors and returns empty tensors of the output shapes (``None`` for no output).
     """
 
-    def register(fn: Callable) -> Any:
+    def register(fn: Callable) -> KernelOp:
         op = torch.library.custom_op(f"nsa::{name}", mutates_args=tuple(mutates))(fn)
         op.register_fake(fake)
-        return op
+        return KernelOp(op, fn)
 
     return register
+
+
+class KernelOp:
+    """A kernel's custom op and the Python function behind it.
+
+    A call goes through the custom op (``op``) whenever something may need to see it as one
+    node: ``torch.compile`` tracing, a torch dispatch mode (fake tensors, op counters), a
+    ``torch.func`` transform, the profiler, grad mode on, or a tensor subclass argument. Other
+    calls (eager, inside an autograd Function or under ``no_grad``, on plain tensors) run the
+    function itself: the Python custom-op dispatch costs ~50 µs a call on a 2-core CPU (the
+    function's own glue for a small launch ~6), ten calls per forward+backward of a host-bound
+    short sequence. The results are the same function's. Other attributes (``_opoverload``,
+    ``_init_fn``, ``register_*``) are the custom op's.
+    """
+
+    def __init__(self, op: Any, fn: Callable):
+        self.op, self.fn = op, fn
+        functools.update_wrapper(self, fn)  # name, docstring and signature of the function
+
+    def __call__(self, *args, **kwargs):
+        if _direct_call_ok(args, kwargs):
+            return self.fn(*args, **kwargs)
+        return self.op(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.op, name)
+
+
+def _direct_call_ok(args: tuple, kwargs: dict) -> bool:
+    """Whether a kernel op may skip the custom-op dispatch (see `KernelOp`)."""
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.profiler._is_profiler_enabled):  # fmt: skip
+        return False
+    for value in (*args, *kwargs.values()):
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor for t in items):
+            return False
+    return True
 
 
 #: Device types with autocast kernels in every torch build.

@@ -3,6 +3,8 @@ impl), the containment helpers, and the explicit tuning object."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -27,6 +29,65 @@ def test_every_kernel_call_is_a_custom_op_with_a_fake():
         assert f"nsa::{name}" in OPDEFS, name
         assert OPDEFS[f"nsa::{name}"]._abstract_fn is not None, f"{name} has no register_fake"
         assert hasattr(torch.ops.nsa, name)
+
+
+@functools.cache
+def _probe_op():
+    """A `KernelOp` over ``2 * x`` (registered once per process)."""
+
+    def fake(x):
+        return torch.empty_like(x)
+
+    @ops.kernel_op("test_kernel_op_probe", fake)
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    return probe
+
+
+def test_kernel_ops_skip_the_custom_op_dispatch_only_in_plain_eager_calls():
+    """`KernelOp`: eager calls under no_grad on plain tensors run the function itself; grad
+    mode, a dispatch mode, the profiler, a tensor subclass and torch.compile tracing go through
+    the custom op. Both give the function's result."""
+    probe = _probe_op()
+    op, through_op = probe.op, []
+
+    def counted(*args):
+        through_op.append(1)
+        return op(*args)
+
+    probe.op = counted  # counts the calls that go through the custom op
+    try:
+        _check_probe_paths(probe, through_op)
+    finally:
+        probe.op = op
+    assert probe._opoverload is torch.ops.nsa.test_kernel_op_probe.default  # the op's attributes
+
+
+def _check_probe_paths(probe, through_op):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.arange(4.0)
+    with torch.no_grad():
+        assert torch.equal(probe(x), 2 * x) and not through_op  # direct
+    assert torch.equal(probe(x), 2 * x) and len(through_op) == 1  # grad mode on
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Passthrough():
+        probe(x)
+    with torch.no_grad(), torch.profiler.profile():
+        probe(x)
+    with torch.no_grad(), FakeTensorMode() as mode:
+        assert probe(mode.from_tensor(x)).shape == x.shape
+    assert len(through_op) == 4
+    compiled = torch.compile(lambda t: probe(t) + 1, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), 2 * x + 1)
+    assert len(through_op) == 5  # traced as the custom op
 
 
 def _opcheck(op, args):
