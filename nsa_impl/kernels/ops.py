@@ -6,7 +6,8 @@ helpers and the explicit tuning object.
   asking costs no tensor work and no device sync.
 * `kernel_op`: registers a function as ``torch.library.custom_op("nsa::<name>", mutates_args=())``
   with its ``register_fake`` (the flash-attn pattern): ``torch.compile`` traces the call as one
-  opaque node with known output shapes, also for dynamic shapes. Differentiable kernels pair a
+  opaque node with known output shapes, also for dynamic shapes; plain eager calls skip the
+  custom-op dispatch (`KernelOp`). Differentiable kernels pair a
   forward op with a backward op inside a ``torch.autograd.Function`` that has ``setup_context``
   and saves only tensors (so ``torch.func.grad`` works); the backward op is called under
   `no_grad` because it has no derivative of its own (no double backward), and with autocast
