@@ -100,6 +100,15 @@ profile64k() {  # profile64k TIMEOUT: torch.profiler of a planned call at T = 65
       > "$OUT/prefill/profile.log" 2>&1
   grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile.log" | tee -a "$SUM"
 }
+profile_at() {  # profile_at TIMEOUT TOP T...: bench/profile_forward.py of a planned call per T
+  local limit=$1 top=$2 T; shift 2
+  for T in "$@"; do
+    note "profile at $T"
+    timeout "$limit" python3 bench/profile_forward.py --T "$T" --top "$top" --out "$OUT/prefill" \
+        > "$OUT/prefill/profile$T.log" 2>&1
+    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
+  done
+}
 side_by_side() {  # side_by_side WHO TIMEOUT: peer_bench rows (ours | peers) at 8k..64k
   local who=$1 limit=$2 path="$PWD"
   [ "$who" = peers ] && path="$PWD/.peers:$PEERS_PATH"
@@ -282,12 +291,7 @@ contain)
   wait_all; report_tests
   report_conf conf_fla_parallel conf_nsa_impl nan_nsa_impl_packed nan_nsa_impl_varlen
   cut -c1-300 "$OUT/tests/nan_probe.log" | tee -a "$SUM"
-  for T in 8192 16384; do
-    note "profile at $T"
-    timeout 60 python3 bench/profile_forward.py --T $T --top 14 --out "$OUT/prefill" \
-        > "$OUT/prefill/profile$T.log" 2>&1
-    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
-  done
+  profile_at 60 14 8192 16384
   ;;
 torchpaths)
   unpack_fla
@@ -308,10 +312,7 @@ kernpaths)
       tests/kernels/test_triton_sel.py tests/test_plan.py tests/test_api.py
   wait_all; report_tests; report_conf conf_nsa_impl_flash conf_nsa_impl_triton
   side_by_side ours 100
-  note "profile at 8192"
-  timeout 45 python3 bench/profile_forward.py --T 8192 --top 12 --out "$OUT/prefill" \
-      > "$OUT/prefill/profile8192.log" 2>&1
-  grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile8192.log" | tee -a "$SUM"
+  profile_at 45 12 8192
   decode_grid "$(left 560)"
   ;;
 compile)
@@ -322,12 +323,7 @@ compile)
       tests/kernels/test_triton_attn.py tests/kernels/test_triton_nan_routes.py
   wait_all; report_tests; report_conf conf_nsa_impl_triton conf_nsa_impl
   side_by_side ours 100
-  for T in 8192 65536; do
-    note "profile at $T"
-    timeout 60 python3 bench/profile_forward.py --T $T --top 14 --out "$OUT/prefill" \
-        > "$OUT/prefill/profile$T.log" 2>&1
-    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
-  done
+  profile_at 60 14 8192 65536
   ;;
 selsweep)
   note "selection launch shapes (random paper selections)"
@@ -364,12 +360,7 @@ tma)
       --out "$OUT/prefill" > "$OUT/prefill/sel_ab.log" 2>&1
   grep -E "^T=|fwd .*bwd" "$OUT/prefill/sel_ab.log" | tee -a "$SUM"
   side_by_side ours 90
-  for T in 8192 65536; do
-    note "profile at $T"
-    timeout 45 python3 bench/profile_forward.py --T $T --top 12 --out "$OUT/prefill" \
-        > "$OUT/prefill/profile$T.log" 2>&1
-    grep -vE "UserWarning|_warn_once" "$OUT/prefill/profile$T.log" | tee -a "$SUM"
-  done
+  profile_at 45 12 8192 65536
   side_by_side peers "$(left 585)"
   ;;
 tmatests)
