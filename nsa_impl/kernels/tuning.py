@@ -85,10 +85,16 @@ class AttnTuning:
 
     @classmethod
     def from_list(cls, values: list[int]) -> AttnTuning:
-        """Inverse of `as_list`."""
-        n = len(fields(Launch))
-        launches = [Launch(*values[i * n : (i + 1) * n]) for i in range(3)]
-        return cls(*launches, dq_atomic=bool(values[3 * n]))
+        """Inverse of `as_list` (cached: every kernel call rebuilds its shape from the list its
+        custom op takes, and validating three `Launch` objects costs ~9 µs)."""
+        return _attn_tuning(cls, tuple(values))
+
+
+@functools.lru_cache(maxsize=64)
+def _attn_tuning(cls: type, values: tuple[int, ...]) -> AttnTuning:
+    n = len(fields(Launch))
+    launches = [Launch(*values[i * n : (i + 1) * n]) for i in range(3)]
+    return cls(*launches, dq_atomic=bool(values[3 * n]))
 
 
 @dataclass(frozen=True)
