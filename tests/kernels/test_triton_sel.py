@@ -341,6 +341,25 @@ def test_backward_deterministic_and_nan_contained_on_gpu():
             test_nan_in_one_sequence_leaves_the_other_bit_identical(which, dtype, device="cuda")
 
 
+def test_descriptor_loads_are_declined_where_they_do_not_fit():
+    """`_kv_descriptors` keeps masked loads for float32, head dims not a power of two,
+    non-contiguous rows, a base not 16-byte aligned and ``tma=0``."""
+    tn = triton_sel.launch_shape(4, 16, 32, 32, ieee=False)
+    N, G, D = 40, 2, 32
+
+    def fits(k, v, shape=tn):
+        return triton_sel._kv_descriptors(k, v, shape)[2]
+
+    k = torch.randn(N, G, D).bfloat16()
+    assert fits(k, k.clone())
+    assert not fits(k.float(), k.float())
+    assert not fits(torch.randn(N, G, 24).bfloat16(), torch.randn(N, G, 24).bfloat16())
+    assert not fits(k.transpose(0, 1).contiguous().transpose(0, 1), k)
+    shifted = torch.randn(N * G * D + 1).bfloat16()[1:].view(N, G, D)  # 2 bytes off
+    assert shifted.data_ptr() % 16 and not fits(shifted, k)
+    assert not fits(k, k, triton_sel.LaunchShape(**{**tn.__dict__, "tma": 0}))
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
