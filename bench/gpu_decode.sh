@@ -31,7 +31,8 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run, tee into the log, remember the ex
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  git log --oneline -1 2>/dev/null || true
+  # the device's .git is a stale snapshot: the caller writes .head and carries it (gpu_session.sh)
+  if [ -f .head ]; then echo "tree: $(cat .head)"; else echo "tree: unknown (no .head carried)"; fi
 } 2>&1 | tee -a "$LOG"
 
 stage gpu_tests 140 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py \

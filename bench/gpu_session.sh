@@ -37,6 +37,8 @@
 #                                       # geometry moved into the plan, the Triton kernels' and
 #                                       # the plan's GPU tests, the GPU conformance of the triton
 #                                       # path and the router; ours side by side, profiles 8k, 64k
+# Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
+# .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
 # fla-core comes from its wheel in .whl/. Results under $OUT, at most 8 files back:
 # summary.txt (the tables), prefill.tgz, decode.tgz, tests.tgz.
@@ -53,7 +55,8 @@ left() { echo $(( $1 - (SECONDS - t0) )); }  # seconds left before mark $1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  git log --oneline -1 2>/dev/null || true
+  # the device's .git is not this tree's: the caller writes .head (carried, git-ignored) first
+  if [ -f .head ]; then echo "tree: $(cat .head)"; else echo "tree: unknown (no .head carried)"; fi
 } 2>&1 | tee -a "$SUM"
 
 # fla-core is a pure-Python wheel: unpacked onto a path of its own, on PYTHONPATH only in the
