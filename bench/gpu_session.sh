@@ -37,6 +37,8 @@
 #                                       # geometry moved into the plan, the Triton kernels' and
 #                                       # the plan's GPU tests, the GPU conformance of the triton
 #                                       # path and the router; ours side by side, profiles 8k, 64k
+#   bash bench/gpu_session.sh acceptance # session 5 call 1: Dk/Dv = 192/128 at 64k, full NSA at
+#                                       # h = 4 (32k, 64k), ours side by side
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -386,6 +388,7 @@ acceptance)
   timeout "$(left 165)" python3 bench/gpu_bench.py --T 32768,65536 --dims 128/128 \
       --parts nsa_h4 --budget-s 60 --out "$OUT/prefill/h4" > "$OUT/prefill/h4.log" 2>&1
   grep -E "^\|" "$OUT/prefill/h4.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/h4.log" | tee -a "$SUM"
+  side_by_side ours "$(left 330)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
