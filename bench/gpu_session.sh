@@ -39,6 +39,8 @@
 #                                       # path and the router; ours side by side, profiles 8k, 64k
 #   bash bench/gpu_session.sh acceptance # session 5 call 1: Dk/Dv = 192/128 at 64k, full NSA at
 #                                       # h = 4 (32k, 64k), ours side by side
+#   bash bench/gpu_session.sh probe     # call 2: profiles at 192/128 (64k) and h = 4 (32k, ours
+#                                       # and flash_nsa), selection tile sizes at h = 4
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -389,6 +391,23 @@ acceptance)
       --parts nsa_h4 --budget-s 60 --out "$OUT/prefill/h4" > "$OUT/prefill/h4.log" 2>&1
   grep -E "^\|" "$OUT/prefill/h4.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/h4.log" | tee -a "$SUM"
   side_by_side ours "$(left 330)"
+  ;;
+probe)
+  note "profiles of the two missed shapes: Dk/Dv = 192/128 at 64k, h = 4 at 32k (ours, flash_nsa)"
+  for args in "--T 65536 --dims 192/128" "--T 32768 --heads 16/4"; do
+    note "profile $args"
+    # shellcheck disable=SC2086 # the arguments split on purpose
+    timeout 90 python3 bench/profile_forward.py $args --top 14 --out "$OUT/prefill" \
+        2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
+  done
+  note "profile flash_nsa --T 32768 --heads 16/4"
+  PYTHONPATH="$PWD/.peers:$PEERS_PATH" timeout 90 python3 bench/profile_forward.py --T 32768 \
+      --heads 16/4 --who flash_nsa --top 12 --out "$OUT/prefill" 2>&1 \
+      | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
+  note "selection tile sizes at h = 4 (P positions per tile)"
+  timeout 90 python3 bench/sel_sweep.py --T 32768 --heads 16/4 --budget-s 75 \
+      --variants '[{}, {"P": 1}, {"P": 2}, {"P": 8}, {"P": 8, "warps_fwd": 8}]' \
+      --out "$OUT/prefill" 2>&1 | grep -E "^T=|fwd .*bwd|ERROR|best" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

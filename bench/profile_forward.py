@@ -3,9 +3,11 @@
 the device-busy fraction of the wall clock (host work and syncs show up as the gap); before the
 profile, the unprofiled time per call with the plan reused and without a plan.
 
-    python bench/profile_forward.py --T 65536 [--out DIR] [--who flash_nsa]
+    python bench/profile_forward.py --T 65536 [--out DIR] [--who flash_nsa] [--dims 192/128]
+        [--heads 16/4]
 
-bf16, B=1, H=64, G=4, Dk=Dv=128, paper config; one warm-up call, then one profiled call each.
+bf16, B=1, H=64, G=4, Dk=Dv=128 (``--heads H/G``, ``--dims Dk/Dv`` change them), paper
+config; one warm-up call, then one profiled call each.
 Prints a short table; with ``--out``, writes profile_<T>.txt (profile_flash_nsa_<T>.txt).
 ``--who flash_nsa`` profiles that peer's ``HFNSACore`` on the same inputs and configuration
 instead (measuring only: it must be importable, with a ``flash_attn`` on the path, e.g. the
@@ -29,22 +31,29 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--reps", type=int, default=5, help="unprofiled calls timed per variant")
     ap.add_argument("--who", choices=("nsa_impl", "flash_nsa"), default="nsa_impl")
+    ap.add_argument("--dims", default="128/128", help="Dk/Dv")
+    ap.add_argument("--heads", default="64/4", help="query heads / KV groups")
     args = ap.parse_args(argv)
+    (DK, DV), (H, G) = (_pair(args.dims, "--dims"), _pair(args.heads, "--heads"))
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to profile")
         return 2
     import nsa_impl
 
-    T, H, G, D, dt = args.T, 64, 4, 128, torch.bfloat16
+    T, dt = args.T, torch.bfloat16
     cfg = nsa_impl.NSAConfig()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(dt)
-    k, v = (torch.randn(1, T, G, D, device="cuda", generator=gen).to(dt) for _ in range(2))
+    q = torch.randn(1, T, H, DK, device="cuda", generator=gen).to(dt)
+    k = torch.randn(1, T, G, DK, device="cuda", generator=gen).to(dt)
+    v = torch.randn(1, T, G, DV, device="cuda", generator=gen).to(dt)
     gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(dt)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
     do = torch.randn_like(q)
-    lines = [f"T={T} H={H} G={G} D={D} bf16, {torch.cuda.get_device_name()}, {args.who}"]
-    peer = _flash_nsa(cfg, H, G, D, dt) if args.who == "flash_nsa" else None
+    lines = [f"T={T} H={H} G={G} Dk/Dv={DK}/{DV} bf16, {torch.cuda.get_device_name()}, "
+             f"{args.who}"]
+    if args.who == "flash_nsa" and DK != DV:
+        ap.error("--who flash_nsa profiles Dk = Dv only")
+    peer = _flash_nsa(cfg, H, G, DK, dt) if args.who == "flash_nsa" else None
 
     for label, grad in (("forward (no_grad, plan reused)", False), ("forward+backward", True)):
         if peer is not None:
@@ -90,9 +99,22 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"profile_{T}.txt" if peer is None else f"profile_flash_nsa_{T}.txt"
+        shape = "" if (DK, DV, H, G) == (128, 128, 64, 4) else f"_{DK}x{DV}_h{H // G}"
+        who = "" if peer is None else "flash_nsa_"
+        name = f"profile_{who}{T}{shape}.txt"
         Path(args.out, name).write_text(text + "\n")
     return 0
+
+
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    """``"A/B"`` -> ``(A, B)``, positive ints (argparse's error otherwise)."""
+    try:
+        a, b = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"{flag} takes two ints as A/B, got {text!r}") from None
+    if a < 1 or b < 1:
+        raise SystemExit(f"{flag} takes positive ints, got {text!r}")
+    return a, b
 
 
 def _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, lines):

@@ -1,9 +1,10 @@
 """Launch shapes of the Triton selection kernels on one GPU: forward and backward, timed alone.
 
     python bench/sel_sweep.py --T 65536,8192 --out DIR [--budget-s 240] [--coherent] [--only-new]
-        [--variants '[{}, {"tma": 0}]']
+        [--variants '[{}, {"tma": 0}]'] [--heads 16/4]
 
-bf16, B=1, H=64 query heads in G=4 KV groups (h=16), Dk=Dv=128, the paper's l'=64 and n=16
+bf16, B=1, H=64 query heads in G=4 KV groups (h=16; ``--heads H/G`` changes them), Dk=Dv=128,
+the paper's l'=64 and n=16
 with random paper-shaped selections (`bench.workloads.random_block_indices`: forced blocks
 plus random ones per position, the worst case for sharing; ``--coherent``: one draw per query
 block). Each variant overrides fields of `nsa_impl.kernels.triton_sel.LaunchShape` through
@@ -87,7 +88,14 @@ def main(argv=None) -> int:
                     help="the default and the variants from FIRST_NEW on")
     ap.add_argument("--variants", default=None,
                     help='a JSON list of overrides instead, e.g. \'[{}, {"tma": 0}]\'')
+    ap.add_argument("--heads", default=f"{H}/{G}", help="query heads / KV groups")
     args = ap.parse_args(argv)
+    try:
+        heads, groups = (int(x) for x in args.heads.split("/"))
+    except ValueError:
+        ap.error(f"--heads takes H/G, got {args.heads!r}")
+    if heads < 1 or groups < 1 or heads % groups:
+        ap.error(f"--heads: H must be a positive multiple of G, got {args.heads!r}")
     variants = [{}, *VARIANTS[FIRST_NEW:]] if args.only_new else VARIANTS
     if args.variants:
         variants = json.loads(args.variants)
@@ -101,13 +109,14 @@ def main(argv=None) -> int:
     rows = []
     for T in lengths:
         gen = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k, v = (torch.randn(1, T, G, D, device="cuda", generator=gen).to(torch.bfloat16)
+        q = torch.randn(1, T, heads, D, device="cuda", generator=gen).to(torch.bfloat16)
+        k, v = (torch.randn(1, T, groups, D, device="cuda", generator=gen).to(torch.bfloat16)
                 for _ in range(2))
         do = torch.randn_like(q)
-        idx = random_block_indices(1, T, G, TOP_N, SEL, generator=gen, device="cuda",
+        idx = random_block_indices(1, T, groups, TOP_N, SEL, generator=gen, device="cuda",
                                    coherent=args.coherent)
-        print(f"T={T} ({'coherent' if args.coherent else 'random'} selections), "
+        print(f"T={T} H={heads} G={groups} "
+              f"({'coherent' if args.coherent else 'random'} selections), "
               f"{torch.cuda.get_device_name()}", flush=True)
         for override in variants:
             if time.monotonic() > deadline:
