@@ -119,8 +119,8 @@ def _pair(text: str, flag: str) -> tuple[int, int]:
 
 def _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, lines):
     """``(planned call, plan-free call)`` of `nsa_impl.nsa_attention`; notes the route."""
-    p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=k.shape[2], device="cuda", dtype=q.dtype,
-                      backward=grad)
+    p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=k.shape[2], v_head_dim=v.shape[-1],
+                      device="cuda", dtype=q.dtype, backward=grad)
     lines.append("route: " + " ".join(f"{b}={p.route[b].path}" for b in ("cmp", "sel", "win"))
                  + f" gate={p.route.gate}")
 
