@@ -41,6 +41,8 @@
 #                                       # h = 4 (32k, 64k), ours side by side
 #   bash bench/gpu_session.sh probe     # call 2: profiles at 192/128 (64k) and h = 4 (32k, ours
 #                                       # and flash_nsa), selection tile sizes at h = 4
+#   bash bench/gpu_session.sh hostgpu   # call 3: host time per planned call on the device
+#                                       # (bench/host_gpu.py), the 192/128 profile at 64k
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -408,6 +410,14 @@ probe)
   timeout 90 python3 bench/sel_sweep.py --T 32768 --heads 16/4 --budget-s 75 \
       --variants '[{}, {"P": 1}, {"P": 2}, {"P": 8}, {"P": 8, "warps_fwd": 8}]' \
       --out "$OUT/prefill" 2>&1 | grep -E "^T=|fwd .*bwd|ERROR|best" | tee -a "$SUM"
+  ;;
+hostgpu)
+  note "host time of planned calls on this machine (bench/host_gpu.py)"
+  timeout 200 python3 bench/host_gpu.py --T 8192,16384,65536 --out "$OUT/prefill" \
+      2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
+  note "profile --T 65536 --dims 192/128"
+  timeout 120 python3 bench/profile_forward.py --T 65536 --dims 192/128 --top 16 \
+      --out "$OUT/prefill" 2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
