@@ -131,6 +131,53 @@ def _profile_rows(fn, reps: int, top: int) -> list[str]:
     return out
 
 
+def _planned_call(nsa_impl, cfg, T: int, grad: bool):
+    """A planned `nsa_attention` call on fresh paper-shaped inputs (with its backward)."""
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(1, T, G, D, device="cuda", generator=gen).to(torch.bfloat16)
+            for _ in range(2))
+    gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
+    do = torch.randn_like(q)
+    p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=G, device="cuda", dtype=q.dtype,
+                      backward=grad)
+
+    def call():
+        if grad:
+            o = nsa_impl.nsa_attention(*leaves, cfg, plan=p, validate=False)
+            torch.autograd.grad(o, leaves, do)
+        else:
+            with torch.no_grad():
+                nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
+
+    return call
+
+
+def _measure(nsa_impl, cfg, T: int, grad: bool, args) -> list[str]:
+    """One ``ROW`` (printed) and the report lines of one (T, pass)."""
+    call = _planned_call(nsa_impl, cfg, T, grad)
+    label = "fwd+bwd" if grad else "fwd"
+    eager = _event_ms(call, args.reps)
+    try:
+        graph = _graph_ms(call, args.reps)
+    except Exception as exc:  # noqa: BLE001 - reported; the other numbers still count
+        print(f"T={T} {label}: graph capture failed: {type(exc).__name__}: {exc}"[:300])
+        graph = float("nan")
+    host = _host_ms(call, args.reps)
+    with _Counts() as counts:
+        call()
+    launches = _launch_count(call)
+    row = dict(T=T, pass_=label, eager_ms=eager, graph_ms=graph,
+               host_ms=statistics.median(host), host_min_ms=min(host),
+               torch_ops=counts.n, cuda_launches=launches)
+    print("ROW " + json.dumps(row), flush=True)
+    lines = [f"T={T} {label}: eager {eager:.2f} ms, graph {graph:.2f} ms, host "
+             f"{row['host_ms']:.2f} ms (min {row['host_min_ms']:.2f}), "
+             f"{counts.n} torch ops, {launches} CUDA launches"]
+    return lines + _profile_rows(call, max(5, args.reps // 2), args.top)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", default="8192,16384")
@@ -151,46 +198,9 @@ def main(argv=None) -> int:
     cfg = nsa_impl.NSAConfig()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}"]
     for T in (int(t) for t in args.T.split(",")):
-        gen = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k, v = (torch.randn(1, T, G, D, device="cuda", generator=gen).to(torch.bfloat16)
-                for _ in range(2))
-        gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(torch.bfloat16)
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
-        do = torch.randn_like(q)
         for grad in modes:
-            p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=G, device="cuda", dtype=q.dtype,
-                              backward=grad)
-
-            def call(grad=grad, p=p):
-                if grad:
-                    o = nsa_impl.nsa_attention(*leaves, cfg, plan=p, validate=False)
-                    torch.autograd.grad(o, leaves, do)
-                else:
-                    with torch.no_grad():
-                        nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
-
-            eager = _event_ms(call, args.reps)
-            try:
-                graph = _graph_ms(call, args.reps)
-            except Exception as exc:  # noqa: BLE001 - reported; the other numbers still count
-                print(f"T={T} {grad=}: graph capture failed: {type(exc).__name__}: {exc}"[:300])
-                graph = float("nan")
-            host = _host_ms(call, args.reps)
-            with _Counts() as counts:
-                call()
-            launches = _launch_count(call)
-            label = "fwd+bwd" if grad else "fwd"
-            row = dict(T=T, pass_=label, eager_ms=eager, graph_ms=graph,
-                       host_ms=statistics.median(host), host_min_ms=min(host),
-                       torch_ops=counts.n, cuda_launches=launches)
-            print("ROW " + json.dumps(row), flush=True)
-            lines.append(f"T={T} {label}: eager {eager:.2f} ms, graph {graph:.2f} ms, host "
-                         f"{row['host_ms']:.2f} ms (min {row['host_min_ms']:.2f}), "
-                         f"{counts.n} torch ops, {launches} CUDA launches")
-            lines += _profile_rows(call, max(5, args.reps // 2), args.top)
-        del q, k, v, gates, leaves, do
-        torch.cuda.empty_cache()
+            lines += _measure(nsa_impl, cfg, T, grad, args)
+            torch.cuda.empty_cache()
     text = "\n".join(lines)
     print(text)
     if args.out:
