@@ -151,7 +151,7 @@ def data_path(q, kv: dict, gates, cfg, plan: Plan, scale: float, *, phi_k=None, 
 
     # Selection branch (Eq. 12) over the selected blocks.
     o_sel = dispatch.selection(qw, *kvw["sel"], scores.block_indices, plan, scale,
-                               reference=reference)  # fmt: skip
+                               reference=reference, canonical=scores.canonical)  # fmt: skip
     observe.mark("sel", q)
 
     # Sliding window (spec I.7).

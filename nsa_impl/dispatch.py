@@ -54,7 +54,8 @@ A branch implementation named in ``impls`` has the branch's signature (``plan`` 
 `nsa_impl.plan.Plan`, read for its layouts):
 
 * cmp: ``(q, k_cmp, v_cmp, plan, scale, *, want_aux) -> nsa_impl.scoring.Scores``
-* sel: ``(q, k, v, block_indices, plan, scale) -> o_sel``
+* sel: ``(q, k, v, block_indices, plan, scale, *, canonical) -> o_sel`` (``canonical``: the
+  indices are in the fused top-n kernel's form, `nsa_impl.scoring.Scores.canonical`)
 * win: ``(q, k, v, plan, scale) -> o_win``
 
 The "reference" path has no implementation functions: its branch outputs come from one
@@ -703,15 +704,17 @@ def compressed(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool, validate:
     fallback = _fallback("cmp", decision, out.o_cmp, args, validate)
     if fallback is not None:
         out = fallback.impl("cmp")(q, k_cmp, v_cmp, plan, scale, want_aux=want_aux)
-    return Scores(out.o_cmp.to(work), out.block_indices, out.p_slc, out.p_cmp)
+    return Scores(out.o_cmp.to(work), out.block_indices, out.p_slc, out.p_cmp, out.canonical)
 
 
-def selection(q, k, v, block_indices, plan, scale: float, *,
-              reference: ReferenceDelegate | None) -> torch.Tensor:  # fmt: skip
+def selection(q, k, v, block_indices, plan, scale: float, *, reference: ReferenceDelegate | None,
+              canonical: bool = False) -> torch.Tensor:  # fmt: skip
     """The selection branch (Eq. 12) on the planned "sel" path (inputs and output in the plan's
     work dtype).
 
     ``reference=None`` (the selection entry point, given indices): "reference" runs "masked".
+    ``canonical``: the indices come from a producer that guarantees their form
+    (`nsa_impl.scoring.Scores.canonical`); paths that clean indices anyway ignore it.
     """
     decision = plan.route["sel"]
     if decision.path == "reference":
@@ -719,7 +722,7 @@ def selection(q, k, v, block_indices, plan, scale: float, *,
             return reference.aux.o_sel.to(plan.work_dtype)
         decision = _decision("sel", "masked", "given block indices: the exact masked selection")
     args = _inputs_for(decision.decl, plan, (q, k, v))
-    return decision.impl(*args, block_indices, plan, scale).to(plan.work_dtype)
+    return decision.impl(*args, block_indices, plan, scale, canonical=canonical).to(plan.work_dtype)
 
 
 def window(q, k, v, plan, scale: float, *, validate: bool,

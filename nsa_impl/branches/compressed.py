@@ -82,12 +82,17 @@ class Scores:
         block_indices: ``[B, T, G, n]`` int64, ascending, ``-1`` padded (local block indices).
         p_slc: ``[B, T, G, ceil(T/l')]`` group scores (in ``q``'s dtype) or None.
         p_cmp: ``[B, T, H, num_cmp(T-1)]`` compressed probabilities (local index) or None.
+        canonical: the producer guarantees `block_indices` in the fused top-n kernel's form
+            (each row's blocks distinct and visible to the row, valid entries first, ``-1``
+            after them), so the Triton selection may skip cleaning them
+            (`nsa_impl.kernels.triton_sel.selection_attention`'s ``canonical``).
     """
 
     o_cmp: torch.Tensor
     block_indices: torch.Tensor
     p_slc: torch.Tensor | None
     p_cmp: torch.Tensor | None
+    canonical: bool = False
 
 
 def flash(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool = False) -> Scores:
@@ -130,4 +135,6 @@ def triton(q, k_cmp, v_cmp, plan, scale: float, *, want_aux: bool = False) -> Sc
             r = plan.cmp.ranges  # host tensors: copied for the aux outputs only
             lo, count = r.lo.to(q.device), (r.hi - r.lo).to(q.device)
             p_cmp = flash_cmp.aux_p_cmp(q, k_cmp, lse_bht, lo, count, cfg, scale)
-    return Scores(o.reshape(B, T, H, Dv), idx.reshape(B, T, G, cfg.sel_top_n), p_slc, p_cmp)
+    # The kernel's indices are canonical (`triton_topn` module docstring).
+    return Scores(o.reshape(B, T, H, Dv), idx.reshape(B, T, G, cfg.sel_top_n), p_slc, p_cmp,
+                  canonical=True)

@@ -697,19 +697,20 @@ def _run(q, k, v, block_indices, sel_block, scale, positions, seq_start, bounds,
 # --------------------------------------------------------------------------------------------
 
 
-def masked(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
-    """The "masked" path from a plan (sync-free); a row-subset plan's rows too."""
+def masked(q, k, v, block_indices, plan, scale: float, *, canonical: bool = False) -> torch.Tensor:
+    """The "masked" path from a plan (sync-free); a row-subset plan's rows too. The torch paths
+    accept any indices, so they ignore ``canonical`` (`nsa_impl.dispatch.selection`)."""
     return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
                 plan.row_seq_start, plan.bounds_tensor, "masked")  # fmt: skip
 
 
-def packed(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+def packed(q, k, v, block_indices, plan, scale: float, *, canonical: bool = False) -> torch.Tensor:
     """The "packed" path from a plan; a row-subset plan's rows too."""
     return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
                 plan.row_seq_start, plan.bounds_tensor, "packed")  # fmt: skip
 
 
-def varlen(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
+def varlen(q, k, v, block_indices, plan, scale: float, *, canonical: bool = False) -> torch.Tensor:
     """The "varlen" path from a plan (FlashAttention-2 varlen where the plan found it); a
     row-subset plan's rows too."""
     return _run(q, k, v, block_indices, plan.cfg.sel_block, scale, plan.row_positions,
@@ -717,10 +718,12 @@ def varlen(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
                 varlen_min_len=plan.sel_varlen_min_len, flash=plan.sel_varlen_flash)  # fmt: skip
 
 
-def triton(q, k, v, block_indices, plan, scale: float) -> torch.Tensor:
-    """The "triton" path from a plan (its token layout; sync-free)."""
+def triton(q, k, v, block_indices, plan, scale: float, *, canonical: bool = False) -> torch.Tensor:
+    """The "triton" path from a plan (its token layout; sync-free); ``canonical`` indices (the
+    fused top-n kernel's) skip the cleaning."""
     return triton_sel.selection_attention(
-        q, k, v, block_indices, plan.cfg.sel_block, scale, layout=plan.sel_tokens
+        q, k, v, block_indices, plan.cfg.sel_block, scale, layout=plan.sel_tokens,
+        canonical=canonical,
     )
 
 

@@ -124,9 +124,14 @@ def _direct_call_ok(args: tuple, kwargs: dict) -> bool:
             or torch.autograd.profiler._is_profiler_enabled):  # fmt: skip
         return False
     for value in (*args, *kwargs.values()):
-        items = value if isinstance(value, (list, tuple)) else (value,)
-        if any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor for t in items):
-            return False
+        if isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor:
+                return False
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            # a schema list is homogeneous: only Tensor[] lists need a look (int[] launch
+            # shapes, the most common lists here, are skipped whole)
+            if any(type(t) is not torch.Tensor for t in value):
+                return False
     return True
 
 

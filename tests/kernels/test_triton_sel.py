@@ -137,6 +137,76 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def _canonical(idx, sel_block, cu=None):
+    """``idx`` in the fused top-n kernel's form: each row's distinct blocks at or before its
+    own, ascending, valid first and ``-1`` after them (what ``canonical=True`` promises)."""
+    B, T = idx.shape[:2]
+    bounds = [0, T] if cu is None else cu
+    local = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:], strict=False)])
+    big = 1 << 30
+    s = torch.where((idx >= 0) & (idx * sel_block <= local[None, :, None, None]), idx, big)
+    s = s.sort(-1).values
+    dup = torch.zeros_like(s, dtype=torch.bool)
+    dup[..., 1:] = s[..., 1:] == s[..., :-1]
+    s = torch.where(dup, big, s).sort(-1).values
+    return torch.where(s == big, -1, s)
+
+
+# B, T, G, h, Dk, Dv, n, l', cu_seqlens: P = 1 (h = 16) and P > 1 (h = 2, 4), packed sequences
+CANONICAL_CASES = {
+    "h16-P1": (1, 40, 1, 16, 16, 16, 3, 16, None),
+    "h16-P1-varlen": (1, 40, 1, 16, 16, 8, 3, 16, [0, 13, 40]),
+    "h4-P4-varlen": (1, 64, 2, 4, 16, 16, 3, 16, [0, 23, 64]),
+    "h2-batch2": (2, 40, 2, 2, 16, 16, 2, 16, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CANONICAL_CASES))
+def test_canonical_indices_skip_the_cleaning_bit_identically(case, monkeypatch):
+    """``canonical=True`` (the library's route from the fused top-n) gives outputs and gradients
+    bit-identical to the cleaned path on the same canonical indices, without running the
+    cleaning."""
+    B, T, G, h, Dk, Dv, n, sel, cu = CANONICAL_CASES[case]
+    (q, k, v), gen = _inputs(B, T, G, h, Dk, Dv, seed=len(case) + 40)
+    idx = _canonical(_messy_indices(B, T, G, n, sel, gen), sel, cu)
+    assert (idx[..., 0] >= 0).any() and (idx < 0).any()  # some selections, some padding
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    do = torch.randn(B, T, G * h, Dv, generator=gen)
+
+    def run(indices, canonical):
+        o = triton_sel.selection_attention(q, k, v, indices, sel, 0.3, cu_t, canonical=canonical)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+    cleaned = run(idx, False)
+    with monkeypatch.context() as m:
+        m.setattr(triton_sel, "_clean_indices", None)  # calling it would raise TypeError
+        fast = run(idx, True)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), fast, cleaned, strict=True):
+        assert torch.equal(a, b), f"{name}: canonical path differs from the cleaned one"
+
+
+def test_library_route_hands_canonical_indices_to_the_selection(monkeypatch):
+    """The triton route's selection indices come from the fused top-n (`Scores.canonical`), so
+    a full call never cleans them; the result equals the cleaned call's bit for bit."""
+    import nsa_impl
+    from nsa_impl import dispatch
+
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, sel_top_n=3, window=16)
+    (q, k, v), gen = _inputs(1, 48, 1, 16, 16, 16, seed=9)
+    gates = torch.rand(1, 48, 16, 3, generator=gen)
+    calls = []
+    clean = triton_sel._clean_indices
+    monkeypatch.setattr(triton_sel, "_clean_indices",
+                        lambda *a: calls.append(1) or clean(*a))  # fmt: skip
+    with dispatch.force_path(cmp="triton", sel="triton", win="triton"), torch.no_grad():
+        _, aux = nsa_impl.nsa_attention(q, k, v, gates, cfg, return_aux=True)
+        assert not calls, "the library cleaned indices its own top-n produced"
+        o_sel = triton_sel.selection_attention(q, k, v, aux.block_indices, 16, 0.25)
+    assert calls, "the public entry point must clean the indices it is given"
+    fast = triton_sel.selection_attention(q, k, v, aux.block_indices, 16, 0.25, canonical=True)
+    assert torch.equal(fast, o_sel)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("which", ["q", "k", "v", "do"])
 def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, dtype, device="cpu"):
