@@ -42,7 +42,8 @@
 #   bash bench/gpu_session.sh probe     # call 2: profiles at 192/128 (64k) and h = 4 (32k, ours
 #                                       # and flash_nsa), selection tile sizes at h = 4
 #   bash bench/gpu_session.sh hostgpu   # call 3: host time per planned call on the device
-#                                       # (bench/host_gpu.py), the 192/128 profile at 64k
+#                                       # (bench/host_gpu.py), the 192/128 profile at 64k,
+#                                       # ours side by side
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -418,6 +419,7 @@ hostgpu)
   note "profile --T 65536 --dims 192/128"
   timeout 120 python3 bench/profile_forward.py --T 65536 --dims 192/128 --top 16 \
       --out "$OUT/prefill" 2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
+  side_by_side ours 150
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
