@@ -324,43 +324,33 @@ def _inverse_index(idx: torch.Tensor, seq: torch.Tensor, boff: torch.Tensor, NB:
 
     Segment ``g * NB + gb`` lists, in ascending position order, the tokens whose selection for
     group ``g`` holds global block ``gb`` (`_block_geometry`). Each segment is cut into items
-    of at most ``chunk`` entries. Everything is sized by upper bounds and counted by a
-    scatter-add into a fixed-size buffer, so no host sync is needed.
+    of at most ``chunk`` entries. Everything is sized by upper bounds and found by binary
+    searches in sorted arrays (segment starts in the sorted keys, each item's segment in the
+    item offsets), so no host sync is needed and only the sort and three ops touch every entry.
+
+    Returns ``(ent_pos, item_seg, item_start, item_end, item_off)``: each entry's token, each
+    item's segment (``-1`` for unused items), first and end entry, and the items' offsets per
+    segment.
     """
     N, G, n = idx.shape
     dev = idx.device
     NBG = NB * G
-    # Entries: every (token, group, slot) with a valid block.
-    ix = idx.to(torch.int64)
-    gidx = torch.arange(G, device=dev)[None, :, None]
-    key = torch.where(ix >= 0, gidx * NB + boff[seq][:, None, None] + ix, NBG).reshape(-1)
-    key, order = torch.sort(key, stable=True)
+    # Entries: every (token, group, slot) with a valid block; key NBG sorts after all segments.
+    base = (torch.arange(G, device=dev) * NB)[None, :, None] + boff[seq][:, None, None]
+    key, order = torch.sort(torch.where(idx >= 0, base + idx, NBG).reshape(-1), stable=True)
     ent_pos = torch.div(order, G * n, rounding_mode="floor")  # token of each entry
-    # bincount would read max(key) on the host: a scatter-add into NBG + 1 slots does not.
-    counts = torch.zeros(NBG + 1, dtype=torch.int64, device=dev)
-    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:NBG]
-    seg_off = _offsets(counts)
-    nitems = (counts + chunk - 1) // chunk
-    item_off = _offsets(nitems)
-    W = -(-(N * G * n) // chunk) + NBG
-    e = torch.arange(key.numel(), device=dev)
-    keyc = torch.clamp(key, max=NBG - 1)
-    within = e - seg_off[keyc]
-    starts = (key < NBG) & (within % chunk == 0)
-    item = torch.where(starts, item_off[keyc] + within // chunk, W)  # others -> dummy slot W
-    item_seg = torch.full((W + 1,), -1, dtype=torch.int64, device=dev)
-    item_start = torch.zeros(W + 1, dtype=torch.int64, device=dev)
-    item_end = torch.zeros(W + 1, dtype=torch.int64, device=dev)
-    item_seg.scatter_(0, item, keyc)
-    item_start.scatter_(0, item, e)
-    item_end.scatter_(0, item, torch.minimum(e + chunk, seg_off[keyc + 1]))
-    # The dummy slot W reset with fill_ (a `t[W] = -1` copies a CPU scalar: a host sync).
-    item_seg[W:].fill_(-1)
-    item_start[W:].zero_()
-    item_end[W:].zero_()
+    seg_off = torch.searchsorted(key, torch.arange(NBG + 1, device=dev))  # first entry >= seg
+    item_off = _offsets((seg_off[1:] - seg_off[:-1] + (chunk - 1)) // chunk)
+    W = -(-(N * G * n) // chunk) + NBG  # items: an upper bound
+    w = torch.arange(W, device=dev)
+    seg = torch.searchsorted(item_off, w, right=True) - 1  # NBG for the unused items
+    used = seg < NBG
+    segc = torch.clamp(seg, max=NBG - 1)
+    start = seg_off[segc] + (w - item_off[segc]) * chunk
+    end = torch.minimum(start + chunk, seg_off[segc + 1])
     return (
-        ent_pos.contiguous(), item_seg[:W].contiguous(), item_start[:W].contiguous(),
-        item_end[:W].contiguous(), item_off.contiguous(),
+        ent_pos, torch.where(used, segc, -1), torch.where(used, start, 0),
+        torch.where(used, end, 0), item_off,
     )  # fmt: skip
 
 

@@ -207,6 +207,37 @@ def test_library_route_hands_canonical_indices_to_the_selection(monkeypatch):
     assert torch.equal(fast, o_sel)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_inverse_index_matches_a_loop(chunk):
+    """The dK/dV kernel's CSR (`_inverse_index`) against a plain loop: every segment (group,
+    global block) lists its tokens in ascending order, cut into items of at most ``chunk``
+    entries in segment order; unused item slots are empty with segment -1."""
+    cu = [0, 23, 23 + 41, 100]
+    N, G, n, sel = 100, 2, 3, 8
+    layout = triton_sel.TokenLayout.build(1, N, torch.tensor(cu, dtype=torch.int32), "cpu")
+    boff, blk_seq0, blk_local, blk_len = layout.blocks(sel)
+    NB = blk_seq0.numel()
+    gen = torch.Generator().manual_seed(chunk)
+    idx = triton_sel._clean_indices(_messy_indices(1, N, G, n, sel, gen)[0], layout.local, sel)
+    ent_pos, item_seg, item_start, item_end, item_off = triton_sel._inverse_index(
+        idx, layout.seq, boff, NB, chunk)
+    segments = {}
+    for t in range(N):
+        for g in range(G):
+            for b in idx[t, g].tolist():
+                if b >= 0:
+                    segments.setdefault(g * NB + int(boff[layout.seq[t]]) + b, []).append(t)
+    want_items = []
+    for seg in range(NB * G):
+        tokens = segments.get(seg, [])
+        want_items += [(seg, tokens[i:i + chunk]) for i in range(0, len(tokens), chunk)]
+    got_items = [(int(sg), ent_pos[a:e].tolist())
+                 for sg, a, e in zip(item_seg, item_start, item_end, strict=True) if sg >= 0]
+    assert got_items == want_items
+    assert item_off.tolist()[-1] == len(want_items)
+    assert (item_start[item_seg < 0] == 0).all() and (item_end[item_seg < 0] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("which", ["q", "k", "v", "do"])
 def test_nan_in_one_sequence_leaves_the_other_bit_identical(which, dtype, device="cpu"):
