@@ -43,7 +43,7 @@
 #                                       # and flash_nsa), selection tile sizes at h = 4
 #   bash bench/gpu_session.sh hostgpu   # call 3: host time per planned call on the device
 #                                       # (bench/host_gpu.py), the 192/128 profile at 64k,
-#                                       # ours side by side
+#                                       # ours side by side, the selection's GPU tests
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -420,6 +420,9 @@ hostgpu)
   timeout 120 python3 bench/profile_forward.py --T 65536 --dims 192/128 --top 16 \
       --out "$OUT/prefill" 2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
   side_by_side ours 150
+  note "the selection kernels' GPU tests"
+  gpu_tests "$(left 560)" tests/kernels/test_triton_sel.py tests/branches/test_selection.py
+  wait_all; report_tests
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
