@@ -17,8 +17,9 @@ Two arithmetic regimes, picked by the constexpr ``IEEE``:
 
 NaN containment (the rule of `nsa_impl.kernels.triton_sel`): masked keys contribute exactly
 nothing. Scores and probabilities are selected with ``tl.where`` (never multiplied by a zero
-probability); the operands a ``tl.dot`` contracts over masked entries arrive cleaned by the
-launchers (`nsa_impl.kernels.ops.nan_to_zero`), so no kernel loop cleans a tile.
+probability); the operands a ``tl.dot`` contracts over masked entries are finite: cleaned by
+the launchers (`nsa_impl.kernels.ops.nan_to_zero`) or, for the dK/dV kernels' ``q`` and
+``dO``, loaded only for rows whose lse / delta is finite. No kernel loop cleans a tile.
 """
 
 from __future__ import annotations
