@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     v = torch.randn(1, T, G, DV, device="cuda", generator=gen).to(dt)
     gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(dt)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
-    do = torch.randn_like(q)
+    do = torch.randn(1, T, H, DV, device="cuda", generator=gen).to(dt)
     lines = [f"T={T} H={H} G={G} Dk/Dv={DK}/{DV} bf16, {torch.cuda.get_device_name()}, "
              f"{args.who}"]
     if args.who == "flash_nsa" and DK != DV:

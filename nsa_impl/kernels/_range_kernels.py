@@ -21,14 +21,10 @@ docstring of `nsa_impl.kernels.triton_attn`; the notation used here:
   whole (no mask), and the masked tail.
 * NaN containment (`nsa_impl.kernels.triton_sel`'s rule): in a masked chunk a key may be outside
   some rows' ranges, so probabilities and ``dS`` are selected with ``tl.where``; the operands
-  the products contract over masked entries are finite: ``v`` (forward) and ``k`` (backward)
-  arrive cleaned, and the dK/dV kernel reads a row's ``q`` only where its lse is finite and its
-  ``dO`` only where its delta is (zeros otherwise). That changes no result: a non-finite ``q``
-  row has a non-finite lse (its scores are NaN or infinite), a non-finite ``dO`` row a
-  non-finite delta, and such a row's probabilities are NaN (below) wherever it sees a key and
-  selected to 0 elsewhere, whatever it read. The forward sets to NaN the rows that read a
-  non-finite ``v``: it reads, at its store, two entries of the launcher's int32 prefix counts
-  of such keys (``BADC [G, NK+1]``, `nsa_impl.kernels.triton_attn.marked_counts`) per row, and
+  the products contract over masked entries arrive cleaned (``v`` forward, ``k``, ``q`` and the
+  dK/dV kernel's ``dO`` backward), the forward sets to NaN the rows that read a non-finite
+  ``v``: it reads, at its store, two entries of the launcher's int32 prefix counts of such keys
+  (``BADC [G, NK+1]``, `nsa_impl.kernels.triton_attn.marked_counts`) per row, and
   the dK/dV probabilities carry ``delta - delta`` (NaN for a row whose ``dO`` or ``O`` is not
   finite). The loops carry no containment code. Rows that see no key give exact zeros; a row
   whose sum is NaN (it read a NaN) stays NaN.
@@ -297,9 +293,8 @@ def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0
              IEEE: tl.constexpr, PRECISE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK/dV contribution of the ``BR`` (position, head) rows starting at position ``pos0``.
 
-    ``k`` arrives cleaned; ``q`` and ``dO`` rows are read only where the row's lse / delta is
-    finite; ``delta - delta`` in the exponent makes the probabilities of a row whose ``dO`` or
-    ``O`` is not finite NaN (module docstring).
+    ``k``, ``q`` and ``dO`` arrive cleaned; ``delta - delta`` in the exponent makes the
+    probabilities of a row whose ``dO`` or ``O`` is not finite NaN (module docstring).
     ``ATOMIC_DQ``: also adds these rows' dQ contribution ``scale * dS^T K`` to the float32
     ``DQ_ACC`` with atomics (one kernel for the whole backward: 5 matrix products instead of
     7, at the price of a run-to-run varying float32 summation order in dQ).
@@ -313,15 +308,11 @@ def _kv_step(k, v, kj, kin, acc_k, acc_v, Q, DO, LSE, DELTA, DQ_ACC, qs, g, pos0
     else:
         ok_r = hh < H_PER_G  # the caller's bounds keep these steps inside [ia, min(ie, L))
     row = qs + pq
+    q = _load_tile(Q, row * sqn + head * sqh, ok_r, DK, BDK, True)
+    do = _load_tile(DO, row * sdon + head * sdoh, ok_r, DV, BDV, True)
     lse = tl.load(LSE + row * sln + head, mask=ok_r, other=0.0)
-    delta = tl.load(DELTA + row * sln + head, mask=ok_r, other=0.0)
-    # A row reads its q only where its lse is finite and its dO only where its delta is (the
-    # products contract over rows: a masked row's NaN would poison them; module docstring).
-    q = _load_tile(Q, row * sqn + head * sqh, ok_r & (tl.abs(lse) < float("inf")), DK, BDK,
-                   True)
-    do = _load_tile(DO, row * sdon + head * sdoh, ok_r & (tl.abs(delta) < float("inf")), DV,
-                    BDV, True)
     lse = tl.where(lse == float("-inf"), 0.0, lse) * DOM
+    delta = tl.load(DELTA + row * sln + head, mask=ok_r, other=0.0)
     flag = (delta - delta)[None, :]  # 0, or NaN for a row whose dO or O is not finite
     pt = _exp_d(_logits(k, tl.trans(q), qk_scale, IEEE) - lse[None, :] + flag, IEEE, PRECISE)
     dpt = _dot(v, tl.trans(do), IEEE)

@@ -380,17 +380,18 @@ def _backward(do, q, k, v, o, lse, qstart, kstart, max_len, max_keys, mode, cmp_
     ``dq_atomic``, dQ added by the dK/dV kernel)."""
     do = do if do.stride(-1) == 1 else do.contiguous()
     geo = (mode, cmp_block, cmp_stride, window, scale, tn)
-    # NaN containment (`_range_kernels`): the products read a cleaned k (both kernels); the
-    # dK/dV kernel reads q and dO rows only where their lse and delta (raw dO and O) are finite.
+    # NaN containment (`nsa_impl.kernels.ops`): the products read cleaned k (both
+    # kernels), q and dO (dK/dV); delta comes from the raw dO and O.
     k = nan_to_zero(k)
     if not tn.dq_atomic:
         dq, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo)
-        dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo)
+        dk, dv = _dkdv(nan_to_zero(do), nan_to_zero(q), k, v, lse, delta, qstart, kstart,
+                       max_len, max_keys, *geo)  # fmt: skip
         return dq, dk, dv
     _, delta = _dq(do, q, k, v, o, lse, qstart, kstart, max_len, *geo, delta_only=True)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    dk, dv = _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, *geo,
-                   dq_acc=dq_acc)  # fmt: skip
+    dk, dv = _dkdv(nan_to_zero(do), nan_to_zero(q), k, v, lse, delta, qstart, kstart,
+                   max_len, max_keys, *geo, dq_acc=dq_acc)  # fmt: skip
     return dq_acc.to(q.dtype), dk, dv
 
 
