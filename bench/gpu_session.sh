@@ -44,6 +44,9 @@
 #   bash bench/gpu_session.sh hostgpu   # call 3: host time per planned call on the device
 #                                       # (bench/host_gpu.py), the 192/128 profile at 64k,
 #                                       # ours side by side, the selection's GPU tests
+#   bash bench/gpu_session.sh nanab     # call 4: the 64k profile after the row-range dK/dV
+#                                       # kernels took cleaned copies again, ours side by side,
+#                                       # the 192/128 profile
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -423,6 +426,13 @@ hostgpu)
   note "the selection kernels' GPU tests"
   gpu_tests "$(left 560)" tests/kernels/test_triton_sel.py tests/branches/test_selection.py
   wait_all; report_tests
+  ;;
+nanab)
+  note "after the row-range dK/dV kernels took cleaned copies again: profile at 64k, ours side by side, 192/128"
+  profile_at 60 20 65536
+  side_by_side ours 150
+  timeout 120 python3 bench/profile_forward.py --T 65536 --dims 192/128 --top 16 \
+      --out "$OUT/prefill" 2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
