@@ -47,6 +47,8 @@
 #   bash bench/gpu_session.sh nanab     # call 4: the 64k profile after the row-range dK/dV
 #                                       # kernels took cleaned copies again, ours side by side,
 #                                       # the 192/128 profile
+#   bash bench/gpu_session.sh wide      # call 5: dK/dV launch shapes at 192/128 (row-range and
+#                                       # selection), the selection at 128/128, side by side
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -433,6 +435,18 @@ nanab)
   side_by_side ours 150
   timeout 120 python3 bench/profile_forward.py --T 65536 --dims 192/128 --top 16 \
       --out "$OUT/prefill" 2>&1 | grep -vE "UserWarning|_warn_once" | tee -a "$SUM"
+  ;;
+wide)
+  note "Dk/Dv = 192/128: launch shapes of the dK/dV kernels (row-range and selection), 64k"
+  timeout 150 python3 bench/range_sweep.py --T 65536 --dims 192/128 --budget-s 130 \
+      --out "$OUT/prefill" 2>&1 | grep -E "^T=|win .*cmp|ERROR|best|skipped" | tee -a "$SUM"
+  timeout 110 python3 bench/sel_sweep.py --T 65536 --dims 192/128 --budget-s 90 --out "$OUT/prefill" \
+      --variants '[{}, {"BKEY": 16}, {"warps_bwd": 4}, {"QB": 2}, {"QB": 2, "BKEY": 16}, {"BKEY": 16, "warps_bwd": 4}, {"QB": 2, "warps_bwd": 4}]' \
+      2>&1 | grep -E "^T=|fwd .*bwd|ERROR|best" | tee -a "$SUM"
+  note "the selection kernels at 128/128 (default shape; session 4: 16.10 / 34.81 ms)"
+  timeout 60 python3 bench/sel_sweep.py --T 65536 --budget-s 40 --variants '[{}]' 2>&1 \
+      | grep -E "^T=|fwd .*bwd|ERROR" | tee -a "$SUM"
+  side_by_side ours "$(left 560)"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -1,7 +1,7 @@
 """Launch shapes of the Triton selection kernels on one GPU: forward and backward, timed alone.
 
     python bench/sel_sweep.py --T 65536,8192 --out DIR [--budget-s 240] [--coherent] [--only-new]
-        [--variants '[{}, {"tma": 0}]'] [--heads 16/4]
+        [--variants '[{}, {"tma": 0}]'] [--heads 16/4] [--dims 192/128]
 
 bf16, B=1, H=64 query heads in G=4 KV groups (h=16; ``--heads H/G`` changes them), Dk=Dv=128,
 the paper's l'=64 and n=16
@@ -58,7 +58,7 @@ def time_variant(override: dict, q, k, v, idx, do, rep_ms: float) -> tuple[float
 
     from nsa_impl.kernels import ops, triton_sel
 
-    scale = 1.0 / math.sqrt(D)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with ops.tuning(sel=override):
         def fwd():
@@ -89,7 +89,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None,
                     help='a JSON list of overrides instead, e.g. \'[{}, {"tma": 0}]\'')
     ap.add_argument("--heads", default=f"{H}/{G}", help="query heads / KV groups")
+    ap.add_argument("--dims", default=f"{D}/{D}", help="Dk/Dv")
     args = ap.parse_args(argv)
+    try:
+        dk, dv = (int(x) for x in args.dims.split("/"))
+    except ValueError:
+        ap.error(f"--dims takes Dk/Dv, got {args.dims!r}")
     try:
         heads, groups = (int(x) for x in args.heads.split("/"))
     except ValueError:
@@ -109,13 +114,13 @@ def main(argv=None) -> int:
     rows = []
     for T in lengths:
         gen = torch.Generator(device="cuda").manual_seed(T)
-        q = torch.randn(1, T, heads, D, device="cuda", generator=gen).to(torch.bfloat16)
-        k, v = (torch.randn(1, T, groups, D, device="cuda", generator=gen).to(torch.bfloat16)
-                for _ in range(2))
-        do = torch.randn_like(q)
+        q = torch.randn(1, T, heads, dk, device="cuda", generator=gen).to(torch.bfloat16)
+        k = torch.randn(1, T, groups, dk, device="cuda", generator=gen).to(torch.bfloat16)
+        v = torch.randn(1, T, groups, dv, device="cuda", generator=gen).to(torch.bfloat16)
+        do = torch.randn(1, T, heads, dv, device="cuda", generator=gen).to(torch.bfloat16)
         idx = random_block_indices(1, T, groups, TOP_N, SEL, generator=gen, device="cuda",
                                    coherent=args.coherent)
-        print(f"T={T} H={heads} G={groups} "
+        print(f"T={T} H={heads} G={groups} Dk/Dv={dk}/{dv} "
               f"({'coherent' if args.coherent else 'random'} selections), "
               f"{torch.cuda.get_device_name()}", flush=True)
         for override in variants:

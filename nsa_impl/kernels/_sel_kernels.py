@@ -14,14 +14,10 @@ Common notation inside the kernels:
   with ``l == 0`` and writes an exact zero output and ``lse = -inf``.
 * NaN containment: a tile's keys are shared by rows that may not all read them, so scores and
   probabilities are selected with ``tl.where`` (never multiplied by zero), and the operands
-  that products contract over masked entries are finite: ``v`` (forward) and ``k`` (backward)
-  arrive cleaned (non-finite entries zeroed before the launch), and the dK/dV kernel loads a
-  row's ``q`` only where its lse is finite and its ``dO`` only where its delta is (a
-  predicated load, zeros otherwise; a non-finite ``q`` or ``dO`` row always has a non-finite
-  lse or delta, and its probabilities are then NaN where it reads and 0 elsewhere, so no
-  result changes): the hot loops carry no containment code. A row that reads a non-finite
-  ``v`` gets NaN scores there (the forward's keys are poisoned where ``v`` is not finite), so
-  its output and log-sum-exp are NaN; in the
+  that products contract over masked entries arrive cleaned (non-finite entries zeroed, by
+  `nsa_impl.kernels.triton_sel.contained` before the launch): the hot loops carry no
+  containment code. A row that reads a non-finite ``v`` gets NaN scores there (the forward's
+  keys are poisoned where ``v`` is not finite), so its output and log-sum-exp are NaN; in the
   dK/dV kernel a row whose ``delta`` (rowsum ``dO * O``) is not finite makes its probabilities
   NaN, so the dK/dV of the keys it reads are NaN.
 """
@@ -297,14 +293,11 @@ def _sel_dkdv_kernel(
         ok_row = (pr < QB) & (ent < e1)
         pos = tl.load(ENT_POS + ent, mask=ok_row, other=0)  # int64 global positions
         ploc = pos - s0
+        q = _load_rows(Q, pos, head, ok_row, stride_qn, stride_qh, DK, BDK)
+        do = _load_rows(DO, pos, head, ok_row, stride_don, stride_doh, DV, BDV)
         lse = tl.load(LSE + pos * stride_lsen + head, mask=ok_row, other=0.0)
-        delta = tl.load(DELTA + pos * stride_lsen + head, mask=ok_row, other=0.0)
-        # q only where the row's lse is finite, dO only where its delta is (module docstring)
-        q = _load_rows(Q, pos, head, ok_row & (tl.abs(lse) < float("inf")), stride_qn,
-                       stride_qh, DK, BDK)
-        do = _load_rows(DO, pos, head, ok_row & (tl.abs(delta) < float("inf")), stride_don,
-                        stride_doh, DV, BDV)
         lse = tl.where(lse == float("-inf"), 0.0, lse)
+        delta = tl.load(DELTA + pos * stride_lsen + head, mask=ok_row, other=0.0)
         st = _scores(k, tl.trans(q), scale, IEEE)  # [BKEY, BR]
         ok = kin[:, None] & ok_row[None, :] & (kl[:, None] <= ploc[None, :])
         # + (delta - delta): 0 for a finite delta, NaN for a row whose dO or O is not finite,

@@ -17,12 +17,8 @@ Two arithmetic regimes, picked by the constexpr ``IEEE``:
 
 NaN containment (the rule of `nsa_impl.kernels.triton_sel`): masked keys contribute exactly
 nothing. Scores and probabilities are selected with ``tl.where`` (never multiplied by a zero
-probability); the operands a ``tl.dot`` contracts over masked entries are finite: cleaned by
-the launchers (`nsa_impl.kernels.ops.nan_to_zero`) or, for the selection dK/dV kernel's ``q``
-and ``dO``, loaded only for rows whose lse / delta is finite (its loop is not software-
-pipelined, so the load's dependence on lse / delta costs nothing there; the row-range dK/dV
-kernels, pipelined, keep cleaned copies: the dependent loads cost more than the copies on an
-H200). No kernel loop cleans a tile.
+probability); the operands a ``tl.dot`` contracts over masked entries arrive cleaned by the
+launchers (`nsa_impl.kernels.ops.nan_to_zero`), so no kernel loop cleans a tile.
 """
 
 from __future__ import annotations

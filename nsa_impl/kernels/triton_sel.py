@@ -58,13 +58,9 @@ layout (`TokenLayout`) is built once per plan; a forward+backward reads no devic
 
 *NaN containment.* Masked keys contribute exactly nothing: scores and probabilities are
 selected with ``tl.where``, and the operands that products contract over masked entries are
-finite: ``v`` (forward) and ``k`` (backward) are cleaned once per call, before the launches
-(`nsa_impl.kernels.ops.nan_to_zero`), and the dK/dV kernel loads a row's ``q`` only where the
-row's lse is finite and its ``dO`` only where its ``delta`` is (a predicated load: a
-non-finite ``q`` or ``dO`` row always has a non-finite lse or delta, whose probabilities are
-NaN where the row reads and 0 elsewhere, so nothing changes, and the three passes over the
-large ``q`` and ``dO`` of earlier versions are gone). So the kernels' loops carry no
-containment code (cleaning every tile inside them cost 2.5x on an H200). The forward
+cleaned once per call, before the launches (`nsa_impl.kernels.ops.nan_to_zero`: ``v`` in
+the forward, ``q``, ``k`` and the dK/dV kernel's ``dO`` in the backward), so the kernels' loops
+carry no containment code (cleaning every tile inside them cost 2.5x on an H200). The forward
 reads keys poisoned (`nsa_impl.kernels.ops.poison`) where ``v`` is not finite: a
 row that reads a non-finite ``v`` gets a NaN score, so a NaN output and log-sum-exp; in the
 backward a row whose ``dO`` or ``O`` is not finite has a NaN ``delta``, which makes its dK/dV
@@ -290,7 +286,7 @@ def _tiles(idx: torch.Tensor, L: TokenLayout, P: int):
 
 def _canonical_tiles(idx: torch.Tensor, L: TokenLayout, P: int):
     """`_tiles` of canonical indices (`selection_attention`'s ``canonical``): with ``P == 1`` a
-    row's valid blocks already are its union, so ``union`` is ``idx`` itself (int64; tile id ==
+    row's valid blocks already are its union, so ``union`` is ``idx`` itself (tile id ==
     token id, the ``S`` trailing dummy tiles have count 0 and are never read) and only the
     counts are computed: 3 ops instead of the cleaning's sort and ~30 ops."""
     if P != 1:
@@ -299,7 +295,7 @@ def _canonical_tiles(idx: torch.Tensor, L: TokenLayout, P: int):
     tstart, trows, tseq = L.tiles(P)
     count = torch.zeros(tstart.numel(), G, dtype=torch.int32, device=idx.device)
     count[:N] = (idx >= 0).sum(-1, dtype=torch.int32)
-    return tstart, trows, tseq, idx, count
+    return tstart, trows, tseq, idx, count  # idx: int32 already (selection_attention)
 
 
 def _block_geometry(L: TokenLayout, sel: int):
@@ -562,9 +558,9 @@ def sel_backward(
     PRECISE = IEEE and not interpret
     delta = torch.empty(N, H, device=q.device, dtype=torch.float32)  # written by the dQ kernel
     dq = new_output(*q.shape, like=q)
-    # NaN containment (`_sel_kernels`): the products read a cleaned k; the dK/dV kernel reads q
-    # and dO rows only where their lse and delta (from the raw dO) are finite.
-    k = nan_to_zero(k)
+    # NaN containment (`_sel_kernels`): the products read cleaned q and k; the dQ kernel's delta
+    # comes from the raw dO, the dK/dV products read a cleaned one.
+    q, k = nan_to_zero(q), nan_to_zero(k)
     kd, vd, tma = _kv_descriptors(k, v, tn)
     handle = kern._sel_dq_kernel[(tstart.numel(), G)](
         q, k, v, kd, vd, o, do, dq, lse, delta, idx, union, count, tstart, trows, tseq,
@@ -583,6 +579,7 @@ def sel_backward(
     part_k = torch.empty(W, SELP, BDK, device=q.device, dtype=part_dtype)
     part_v = torch.empty(W, SELP, BDV, device=q.device, dtype=part_dtype)
     nkc = SELP // tn.BKEY
+    do = nan_to_zero(do)
     handle = kern._sel_dkdv_kernel[(W, nkc)](
         q, k, v, do, lse, delta, part_k, part_v,
         ent_pos, item_seg, item_start, item_end, blk_seq0, blk_local, blk_len,
@@ -703,7 +700,8 @@ def selection_attention(
         layout = TokenLayout.build(B, T, cu_seqlens, q.device)
     tn = launch_shape(h, sel, DK, DV, q.dtype == torch.float32)
     if canonical:
-        idx = block_indices.reshape(N, G, n)
+        # int32 like the cleaned indices: the kernels see the same operands either way
+        idx = block_indices.reshape(N, G, n).to(torch.int32)
         tstart, trows, tseq, union, count = _canonical_tiles(idx, layout, tn.P)
     else:
         idx = _clean_indices(block_indices.reshape(N, G, n).to(q.device), layout.local, sel)
