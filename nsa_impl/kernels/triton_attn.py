@@ -270,7 +270,7 @@ def _dkdv(do, q, k, v, lse, delta, qstart, kstart, max_len, max_keys, mode, cmp_
     kern = _kernels(interpret)
     h, ieee, dom, c = _geometry(q, k, v, mode, cmp_block, cmp_stride, window)
     S, G = qstart.numel() - 1, k.shape[1]
-    kv = _tuning.resolve(tn.dkdv, h, c["DK"], c["DV"], ieee)
+    kv = _tuning.resolve(tn.dkdv, h, c["DK"], c["DV"], ieee, dkdv=True)
     part_dtype = torch.float64 if ieee else torch.float32
     nkc = max(1, -(-max_keys // kv.BN))
     nit, chunk = _items(mode, max_len, max_keys, cmp_block, window, S, G, kv,

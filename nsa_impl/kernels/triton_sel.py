@@ -409,8 +409,9 @@ def launch_shape(h: int, sel: int, dk: int, dv: int, ieee: bool) -> LaunchShape:
     BR = max(16, _next_pow2(QB * h))
     tn = LaunchShape(
         P=P, BM=BM, BN=BN, QB=QB, BR=BR, BKEY=BKEY, CH=1024,
-        warps_fwd=4 if BM <= 32 else 8, warps_dq=4 if BM <= 32 else 8,
-        warps_bwd=8 if big else 4,
+        # dK/dV: 4 warps at every head dim (192/128 at 64k on an H200: 8 warps 95.3 ms backward,
+        # 4 warps 74.1; bench/sel_sweep.py --dims, session 5)
+        warps_fwd=4 if BM <= 32 else 8, warps_dq=4 if BM <= 32 else 8, warps_bwd=4,
         stages_fwd=1 if ieee else 2, stages_dq=1 if ieee else 2, stages_kv=1, tma=1,
     )  # fmt: skip
     if TUNING.sel:

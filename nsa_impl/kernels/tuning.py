@@ -283,23 +283,32 @@ class Tile:
     chunk: int
 
 
-def resolve(launch: Launch, h: int, dk: int, dv: int, ieee: bool) -> Tile:
+#: Warps of the row-range dK/dV kernel when the padded head dims sum above 256 (Dk = 192 pads
+#: to 256): measured at Dk/Dv = 192/128, T = 64k on an H200 (`bench/range_sweep.py`, session 5):
+#: 8 -> 4 warps took the window dK/dV 29.0 -> 22.8 ms and the compressed one 96.5 -> 69.3 ms.
+WIDE_DKDV_WARPS = 4
+
+
+def resolve(launch: Launch, h: int, dk: int, dv: int, ieee: bool, dkdv: bool = False) -> Tile:
     """Concrete tile of ``launch`` for group size ``h`` and head dims (no device work).
 
     Rows become whole positions (``P = rows // HP``, at least one, so at least ``HP >= 16`` rows
     when ``h`` is large). float32 inputs (float64 operands) cap rows and keys at 32 so that the
-    tiles fit in shared memory; head dims above 128 halve the key block of the forward-style
-    kernels (register pressure of the ``[rows, Dv]`` accumulator).
+    tiles fit in shared memory; head dims above 128 halve the key block (register pressure of
+    the ``[rows, Dv]`` accumulator) and, for the dK/dV launch (``dkdv``), cap its warps at
+    `WIDE_DKDV_WARPS`.
     """
     HP = next_pow2(h)
-    rows, bn = launch.rows, launch.block_n
+    rows, bn, warps = launch.rows, launch.block_n, launch.warps
     if ieee:
         rows, bn = min(rows, 32), min(bn, 32)
     if next_pow2(dk) + next_pow2(dv) > 256:
         bn = min(bn, 32)
+        if dkdv:
+            warps = min(warps, WIDE_DKDV_WARPS)
     P = max(1, rows // HP)
     BM = max(16, P * HP)
     P = BM // HP
     bn = max(16, bn)
     chunk = max(P, (launch.chunk // P) * P)  # items are whole steps
-    return Tile(P=P, HP=HP, BM=BM, BN=bn, warps=launch.warps, stages=launch.stages, chunk=chunk)
+    return Tile(P=P, HP=HP, BM=BM, BN=bn, warps=warps, stages=launch.stages, chunk=chunk)

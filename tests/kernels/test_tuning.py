@@ -24,6 +24,11 @@ def test_profiles_load_and_resolve():
     assert (tile.P, tile.HP, tile.BM, tile.BN) == (8, 16, 128, 64)
     tile = tuning.resolve(tuning.Launch(rows=128, block_n=64), h=3, dk=192, dv=128, ieee=True)
     assert (tile.P, tile.HP, tile.BM, tile.BN) == (8, 4, 32, 32)
+    # wide heads: the dK/dV launch runs at most WIDE_DKDV_WARPS warps, the others keep theirs
+    wide = tuning.Launch(rows=64, block_n=128, warps=8)
+    assert tuning.resolve(wide, 16, 192, 128, False, dkdv=True).warps == tuning.WIDE_DKDV_WARPS
+    assert tuning.resolve(wide, 16, 192, 128, False).warps == 8
+    assert tuning.resolve(wide, 16, 128, 128, False, dkdv=True).warps == 8
     with pytest.raises(ValueError, match="unknown kernel profile"):
         tuning.load_profile("sm70")
     with pytest.raises(ValueError, match="rows"):
