@@ -49,6 +49,8 @@
 #                                       # the 192/128 profile
 #   bash bench/gpu_session.sh wide      # call 5: dK/dV launch shapes at 192/128 (row-range and
 #                                       # selection), the selection at 128/128, side by side
+#   bash bench/gpu_session.sh final5    # call 6: the 192/128 and h = 4 rows, ours side by side,
+#                                       # the GPU tests of the changed code
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -447,6 +449,20 @@ wide)
   timeout 60 python3 bench/sel_sweep.py --T 65536 --budget-s 40 --variants '[{}]' 2>&1 \
       | grep -E "^T=|fwd .*bwd|ERROR" | tee -a "$SUM"
   side_by_side ours "$(left 560)"
+  ;;
+final5)
+  note "session 5 last call: 192/128 and h = 4 rows, ours side by side, GPU tests of the changed code"
+  timeout 85 python3 bench/gpu_bench.py --T 65536 --dims 192/128 --parts nsa --budget-s 75 \
+      --out "$OUT/prefill/dims192" > "$OUT/prefill/dims192.log" 2>&1
+  grep -E "^\|" "$OUT/prefill/dims192.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/dims192.log" | tee -a "$SUM"
+  timeout 90 python3 bench/gpu_bench.py --T 32768,65536 --dims 128/128 \
+      --parts nsa_h4 --budget-s 60 --out "$OUT/prefill/h4" > "$OUT/prefill/h4.log" 2>&1
+  grep -E "^\|" "$OUT/prefill/h4.md" 2>/dev/null | tee -a "$SUM" || tail -5 "$OUT/prefill/h4.log" | tee -a "$SUM"
+  side_by_side ours 100
+  note "GPU tests: Triton kernels, selection branch, API, plan"
+  gpu_tests "$(left 540)" tests/kernels/test_triton_sel.py tests/kernels/test_triton_attn.py \
+      tests/kernels/test_tuning.py tests/branches/test_selection.py tests/test_api.py tests/test_plan.py
+  wait_all; report_tests
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
