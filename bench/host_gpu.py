@@ -33,22 +33,10 @@ import torch.utils._python_dispatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench.gpu_bench import timeit  # noqa: E402
+from bench.profile_forward import _our_calls  # noqa: E402 - the same planned call it profiles
+
 H, G, D = 64, 4, 128
-
-
-def _event_ms(fn, reps: int) -> float:
-    """Median of ``reps`` event-timed calls (each synced), after two warm-up calls."""
-    fn(), fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def _graph_ms(fn, reps: int) -> float:
@@ -62,7 +50,7 @@ def _graph_ms(fn, reps: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return _event_ms(graph.replay, reps)
+    return timeit(graph.replay, reps=reps, max_ms=float("inf"))
 
 
 def _busy_gpu(ms: float) -> None:
@@ -140,17 +128,7 @@ def _planned_call(nsa_impl, cfg, T: int, grad: bool):
     gates = torch.rand(1, T, H, 3, device="cuda", generator=gen).to(torch.bfloat16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v, gates)]
     do = torch.randn_like(q)
-    p = nsa_impl.plan(tuple(q.shape), cfg, kv_heads=G, device="cuda", dtype=q.dtype,
-                      backward=grad)
-
-    def call():
-        if grad:
-            o = nsa_impl.nsa_attention(*leaves, cfg, plan=p, validate=False)
-            torch.autograd.grad(o, leaves, do)
-        else:
-            with torch.no_grad():
-                nsa_impl.nsa_attention(q, k, v, gates, cfg, plan=p, validate=False)
-
+    call, _ = _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, [])
     return call
 
 
@@ -158,7 +136,7 @@ def _measure(nsa_impl, cfg, T: int, grad: bool, args) -> list[str]:
     """One ``ROW`` (printed) and the report lines of one (T, pass)."""
     call = _planned_call(nsa_impl, cfg, T, grad)
     label = "fwd+bwd" if grad else "fwd"
-    eager = _event_ms(call, args.reps)
+    eager = timeit(call, reps=args.reps, max_ms=float("inf"))
     try:
         graph = _graph_ms(call, args.reps)
     except Exception as exc:  # noqa: BLE001 - reported; the other numbers still count

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="128/128", help="Dk/Dv")
     ap.add_argument("--heads", default="64/4", help="query heads / KV groups")
     args = ap.parse_args(argv)
-    (DK, DV), (H, G) = (_pair(args.dims, "--dims"), _pair(args.heads, "--heads"))
+    from bench.workloads import parse_pair
+
+    (DK, DV), (H, G) = parse_pair(args.dims, "--dims"), parse_pair(args.heads, "--heads")
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to profile")
         return 2
@@ -104,17 +108,6 @@ def main(argv=None) -> int:
         name = f"profile_{who}{T}{shape}.txt"
         Path(args.out, name).write_text(text + "\n")
     return 0
-
-
-def _pair(text: str, flag: str) -> tuple[int, int]:
-    """``"A/B"`` -> ``(A, B)``, positive ints (argparse's error otherwise)."""
-    try:
-        a, b = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"{flag} takes two ints as A/B, got {text!r}") from None
-    if a < 1 or b < 1:
-        raise SystemExit(f"{flag} takes positive ints, got {text!r}")
-    return a, b
 
 
 def _our_calls(nsa_impl, cfg, q, k, v, gates, leaves, do, grad, lines):

@@ -18,7 +18,6 @@ for 1.25x the matrix work (docs/gpu_notes.md, session 5); this finds the shape t
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -30,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench.workloads import parse_pair, write_rows_csv  # noqa: E402
+
 #: Default variants: smaller dK/dV tiles and fewer warps/stages (the candidates for wide heads).
 VARIANTS: list[dict] = [
     {},
@@ -39,16 +40,6 @@ VARIANTS: list[dict] = [
     {"dkdv": {"rows": 16}}, {"dkdv": {"rows": 32, "block_n": 16}},
     {"dq": {"rows": 32}}, {"dq": {"warps": 8}}, {"fwd": {"rows": 64}},
 ]
-
-
-def _pair(text: str, flag: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"{flag} takes two ints as A/B, got {text!r}") from None
-    if a < 1 or b < 1:
-        raise SystemExit(f"{flag} takes positive ints, got {text!r}")
-    return a, b
 
 
 def _tuning(base, override: dict):
@@ -109,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    (dk, dv), (heads, groups) = _pair(args.dims, "--dims"), _pair(args.heads, "--heads")
+    (dk, dv), (heads, groups) = parse_pair(args.dims, "--dims"), parse_pair(args.heads, "--heads")
     if heads % groups:
         ap.error(f"--heads: H must be a multiple of G, got {args.heads!r}")
     variants = json.loads(args.variants) if args.variants else VARIANTS
@@ -155,11 +146,7 @@ def main(argv=None) -> int:
         if best is not None:
             print(f"  best {key[:-3]}: {best['variant']} {best[key]:.2f} ms", flush=True)
     if args.out and rows:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out, "range_sweep.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows_csv(args.out, "range_sweep.csv", rows)
     return 0
 
 

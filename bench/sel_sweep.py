@@ -18,7 +18,6 @@ time.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from bench.workloads import parse_pair  # noqa: E402
 
 H, G, D, SEL, TOP_N = 64, 4, 128, 64, 16
 
@@ -91,15 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default=f"{H}/{G}", help="query heads / KV groups")
     ap.add_argument("--dims", default=f"{D}/{D}", help="Dk/Dv")
     args = ap.parse_args(argv)
-    try:
-        dk, dv = (int(x) for x in args.dims.split("/"))
-    except ValueError:
-        ap.error(f"--dims takes Dk/Dv, got {args.dims!r}")
-    try:
-        heads, groups = (int(x) for x in args.heads.split("/"))
-    except ValueError:
-        ap.error(f"--heads takes H/G, got {args.heads!r}")
-    if heads < 1 or groups < 1 or heads % groups:
+    heads, groups = parse_pair(args.heads, "--heads")
+    dk, dv = parse_pair(args.dims, "--dims")
+    if heads % groups:
         ap.error(f"--heads: H must be a positive multiple of G, got {args.heads!r}")
     variants = [{}, *VARIANTS[FIRST_NEW:]] if args.only_new else VARIANTS
     if args.variants:
@@ -107,7 +102,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to sweep")
         return 2
-    from bench.workloads import random_block_indices
+    from bench.workloads import random_block_indices, write_rows_csv
 
     deadline = time.monotonic() + args.budget_s
     lengths = [int(t) for t in args.T.split(",")]
@@ -146,11 +141,7 @@ def main(argv=None) -> int:
         del q, k, v, do, idx
         torch.cuda.empty_cache()
     if args.out and rows:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(args.out, "sel_sweep.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows_csv(args.out, "sel_sweep.csv", rows)
     return 0
 
 

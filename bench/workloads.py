@@ -1,13 +1,38 @@
-"""Workloads for benchmarks and GPU tests: paper-shaped block selections.
+"""Workloads for benchmarks and GPU tests: paper-shaped block selections, and the small
+command-line helpers the sweep scripts share.
 
 `random_block_indices` draws the selection the Triton kernels see in training without running
 the compressed branch (random scores, the forced blocks of spec I.5), so the selection kernels
-can be timed and tested at any length on their own.
+can be timed and tested at any length on their own. `parse_pair` reads ``--dims 192/128`` and
+``--heads 64/4``; `write_rows_csv` writes a sweep's rows.
 """
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import torch
+
+
+def parse_pair(text: str, flag: str) -> tuple[int, int]:
+    """``"A/B"`` -> ``(A, B)``, positive ints; ``SystemExit`` naming ``flag`` otherwise."""
+    try:
+        a, b = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"{flag} takes two ints as A/B, got {text!r}") from None
+    if a < 1 or b < 1:
+        raise SystemExit(f"{flag} takes positive ints, got {text!r}")
+    return a, b
+
+
+def write_rows_csv(out_dir: str, name: str, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as ``out_dir/name``, the directory made if needed."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir, name), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def random_block_indices(B, T, G, n, sel_block, *, generator=None, device=None, coherent=False,
