@@ -325,6 +325,16 @@ def _cmp_win_kernel(
     _store_partial(PM, PL, PACC, ((r * G + g) * NSPLIT + sp) * BH, m_i, l_i, acc, BH, BDV)
 
 
+@_helper
+def _count_ahead(key, pos, other_key, other_pos):
+    """For each entry ``(key, pos)`` of ``[N]`` vectors: how many entries of the ``[M]`` vectors
+    ``other_*`` come before it in Eq. 11's order (higher key, then lower position). Against
+    itself this is each entry's rank, a permutation of ``0..N-1`` for non-NaN keys."""
+    ahead = (other_key[None, :] > key[:, None]) | (
+        (other_key[None, :] == key[:, None]) & (other_pos[None, :] < pos[:, None]))
+    return tl.sum(ahead.to(tl.int32), axis=1)
+
+
 @triton.jit
 def _score_kernel(
     POS, LOGITS, PM, PL, CKEY, CIDX,
@@ -345,11 +355,12 @@ def _score_kernel(
     gather, so its loads are in flight together.
 
     Local top-n: keys are ``+inf`` for forced blocks, the score for the other candidates
-    ``j <= b(p)``, ``-inf`` otherwise; ``NL = min(n, CH)`` rounds of an argmax taking the lowest
-    index on ties store ``(key, block)`` in rank order at slots ``[0, NL)`` (``-inf`` when none is
-    left). The global top-n is inside the union of the chunks' lists: a block of the global
-    top-n has fewer than ``n`` blocks of its chunk ranked above it. A chunk past ``b(p)`` has no
-    candidate and writes nothing (K3 reads only chunks ``<= b(p) // CH``).
+    ``j <= b(p)``, ``-inf`` otherwise; each block's rank in Eq. 11's order (higher key, then
+    lower index: `_count_ahead`) puts ``(key, block)`` at slot ``rank`` for the ``NL = min(n, CH)``
+    first ranks, so slots ``[0, NL)`` hold the chunk's list in rank order (``-inf`` keys when
+    fewer candidates are left). The global top-n is inside the union of the chunks' lists: a
+    block of the global top-n has fewer than ``n`` blocks of its chunk ranked above it. A chunk
+    past ``b(p)`` has no candidate and writes nothing (K3 reads only chunks ``<= b(p) // CH``).
     """
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
@@ -395,15 +406,13 @@ def _score_kernel(
         forced = cand & ((j < INIT) | (j > bcur - LOCAL))
         key = tl.where(forced, float("inf"), score)
         key = tl.where(cand, key, float("-inf"))
+        # Eq. 11's order at once: an entry's rank is the number of entries before it (a
+        # [CH, CH] comparison; n sequential argmax rounds were most of K2's time).
+        rank = _count_ahead(key, jl, key, jl)
         slot = tl.arange(0, NLP)
-        top_key = tl.full([NLP], float("-inf"), tl.float32)
-        top_blk = tl.full([NLP], -1, tl.int32)
-        for it in tl.static_range(NL):
-            best, at = tl.max(key, axis=0, return_indices=True,
-                              return_indices_tie_break_left=True)
-            top_key = tl.where(slot == it, best, top_key)
-            top_blk = tl.where(slot == it, j0 + at, top_blk)
-            key = tl.where(jl == at, float("-inf"), key)
+        hit = (rank[None, :] == slot[:, None]) & (slot < NL)[:, None]  # [NLP, CH]
+        top_key = tl.max(tl.where(hit, key[None, :], float("-inf")), axis=1)
+        top_blk = tl.max(tl.where(hit, j0 + jl[None, :], -1), axis=1)
         base = ((r * G + g) * NQ + c) * NLP
         tl.store(CKEY + base + slot, top_key)
         tl.store(CIDX + base + slot, top_blk)
@@ -411,28 +420,44 @@ def _score_kernel(
 
 @_helper
 def _merge_top_n(CKEY, CIDX, rg, bcur, NQ, CH: tl.constexpr, NQP: tl.constexpr,
-                 NLP: tl.constexpr, N_TOP: tl.constexpr, NP: tl.constexpr):
+                 NLP: tl.constexpr, N_TOP: tl.constexpr, NP: tl.constexpr, RANK: tl.constexpr,
+                 FB: tl.constexpr):
     """The global top-n of a (row, group) from K2's chunk lists: ``[NP]`` blocks in selection
     order (forced, then higher score, then lower index), ``-1`` for empty slots.
 
     The lists are read chunk by chunk, each in rank order, so among equal keys the position in
     the ``[NQP * NLP]`` array orders them by block index (a chunk's blocks all precede the next
-    chunk's, and a list places tied blocks lower index first): ``N_TOP`` rounds of an argmax
-    taking the leftmost position are the spec's order exactly. ``-inf`` keys (non-candidates,
-    empty slots, chunks past ``b(p)``, which K2 did not write) are never chosen.
+    chunk's, and a list places tied blocks lower index first): ordering by key, then position,
+    is the spec's order exactly. With ``RANK`` each candidate's rank is counted against all
+    others, ``FB`` at a time (`_count_ahead`; quadratic in the candidates, so `launches` picks
+    it for short lists), otherwise ``N_TOP`` rounds of an argmax taking the leftmost position.
+    ``-inf`` keys (non-candidates, empty slots, chunks past ``b(p)``, which K2 did not write)
+    are never chosen.
     """
-    e = tl.arange(0, NQP * NLP)
-    ok = (e // NLP) <= bcur // CH  # chunks past b(p) hold nothing (and were not written)
-    ok = ok & ((e // NLP) < NQ)
+    E: tl.constexpr = NQP * NLP
+    e = tl.arange(0, E)
+    ok = ((e // NLP) <= bcur // CH) & ((e // NLP) < NQ)  # chunks past b(p) were not written
     key = tl.load(CKEY + rg * NQ * NLP + e, mask=ok, other=float("-inf"))
     blk = tl.load(CIDX + rg * NQ * NLP + e, mask=ok, other=-1)
     slot = tl.arange(0, NP)
-    chosen = tl.full([NP], -1, tl.int32)
-    for it in tl.static_range(N_TOP):
-        best, at = tl.max(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        pick = tl.sum(tl.where(e == at, blk, 0), axis=0)
-        chosen = tl.where(_and(slot == it, best > float("-inf")), pick, chosen)
-        key = tl.where(e == at, float("-inf"), key)
+    if RANK:
+        rank = tl.zeros([E], tl.int32)
+        for f0 in tl.static_range(0, E, FB):
+            f = f0 + tl.arange(0, FB)
+            okf = ((f // NLP) <= bcur // CH) & ((f // NLP) < NQ)
+            kf = tl.load(CKEY + rg * NQ * NLP + f, mask=okf, other=float("-inf"))
+            rank += _count_ahead(key, e, kf, f)
+        hit = (rank[None, :] == slot[:, None]) & (slot < N_TOP)[:, None]  # [NP, E]
+        hit = hit & (key > float("-inf"))[None, :]
+        chosen = tl.max(tl.where(hit, blk[None, :], -1), axis=1)
+    else:
+        chosen = tl.full([NP], -1, tl.int32)
+        for it in tl.static_range(N_TOP):
+            best, at = tl.max(key, axis=0, return_indices=True,
+                              return_indices_tie_break_left=True)
+            pick = tl.sum(tl.where(e == at, blk, 0), axis=0)
+            chosen = tl.where(_and(slot == it, best > float("-inf")), pick, chosen)
+            key = tl.where(e == at, float("-inf"), key)
     return chosen
 
 
@@ -444,7 +469,8 @@ def _sel_kernel(
     HPG: tl.constexpr, BH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LS: tl.constexpr, BN: tl.constexpr,
     CH: tl.constexpr, NQP: tl.constexpr, NLP: tl.constexpr,
-    N_TOP: tl.constexpr, NP: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    N_TOP: tl.constexpr, NP: tl.constexpr, RANK: tl.constexpr, FB: tl.constexpr,
+    IEEE: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """K3: top-n from K2's chunk lists (`_merge_top_n`, every program of the (row, group) the
     same), then selection attention (Eq. 12) over the chosen blocks' keys ``<= p``, the ``N_TOP``
@@ -457,7 +483,7 @@ def _sel_kernel(
     p, _ = _position(POS, r, CAP)
     rg = r * G + g
     q = _load_q(Q, r, g, stride_qr, stride_qh, HPG, BH, DK, BDK)  # in flight during the merge
-    chosen = _merge_top_n(CKEY, CIDX, rg, p // LS, NQ, CH, NQP, NLP, N_TOP, NP)
+    chosen = _merge_top_n(CKEY, CIDX, rg, p // LS, NQ, CH, NQP, NLP, N_TOP, NP, RANK, FB)
     slot = tl.arange(0, NP)
     if s == 0:
         keys = tl.minimum(tl.maximum(p + 1 - chosen.to(tl.int64) * LS, 0), LS)

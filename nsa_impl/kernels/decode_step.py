@@ -43,10 +43,14 @@ heads x 4k logits). K2 is ``(R, G, NQ)`` programs of ``CH`` blocks each (one gat
 chunk's logits for all heads), each storing its chunk's top-``min(n, CH)`` as (key, block) in
 rank order; the global top-n is inside the union of those lists (a block of the global top-n
 has fewer than ``n`` blocks of its chunk above it). K3's programs each merge the
-``NQ * min(n, CH)`` candidates with ``n`` leftmost-argmax rounds: lists are laid out chunk by
-chunk, so among equal keys the array position orders blocks by index and the merge is the
-spec's order exactly (forced, then higher score, then lower index), as
-`nsa_impl.scoring.top_n`; program 0 of K3 stores the blocks and their key count.
+``NQ * min(n, CH)`` candidates: lists are laid out chunk by chunk, so among equal keys the
+array position orders blocks by index and ordering by (key, position) is the spec's order
+exactly (forced, then higher score, then lower index), as `nsa_impl.scoring.top_n`; program 0
+of K3 stores the blocks and their key count. Both K2 and K3 rank by counting (each entry's
+rank = the entries before it, all pairs compared at once) rather than by ``n`` argmax rounds:
+each round is a cross-warp reduction with barriers, and sixteen of them in sequence were most
+of K2's and K3's time at B >= 8. K3 falls back to the rounds above `RANK_MAX_CANDIDATES`
+(counting grows with the square of the candidates).
 
 *Numerics.* fp16/bf16: MMAs in the input dtype with float32 accumulation and softmax (the
 probabilities are rounded to the input dtype for ``p @ v``, as in FlashAttention). float32 (the
@@ -95,6 +99,15 @@ PROGRAMS_PER_SM = 4
 #: Most selection blocks one K2 program scores, and most elements of its logit gather.
 SCORE_CHUNK = 64
 SCORE_ELEMS = 8192
+
+#: K3 ranks its ``chunks * local_top`` candidates by counting (all pairs, `RANK_BLOCK` columns
+#: at a time) up to this many candidates (``T = 64k``: 256; ``128k``: 512), and takes ``n``
+#: argmax rounds above it: counting is quadratic, the rounds are sequential reductions.
+RANK_MAX_CANDIDATES = 1024
+RANK_BLOCK = 32
+
+#: ``(num_warps, num_stages)`` of each launch on CUDA (bench/decode_sweep.py measures others).
+LAUNCH_OPTIONS = {"cmp_win": (4, 2), "score": (4, 1), "sel": (4, 2), "combine": (4, 1)}
 
 
 def _next_pow2(x: int) -> int:
@@ -360,25 +373,29 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
     NLP = _next_pow2(geo.local_top)
     hb = geo.combine_heads
 
-    def opts(warps: int, stages: int = 1) -> dict:
+    def opts(name: str) -> dict:
+        warps, stages = LAUNCH_OPTIONS[name]
         return {} if interpret else dict(num_warps=warps, num_stages=stages)
+
+    candidates = _next_pow2(geo.chunks) * NLP
 
     return {
         "cmp_win": Launch((R, G, sp.cmp + sp.win), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, L=l, D=d, BL=_next_pow2(l), W=w,
-            BN=tile, APPEND=append, SHARED=shared, IEEE=ieee, PRECISE=precise), opts(4, 2)),
+            BN=tile, APPEND=append, SHARED=shared, IEEE=ieee, PRECISE=precise), opts("cmp_win")),
         "score": Launch((R, G, geo.chunks), dict(
             HPG=h, BH=BH, NCP=_next_pow2(sp.cmp), L=l, D=d, LS=ls, R=ls // d, MM=l // d,
             RP=_next_pow2(ls // d), MP=_next_pow2(max(1, l // d - 1)), CH=geo.chunk,
-            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, PRECISE=precise), opts(4)),
+            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, PRECISE=precise), opts("score")),
         "sel": Launch((R, G, sp.sel), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,
             BN=max(16, min(tile, _next_pow2(ls))), CH=geo.chunk, NQP=_next_pow2(geo.chunks),
-            NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, IEEE=ieee, PRECISE=precise), opts(4, 2)),
+            NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, RANK=candidates <= RANK_MAX_CANDIDATES,
+            FB=min(candidates, RANK_BLOCK), IEEE=ieee, PRECISE=precise), opts("sel")),
         "combine": Launch((R, G, _cdiv(h, hb)), dict(
             HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV, NCP=_next_pow2(sp.cmp),
             NWP=_next_pow2(sp.win), NSP=_next_pow2(sp.sel), INC=append, PRECISE=precise,
-            HALF=dtype in (torch.float16, torch.bfloat16)), opts(4)),
+            HALF=dtype in (torch.float16, torch.bfloat16)), opts("combine")),
     }
 
 

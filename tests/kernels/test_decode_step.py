@@ -252,15 +252,19 @@ def reference_selection(cfg, q_row, kc, p, h, scale):
     return scoring.top_n(scores[:, None], b, cfg)[:, 0], scores[:, : p // cfg.sel_block + 1]
 
 
-@pytest.mark.parametrize(("cfg_name", "chunk"), [("overlap", 1), ("overlap", 4), ("identity", 2),
-                                               ("long-cmp", 2)])
-def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chunk):
+@pytest.mark.parametrize(("cfg_name", "chunk", "merge"), [
+    ("overlap", 1, "counting"), ("overlap", 4, "counting"), ("identity", 2, "counting"),
+    ("long-cmp", 2, "counting"), ("overlap", 4, "rounds"), ("long-cmp", 2, "rounds")])
+def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chunk, merge):
     """K2 scores chunks of ``chunk`` selection blocks and keeps a top-n per chunk, K3 merges the
-    lists: over crafted compressed keys (flat, periodic and few-level logits, so scores tie
-    exactly across chunk boundaries), rows at ragged positions (fewer candidates than n early
-    on, forced blocks in different chunks) the selection equals `nsa_impl.scoring.top_n` on the
-    float64 scores, and the counts equal spec I.9. Unwritten workspace entries are NaN/-7."""
+    lists (ranks by counting, or argmax rounds past `RANK_MAX_CANDIDATES`): over crafted
+    compressed keys (flat, periodic and few-level logits, so scores tie exactly across chunk
+    boundaries), rows at ragged positions (fewer candidates than n early on, forced blocks in
+    different chunks) the selection equals `nsa_impl.scoring.top_n` on the float64 scores, and
+    the counts equal spec I.9. Unwritten workspace entries are NaN/-7."""
     monkeypatch.setattr(decode_step, "SCORE_CHUNK", chunk)
+    if merge == "rounds":
+        monkeypatch.setattr(decode_step, "RANK_MAX_CANDIDATES", 0)
     cfg = TIE_CONFIGS[cfg_name]
     G, h, D, cap = 2, 3, 16, 72
     gen = torch.Generator().manual_seed(7)
@@ -284,6 +288,9 @@ def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chun
     f32 = torch.float32
     ws = decode_step.Workspace.allocate(R, G, h, D, cap, cfg_ints(cfg), None, "cpu")
     assert ws.geo.chunk == min(chunk, decode_step._next_pow2(-(-cap // cfg.sel_block)))
+    plan = decode_step.launches(len(positions), G, h, D, D, cfg_ints(cfg), ws.geo, torch.float32,
+                                True, append=False, shared=True)
+    assert plan["sel"].constexprs["RANK"] == (merge == "counting")
     for t in (ws.logits, ws.pm, ws.pl, ws.pacc, ws.cand_key):
         t.fill_(float("nan"))
     ws.cand_blk.fill_(-7)
