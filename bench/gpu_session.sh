@@ -51,6 +51,8 @@
 #                                       # selection), the selection at 128/128, side by side
 #   bash bench/gpu_session.sh final5    # call 6: the 192/128 and h = 4 rows, ours side by side,
 #                                       # the GPU tests of the changed code
+#   bash bench/gpu_session.sh rank      # session 7 call 1: decode GPU tests, the decode grid and
+#                                       # bench/decode_sweep.py (launch shapes per case)
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -463,6 +465,19 @@ final5)
   gpu_tests "$(left 540)" tests/kernels/test_triton_sel.py tests/kernels/test_triton_attn.py \
       tests/kernels/test_tuning.py tests/branches/test_selection.py tests/test_api.py tests/test_plan.py
   wait_all; report_tests
+  ;;
+rank)
+  note "session 7 call 1: decode top-n by counting ranks: the decode GPU tests, the grid, the sweep"
+  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
+      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
+  report_tests
+  decode_grid 140
+  note "decode launch-shape sweep"
+  timeout "$(left 575)" python3 bench/decode_sweep.py --out "$OUT/decode/sweep" \
+      --budget-s "$(( $(left 575) - 25 ))" > "$OUT/decode/sweep.log" 2>&1
+  note "decode sweep rc=$?"
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -21,3 +21,39 @@ def test_host_overhead_runs_with_stubbed_kernels_and_restores_them(capsys):
     assert "forward+backward, planned, kernels stubbed" in out and "torch ops dispatched" in out
     assert "sel_backward" in out  # the kernel ops are still dispatched, their launches stubbed
     assert [m._kernels for m in mods] == before
+
+
+def test_decode_sweep_variants_apply_and_restore():
+    """`bench/decode_sweep.py`: a variant sets the decode step's launch options and constants
+    only inside `applied` (restored after an error too); bad variants are refused by name."""
+    from bench import decode_sweep
+    from nsa_impl.kernels import decode_step
+
+    options, tile = dict(decode_step.LAUNCH_OPTIONS), decode_step.TILE
+    variant = decode_sweep.check_variant({"options": {"cmp_win": [8, 3]}, "module": {"TILE": 128}})
+    assert decode_sweep.describe(variant) == "cmp_win 8w/3s, TILE=128"
+    with pytest.raises(RuntimeError, match="inside"), decode_sweep.applied(variant):
+        assert decode_step.LAUNCH_OPTIONS["cmp_win"] == (8, 3) and decode_step.TILE == 128
+        raise RuntimeError("inside")
+    assert decode_step.LAUNCH_OPTIONS == options and decode_step.TILE == tile
+    for bad, word in (({"warps": 4}, "unknown variant keys"), ({"options": {"k9": [4, 1]}}, "k9"),
+                      ({"options": {"sel": [3, 1]}}, "power of two"),
+                      ({"module": {"BLOCK": 2}}, "BLOCK"), ({"split_scale": [1, 0]}, "three")):
+        with pytest.raises(ValueError, match=word):
+            decode_sweep.check_variant(bad)
+    for variant in decode_sweep.VARIANTS:  # the default sweep is well-formed
+        decode_sweep.check_variant(variant)
+
+
+def test_decode_sweep_scales_splits_to_powers_of_two():
+    import torch
+
+    from bench import decode_sweep
+    from nsa_impl import NSAConfig
+    from nsa_impl.kernels import decode_step
+
+    cfg, cpu = NSAConfig(), torch.device("cpu")
+    base = decode_step.default_splits(8, 4, cfg.num_cmp(65535), cfg.window, cfg.sel_top_n, cpu)
+    half = decode_sweep.scaled_splits({"split_scale": [0.5, 1, 2]}, 8, 65536, cfg, 4, cpu)
+    assert half == decode_step.Splits(max(1, base.cmp // 2), base.win, base.sel * 2)
+    assert decode_sweep.scaled_splits({}, 8, 65536, cfg, 4, cpu) is None
