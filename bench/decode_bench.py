@@ -18,9 +18,8 @@ Columns, all measured in this run:
   replays); ``floor``: the step's compulsory bytes (compressed, selected and window K/V) at
   4.3 TB/s; ``goal``: the issue's target.
 * ``splits``: programs per (row, group) of the compressed / window / selection branches
-  (`nsa_impl.kernels.decode_step.default_splits`). A second table (``--sweep``, last, within
-  the time budget) times the same cases with other splits: twice the programs per SM (K1 and
-  K3), and half the selection programs, so the split policy can be chosen from one run.
+  (`nsa_impl.kernels.decode_step.default_splits`); `bench/decode_sweep.py` times other splits
+  and launch shapes.
 
 Prints the machine line (GPU, torch, triton) and a markdown table; writes ``<out>.csv`` and
 ``<out>.md`` (and ``<out>.png`` when matplotlib is importable). Never asserts on time.
@@ -161,21 +160,6 @@ def ours(cfg, lengths: list[int], reps: int, gen, splits=None, eager: bool = Tru
                 per_kernel=per_kernel, splits=f"{splits.cmp}/{splits.win}/{splits.sel}")
 
 
-def sweep_splits(B: int, T: int, cfg) -> list[tuple[str, object]]:
-    """Other splits for case ``(B, T)``: twice the programs per SM, half the selection
-    programs (each only where it differs from the default)."""
-    from nsa_impl.kernels import decode_step
-
-    ncmp = cfg.num_cmp(T - 1)
-    args = (B, G, ncmp, cfg.window, cfg.sel_top_n, torch.device("cuda"))
-    base = decode_step.default_splits(*args)
-    out = [("2x programs per SM", decode_step.default_splits(
-        *args, programs_per_sm=2 * decode_step.PROGRAMS_PER_SM)),
-        ("half the selection programs", decode_step.Splits(base.cmp, base.win,
-                                                           max(1, base.sel // 2)))]
-    return [(name, s) for name, s in out if s != base]
-
-
 def dense(lengths: list[int], gen) -> dict:
     """One-query SDPA over each sequence's keys (uniform lengths only), eager and graphed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -256,8 +240,6 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=8192, help="extend chunk of the prefill row")
     ap.add_argument("--budget-s", type=float, default=125.0,
                     help="start no case after this many seconds (the rest are listed as skipped)")
-    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                    help="last, within the budget: the uniform cases with other splits")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure")
@@ -307,22 +289,6 @@ def main(argv=None):
             notes.append(f"prefill row failed: {type(exc).__name__}: {str(exc)[:160]}")
     elif args.prefill:
         notes.append("prefill row: skipped (time budget spent)")
-    for b, t in cases if args.sweep else ():
-        for name, splits in sweep_splits(b, t, cfg):
-            label = f"B={b} T={t}"
-            if time.monotonic() > deadline:
-                notes.append(f"sweep {label} {name}: skipped (time budget spent)")
-                continue
-            r = dict(case=label, table="sweep", variant=name, B=b, T=t)
-            try:
-                r.update(ours(cfg, [t - 1] * b, args.reps, gen, splits=splits, eager=False))
-            except Exception as exc:  # noqa: BLE001 - report the cell, keep going
-                r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            torch.cuda.empty_cache()
-            rows.append(r)
-            print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()},
-                  flush=True)
-            write_outputs(rows, notes, out, final=False)
     write_outputs(rows, notes, out, final=True)
     return 0
 
@@ -334,7 +300,7 @@ def write_outputs(rows, notes, out: Path, *, final: bool) -> None:
             "| met |")
     lines = [machine_line(), "", head, "|" + "---|" * 12]
     for r in rows:
-        if "floor_us" not in r:  # the prefill row (in the notes) and the sweep (below)
+        if "floor_us" not in r:  # the prefill row (in the notes)
             continue
         dense_best = min((r[k] for k in ("cudnn_graph_us", "flash_graph_us", "cudnn_us",
                                         "flash_us") if r.get(k) is not None), default=None)
@@ -348,15 +314,6 @@ def write_outputs(rows, notes, out: Path, *, final: bool) -> None:
             f"{fmt(r.get('kernels'), 0)} | {per or r.get('error', '')} | {r.get('splits', '-')} | "
             f"{fmt(r['floor_us'])} | {fmt(r['goal_us'], 0)} | "
             f"{'-' if r['met'] is None else ('yes' if r['met'] else 'NO')} |")
-    sweep = [r for r in rows if r.get("table") == "sweep"]
-    if sweep:
-        lines += ["", "Split sweep (same cases, other splits; graph µs per step):", "",
-                  "| case | variant | splits | ours graph µs | µs per kernel |",
-                  "|---|---|---|---|---|"]
-        for r in sweep:
-            per = ", ".join(f"{k} {v}" for k, v in r.get("per_kernel", {}).items())
-            lines.append(f"| {r['case']} | {r['variant']} | {r.get('splits', '-')} | "
-                         f"{fmt(r.get('graph_us'))} | {per or r.get('error', '')} |")
     lines += [""] + notes if notes else []
     table = "\n".join(lines)
     if final:

@@ -6,7 +6,7 @@ Each variant changes one thing against the defaults of `nsa_impl.kernels.decode_
 * ``options``: ``(num_warps, num_stages)`` of a launch (``LAUNCH_OPTIONS``: ``cmp_win`` = K1,
   ``score`` = K2, ``sel`` = K3, ``combine`` = K4);
 * ``module``: a module constant (``TILE``: K1's key tile; ``SCORE_CHUNK``: blocks per K2 program;
-  ``PROGRAMS_PER_SM``: the split policy's occupancy target);
+  ``PROGRAMS_PER_SM``: the split policy's occupancy target; ``COMBINE_PROGRAMS_PER_SM``: K4's);
 * ``split_scale``: ``(cmp, win, sel)`` multipliers of the default splits (rounded down to a power
   of two, at least 1).
 
@@ -56,7 +56,7 @@ VARIANTS = (
     {"options": {"combine": [8, 1]}},
 )
 
-MODULE_KNOBS = ("TILE", "SCORE_CHUNK", "PROGRAMS_PER_SM")
+MODULE_KNOBS = ("TILE", "SCORE_CHUNK", "PROGRAMS_PER_SM", "COMBINE_PROGRAMS_PER_SM")
 VARIANT_KEYS = ("options", "module", "split_scale")
 
 

@@ -53,6 +53,9 @@
 #                                       # the GPU tests of the changed code
 #   bash bench/gpu_session.sh rank      # session 7 call 1: decode GPU tests, the decode grid and
 #                                       # bench/decode_sweep.py (launch shapes per case)
+#   bash bench/gpu_session.sh packed    # call 2: the packed top-n: decode GPU tests, grid, sweep
+#                                       # around the new defaults; GPU conformance (triton path,
+#                                       # router)
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -478,6 +481,23 @@ rank)
   note "decode sweep rc=$?"
   grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
       || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+  ;;
+packed)
+  note "session 7 call 2: packed top-n keys, 2 programs per SM, K4 with 2 warps"
+  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
+      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
+  report_tests
+  decode_grid 110
+  note "decode sweep around the new defaults"
+  timeout 110 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 95 --variants \
+      '[{}, {"module": {"PROGRAMS_PER_SM": 4}}, {"module": {"PROGRAMS_PER_SM": 1}}, {"options": {"combine": [4, 1]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 2}}, {"split_scale": [1, 1, 2]}, {"options": {"score": [8, 1]}}]' \
+      > "$OUT/decode/sweep.log" 2>&1
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+  note "GPU conformance of the triton path and the router (in parallel)"
+  conf conf_nsa_impl_triton "$(left 580)" --impl nsa_impl:triton --no-mutants -- -n 6
+  conf conf_nsa_impl "$(left 580)" --impl nsa_impl --no-mutants -- -n 5
+  wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -325,19 +325,34 @@ def _cmp_win_kernel(
     _store_partial(PM, PL, PACC, ((r * G + g) * NSPLIT + sp) * BH, m_i, l_i, acc, BH, BDV)
 
 
+#: Packed candidates (`_pack_key`): the empty entry (key ``-inf``, block ``-1``) and the least
+#: packed value of a finite-or-``+inf`` key (``-inf`` keys are below it: never chosen).
+_PACKED_EMPTY = tl.constexpr(-2139095041 * 2**32 + 2**31)
+_PACKED_VALID = tl.constexpr(-2139095040 * 2**32)
+
+
 @_helper
-def _count_ahead(key, pos, other_key, other_pos):
-    """For each entry ``(key, pos)`` of ``[N]`` vectors: how many entries of the ``[M]`` vectors
-    ``other_*`` come before it in Eq. 11's order (higher key, then lower position). Against
-    itself this is each entry's rank, a permutation of ``0..N-1`` for non-NaN keys."""
-    ahead = (other_key[None, :] > key[:, None]) | (
-        (other_key[None, :] == key[:, None]) & (other_pos[None, :] < pos[:, None]))
-    return tl.sum(ahead.to(tl.int32), axis=1)
+def _pack_key(key, blk):
+    """``(key, blk)`` as one int64 whose order is Eq. 11's: higher key first, then lower block
+    (forced blocks carry ``+inf``). High word: the float32 bits mapped to an int32 of the same
+    order (negative floats' magnitude bits flipped); low word: ``2^31 - 1 - blk`` (``blk >=
+    -1``). One plain max then picks the next block, with no index reduction and no tie rule to
+    apply. Keys are sums of exponentials (no ``-0.0``; NaN only from NaN inputs)."""
+    bits = key.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - blk.to(tl.int64))
+
+
+@_helper
+def _packed_block(packed):
+    """The block of a `_pack_key` value (``-1`` for a ``-inf`` key)."""
+    blk = 0x7FFFFFFF - (packed & 0xFFFFFFFF)
+    return tl.where(packed >= _PACKED_VALID, blk, -1).to(tl.int32)
 
 
 @triton.jit
 def _score_kernel(
-    POS, LOGITS, PM, PL, CKEY, CIDX,
+    POS, LOGITS, PM, PL, CAND,
     stride_lr, stride_lh, G, NC, NSPLIT, NQ, CAP,
     HPG: tl.constexpr, BH: tl.constexpr, NCP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
     LS: tl.constexpr, R: tl.constexpr, MM: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
@@ -355,12 +370,12 @@ def _score_kernel(
     gather, so its loads are in flight together.
 
     Local top-n: keys are ``+inf`` for forced blocks, the score for the other candidates
-    ``j <= b(p)``, ``-inf`` otherwise; each block's rank in Eq. 11's order (higher key, then
-    lower index: `_count_ahead`) puts ``(key, block)`` at slot ``rank`` for the ``NL = min(n, CH)``
-    first ranks, so slots ``[0, NL)`` hold the chunk's list in rank order (``-inf`` keys when
-    fewer candidates are left). The global top-n is inside the union of the chunks' lists: a
-    block of the global top-n has fewer than ``n`` blocks of its chunk ranked above it. A chunk
-    past ``b(p)`` has no candidate and writes nothing (K3 reads only chunks ``<= b(p) // CH``).
+    ``j <= b(p)``, ``-inf`` otherwise, packed with their blocks (`_pack_key`, Eq. 11's order);
+    ``NL = min(n, CH)`` rounds of a max store the chunk's list in rank order at slots
+    ``[0, NL)`` (``-inf`` keys when fewer candidates are left). The global top-n is inside the
+    union of the chunks' lists: a block of the global top-n has fewer than ``n`` blocks of its
+    chunk ranked above it. A chunk past ``b(p)`` has no candidate and writes nothing (K3 reads
+    only chunks ``<= b(p) // CH``).
     """
     r = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
@@ -406,71 +421,46 @@ def _score_kernel(
         forced = cand & ((j < INIT) | (j > bcur - LOCAL))
         key = tl.where(forced, float("inf"), score)
         key = tl.where(cand, key, float("-inf"))
-        # Eq. 11's order at once: an entry's rank is the number of entries before it (a
-        # [CH, CH] comparison; n sequential argmax rounds were most of K2's time).
-        rank = _count_ahead(key, jl, key, jl)
+        packed = _pack_key(key, j)
         slot = tl.arange(0, NLP)
-        hit = (rank[None, :] == slot[:, None]) & (slot < NL)[:, None]  # [NLP, CH]
-        top_key = tl.max(tl.where(hit, key[None, :], float("-inf")), axis=1)
-        top_blk = tl.max(tl.where(hit, j0 + jl[None, :], -1), axis=1)
-        base = ((r * G + g) * NQ + c) * NLP
-        tl.store(CKEY + base + slot, top_key)
-        tl.store(CIDX + base + slot, top_blk)
+        top = tl.full([NLP], _PACKED_EMPTY, tl.int64)
+        for it in tl.static_range(NL):
+            best = tl.max(packed, axis=0)
+            top = tl.where(slot == it, best, top)
+            packed = tl.where(packed == best, _PACKED_EMPTY, packed)  # blocks are unique
+        tl.store(CAND + ((r * G + g) * NQ + c) * NLP + slot, top)
 
 
 @_helper
-def _merge_top_n(CKEY, CIDX, rg, bcur, NQ, CH: tl.constexpr, NQP: tl.constexpr,
-                 NLP: tl.constexpr, N_TOP: tl.constexpr, NP: tl.constexpr, RANK: tl.constexpr,
-                 FB: tl.constexpr):
+def _merge_top_n(CAND, rg, bcur, NQ, CH: tl.constexpr, NQP: tl.constexpr, NLP: tl.constexpr,
+                 N_TOP: tl.constexpr, NP: tl.constexpr):
     """The global top-n of a (row, group) from K2's chunk lists: ``[NP]`` blocks in selection
-    order (forced, then higher score, then lower index), ``-1`` for empty slots.
-
-    The lists are read chunk by chunk, each in rank order, so among equal keys the position in
-    the ``[NQP * NLP]`` array orders them by block index (a chunk's blocks all precede the next
-    chunk's, and a list places tied blocks lower index first): ordering by key, then position,
-    is the spec's order exactly. With ``RANK`` each candidate's rank is counted against all
-    others, ``FB`` at a time (`_count_ahead`; quadratic in the candidates, so `launches` picks
-    it for short lists), otherwise ``N_TOP`` rounds of an argmax taking the leftmost position.
+    order (forced, then higher score, then lower index; `_pack_key` orders the candidates so),
+    ``-1`` for empty slots: ``N_TOP`` rounds of a max over the ``NQP * NLP`` packed candidates.
     ``-inf`` keys (non-candidates, empty slots, chunks past ``b(p)``, which K2 did not write)
-    are never chosen.
-    """
+    are never chosen."""
     E: tl.constexpr = NQP * NLP
     e = tl.arange(0, E)
     ok = ((e // NLP) <= bcur // CH) & ((e // NLP) < NQ)  # chunks past b(p) were not written
-    key = tl.load(CKEY + rg * NQ * NLP + e, mask=ok, other=float("-inf"))
-    blk = tl.load(CIDX + rg * NQ * NLP + e, mask=ok, other=-1)
+    packed = tl.load(CAND + rg * NQ * NLP + e, mask=ok, other=_PACKED_EMPTY)
     slot = tl.arange(0, NP)
-    if RANK:
-        rank = tl.zeros([E], tl.int32)
-        for f0 in tl.static_range(0, E, FB):
-            f = f0 + tl.arange(0, FB)
-            okf = ((f // NLP) <= bcur // CH) & ((f // NLP) < NQ)
-            kf = tl.load(CKEY + rg * NQ * NLP + f, mask=okf, other=float("-inf"))
-            rank += _count_ahead(key, e, kf, f)
-        hit = (rank[None, :] == slot[:, None]) & (slot < N_TOP)[:, None]  # [NP, E]
-        hit = hit & (key > float("-inf"))[None, :]
-        chosen = tl.max(tl.where(hit, blk[None, :], -1), axis=1)
-    else:
-        chosen = tl.full([NP], -1, tl.int32)
-        for it in tl.static_range(N_TOP):
-            best, at = tl.max(key, axis=0, return_indices=True,
-                              return_indices_tie_break_left=True)
-            pick = tl.sum(tl.where(e == at, blk, 0), axis=0)
-            chosen = tl.where(_and(slot == it, best > float("-inf")), pick, chosen)
-            key = tl.where(e == at, float("-inf"), key)
+    chosen = tl.full([NP], -1, tl.int32)
+    for it in tl.static_range(N_TOP):
+        best = tl.max(packed, axis=0)
+        chosen = tl.where(slot == it, _packed_block(best), chosen)
+        packed = tl.where(packed == best, _PACKED_EMPTY, packed)
     return chosen
 
 
 @triton.jit
 def _sel_kernel(
-    Q, KR_S, VR_S, SEQ, POS, CKEY, CIDX, SELIDX, SELCNT, PM, PL, PACC,
+    Q, KR_S, VR_S, SEQ, POS, CAND, SELIDX, SELCNT, PM, PL, PACC,
     stride_qr, stride_qh, stride_krb, stride_krg, stride_vrb, stride_vrg,
     scale, G, NSPLIT, SLOT0, NS, NQ, CAP,
     HPG: tl.constexpr, BH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BDK: tl.constexpr, BDV: tl.constexpr, LS: tl.constexpr, BN: tl.constexpr,
     CH: tl.constexpr, NQP: tl.constexpr, NLP: tl.constexpr,
-    N_TOP: tl.constexpr, NP: tl.constexpr, RANK: tl.constexpr, FB: tl.constexpr,
-    IEEE: tl.constexpr, PRECISE: tl.constexpr,
+    N_TOP: tl.constexpr, NP: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """K3: top-n from K2's chunk lists (`_merge_top_n`, every program of the (row, group) the
     same), then selection attention (Eq. 12) over the chosen blocks' keys ``<= p``, the ``N_TOP``
@@ -483,7 +473,7 @@ def _sel_kernel(
     p, _ = _position(POS, r, CAP)
     rg = r * G + g
     q = _load_q(Q, r, g, stride_qr, stride_qh, HPG, BH, DK, BDK)  # in flight during the merge
-    chosen = _merge_top_n(CKEY, CIDX, rg, p // LS, NQ, CH, NQP, NLP, N_TOP, NP, RANK, FB)
+    chosen = _merge_top_n(CAND, rg, p // LS, NQ, CH, NQP, NLP, N_TOP, NP)
     slot = tl.arange(0, NP)
     if s == 0:
         keys = tl.minimum(tl.maximum(p + 1 - chosen.to(tl.int64) * LS, 0), LS)

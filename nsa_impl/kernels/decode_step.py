@@ -40,17 +40,16 @@ group's heads (Eq. 10 before Eq. 9, like `nsa_impl.scoring`) and applies the ban
 *Split top-n.* One program per (row, group) scoring all ``T/l'`` blocks and taking ``n`` argmax
 rounds over them was 36-41 µs at every batch on an H200 (4 programs at B=1, each walking 16
 heads x 4k logits). K2 is ``(R, G, NQ)`` programs of ``CH`` blocks each (one gather of the
-chunk's logits for all heads), each storing its chunk's top-``min(n, CH)`` as (key, block) in
-rank order; the global top-n is inside the union of those lists (a block of the global top-n
-has fewer than ``n`` blocks of its chunk above it). K3's programs each merge the
-``NQ * min(n, CH)`` candidates: lists are laid out chunk by chunk, so among equal keys the
-array position orders blocks by index and ordering by (key, position) is the spec's order
-exactly (forced, then higher score, then lower index), as `nsa_impl.scoring.top_n`; program 0
-of K3 stores the blocks and their key count. Both K2 and K3 rank by counting (each entry's
-rank = the entries before it, all pairs compared at once) rather than by ``n`` argmax rounds:
-each round is a cross-warp reduction with barriers, and sixteen of them in sequence were most
-of K2's and K3's time at B >= 8. K3 falls back to the rounds above `RANK_MAX_CANDIDATES`
-(counting grows with the square of the candidates).
+chunk's logits for all heads), each storing its chunk's top-``min(n, CH)`` in rank order; the
+global top-n is inside the union of those lists (a block of the global top-n has fewer than
+``n`` blocks of its chunk above it). K3's programs each merge the ``NQ * min(n, CH)``
+candidates; program 0 of K3 stores the blocks and their key count. Candidates are one int64
+each, the key's float32 bits (mapped to an order-preserving int) above the complemented block
+index, so the int order is the spec's (forced, then higher score, then lower index), as
+`nsa_impl.scoring.top_n`, and a top-n is ``n`` rounds of one plain max: an argmax with its
+index and a second reduction to fetch the block were twice the cross-warp reductions per round.
+Counting ranks (all pairs compared at once) was measured slower on an H200 (B=8, T=64k: K2
+15.3 -> 18.3 µs, K3 13.1 -> 19.4 µs; K3's 256 candidates make 65k comparisons per program).
 
 *Numerics.* fp16/bf16: MMAs in the input dtype with float32 accumulation and softmax (the
 probabilities are rounded to the input dtype for ``p @ v``, as in FlashAttention). float32 (the
@@ -93,21 +92,21 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: uses half: its float64 logit operands need twice the registers).
 TILE = 64
 
-#: Target programs per SM when choosing the splits (K1, K3) and the heads per K4 program.
-PROGRAMS_PER_SM = 4
+#: Target programs per SM of the splits (K1, K3): 2, measured on an H200 (bench/decode_sweep.py,
+#: session 7): half of 4's compressed splits cost 8 % less at B=32, T=64k and half the selection
+#: splits 5 % less at B=8 (fewer partials to merge), never more elsewhere.
+PROGRAMS_PER_SM = 2
+
+#: Target programs per SM of K4 (heads per program).
+COMBINE_PROGRAMS_PER_SM = 4
 
 #: Most selection blocks one K2 program scores, and most elements of its logit gather.
 SCORE_CHUNK = 64
 SCORE_ELEMS = 8192
 
-#: K3 ranks its ``chunks * local_top`` candidates by counting (all pairs, `RANK_BLOCK` columns
-#: at a time) up to this many candidates (``T = 64k``: 256; ``128k``: 512), and takes ``n``
-#: argmax rounds above it: counting is quadratic, the rounds are sequential reductions.
-RANK_MAX_CANDIDATES = 1024
-RANK_BLOCK = 32
-
-#: ``(num_warps, num_stages)`` of each launch on CUDA (bench/decode_sweep.py measures others).
-LAUNCH_OPTIONS = {"cmp_win": (4, 2), "score": (4, 1), "sel": (4, 2), "combine": (4, 1)}
+#: ``(num_warps, num_stages)`` of each launch on CUDA (bench/decode_sweep.py measures others;
+#: K4 with 2 warps: 11.1 -> 6.2 µs at B=16, T=16k and 14.1 -> 7.4 at B=32, T=64k on an H200).
+LAUNCH_OPTIONS = {"cmp_win": (4, 2), "score": (4, 1), "sel": (4, 2), "combine": (2, 1)}
 
 
 def _next_pow2(x: int) -> int:
@@ -261,8 +260,8 @@ def geometry(rows: int, G: int, h: int, cap: int, cfg: tuple[int, ...], device,
     ch = score_chunk(h, cfg, sel_blocks)
     if device.type == "cpu":  # the interpreter pays per program: all heads in one
         hb = _next_pow2(h)
-    else:  # about PROGRAMS_PER_SM programs per SM
-        hb = min(_next_pow2(h), _next_pow2(_cdiv(rows * G * h, PROGRAMS_PER_SM * sms)))
+    else:  # about COMBINE_PROGRAMS_PER_SM programs per SM
+        hb = min(_next_pow2(h), _next_pow2(_cdiv(rows * G * h, COMBINE_PROGRAMS_PER_SM * sms)))
     return Geometry(splits=splits, chunk=ch, chunks=_cdiv(sel_blocks, ch),
                     local_top=min(n_top, ch), sel_slots=_next_pow2(n_top), combine_heads=hb)
 
@@ -275,8 +274,8 @@ class Workspace:
         logits: ``[rows, H, max(1, cap_cmp)]`` float32 compressed logits (K1 -> K2).
         pm, pl: ``[rows, G, splits.total, BH]`` float32 partial max / sum.
         pacc: ``[rows, G, splits.total, BH, BDV]`` float32 partial outputs.
-        cand_key, cand_blk: ``[rows, G, chunks, NLP]`` float32 / int32: each K2 chunk's top-n
-            (Eq. 11 key, block) in rank order (K2 -> K3).
+        cand: ``[rows, G, chunks, NLP]`` int64: each K2 chunk's top-n in rank order, each entry
+            the Eq. 11 key and its block packed into one int (``_pack_key``; K2 -> K3).
         sel_idx: ``[rows, G, NP]`` int32 chosen blocks in selection order, ``-1`` padded.
         sel_cnt: ``[rows, G]`` int32 selected keys ``<= p`` (spec I.9 ``sel``).
         geo: the `Geometry` the grids use.
@@ -286,8 +285,7 @@ class Workspace:
     pm: torch.Tensor
     pl: torch.Tensor
     pacc: torch.Tensor
-    cand_key: torch.Tensor
-    cand_blk: torch.Tensor
+    cand: torch.Tensor
     sel_idx: torch.Tensor
     sel_cnt: torch.Tensor
     geo: Geometry
@@ -308,8 +306,7 @@ class Workspace:
             pm=torch.empty(rows, G, S, BH, **f32),
             pl=torch.empty(rows, G, S, BH, **f32),
             pacc=torch.empty(rows, G, S, BH, BDV, **f32),
-            cand_key=torch.empty(rows, G, geo.chunks, NLP, **f32),
-            cand_blk=torch.empty(rows, G, geo.chunks, NLP, device=device, dtype=torch.int32),
+            cand=torch.empty(rows, G, geo.chunks, NLP, device=device, dtype=torch.int64),
             sel_idx=torch.full((rows, G, geo.sel_slots), -1, device=device, dtype=torch.int32),
             sel_cnt=torch.zeros(rows, G, device=device, dtype=torch.int32),
             geo=geo,
@@ -324,9 +321,8 @@ class Workspace:
         return self.geo.splits
 
     def buffers(self) -> list[torch.Tensor]:
-        """The eight buffers, in field order (how the custom op takes them)."""
-        return [self.logits, self.pm, self.pl, self.pacc, self.cand_key, self.cand_blk,
-                self.sel_idx, self.sel_cnt]  # fmt: skip
+        """The seven buffers, in field order (how the custom op takes them)."""
+        return [self.logits, self.pm, self.pl, self.pacc, self.cand, self.sel_idx, self.sel_cnt]
 
     def sizes(self) -> list[int]:
         """The `Geometry` as ints (how the custom op takes it): ``[splits.cmp, splits.win,
@@ -377,8 +373,6 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
         warps, stages = LAUNCH_OPTIONS[name]
         return {} if interpret else dict(num_warps=warps, num_stages=stages)
 
-    candidates = _next_pow2(geo.chunks) * NLP
-
     return {
         "cmp_win": Launch((R, G, sp.cmp + sp.win), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, L=l, D=d, BL=_next_pow2(l), W=w,
@@ -390,8 +384,7 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
         "sel": Launch((R, G, sp.sel), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,
             BN=max(16, min(tile, _next_pow2(ls))), CH=geo.chunk, NQP=_next_pow2(geo.chunks),
-            NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, RANK=candidates <= RANK_MAX_CANDIDATES,
-            FB=min(candidates, RANK_BLOCK), IEEE=ieee, PRECISE=precise), opts("sel")),
+            NLP=NLP, N_TOP=n_top, NP=geo.sel_slots, IEEE=ieee, PRECISE=precise), opts("sel")),
         "combine": Launch((R, G, _cdiv(h, hb)), dict(
             HPG=h, BH=BH, HB=hb, HBP=_next_pow2(hb), DV=Dv, BDV=BDV, NCP=_next_pow2(sp.cmp),
             NWP=_next_pow2(sp.win), NSP=_next_pow2(sp.sel), INC=append, PRECISE=precise,
@@ -487,13 +480,13 @@ def _launch(q, gates, out, seq, pos, raw, k_cmp, v_cmp, ws: Workspace, cfg, scal
         float(scale), G, sp.cmp, sp.win, S, cap, **k1.constexprs, **k1.options,
     )
     kern._score_kernel[k2.grid](
-        pos, logits, ws.pm, ws.pl, ws.cand_key, ws.cand_blk,
+        pos, logits, ws.pm, ws.pl, ws.cand,
         logits.stride(0), logits.stride(1), G, sp.cmp, S, geo.chunks, cap,
         **k2.constexprs, **k2.options,
     )
     ks, vs = raw[2], raw[3]
     kern._sel_kernel[k3.grid](
-        q, ks, vs, seq, pos, ws.cand_key, ws.cand_blk, ws.sel_idx, ws.sel_cnt,
+        q, ks, vs, seq, pos, ws.cand, ws.sel_idx, ws.sel_cnt,
         ws.pm, ws.pl, ws.pacc,
         q.stride(0), q.stride(1), ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
         float(scale), G, S, sp.cmp + sp.win, sp.sel, geo.chunks, cap,
