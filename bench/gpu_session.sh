@@ -490,7 +490,7 @@ packed)
   decode_grid 110
   note "decode sweep around the new defaults"
   timeout 110 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 95 --variants \
-      '[{}, {"module": {"PROGRAMS_PER_SM": 4}}, {"module": {"PROGRAMS_PER_SM": 1}}, {"options": {"combine": [4, 1]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 2}}, {"split_scale": [1, 1, 2]}, {"options": {"score": [8, 1]}}]' \
+      '[{}, {"module": {"PROGRAMS_PER_SM": 4}}, {"module": {"PROGRAMS_PER_SM": 1}}, {"options": {"combine": [4, 1]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 2}}, {"split_scale": [1, 1, 2]}, {"module": {"SCORE_CHUNK": 32}}, {"module": {"SCORE_CHUNK": 128}}]' \
       > "$OUT/decode/sweep.log" 2>&1
   grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
       || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
