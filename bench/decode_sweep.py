@@ -6,6 +6,7 @@ Each variant changes one thing against the defaults of `nsa_impl.kernels.decode_
 * ``options``: ``(num_warps, num_stages)`` of a launch (``LAUNCH_OPTIONS``: ``cmp_win`` = K1,
   ``score`` = K2, ``sel`` = K3, ``combine`` = K4);
 * ``module``: a module constant (``TILE``: K1's key tile; ``SCORE_CHUNK``: blocks per K2 program;
+  ``SCORE_HEADS``: heads per pass of K2's gather;
   ``PROGRAMS_PER_SM``: the split policy's occupancy target; ``COMBINE_PROGRAMS_PER_SM``: K4's);
 * ``split_scale``: ``(cmp, win, sel)`` multipliers of the default splits (rounded down to a power
   of two, at least 1).
@@ -56,8 +57,12 @@ VARIANTS = (
     {"options": {"combine": [8, 1]}},
 )
 
-MODULE_KNOBS = ("TILE", "SCORE_CHUNK", "PROGRAMS_PER_SM", "COMBINE_PROGRAMS_PER_SM")
+MODULE_KNOBS = ("TILE", "SCORE_CHUNK", "SCORE_HEADS", "PROGRAMS_PER_SM",
+                "COMBINE_PROGRAMS_PER_SM")
+POW2_KNOBS = ("TILE", "SCORE_CHUNK", "SCORE_HEADS")
 VARIANT_KEYS = ("options", "module", "split_scale")
+KERNELS = {"cmp_win": "_cmp_win_kernel", "score": "_score_kernel", "sel": "_sel_kernel",
+           "combine": "_combine_kernel"}
 
 
 def describe(variant: dict) -> str:
@@ -90,6 +95,8 @@ def check_variant(variant: dict) -> dict:
             raise ValueError(f"unknown module knob {name!r} (known: {MODULE_KNOBS})")
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"module[{name!r}] must be a positive int, got {value!r}")
+        if name in POW2_KNOBS and value & (value - 1):
+            raise ValueError(f"module[{name!r}] must be a power of two, got {value!r}")
     scale = variant.get("split_scale")
     if scale is not None and (len(scale) != 3 or not all(x > 0 for x in scale)):
         raise ValueError(f"split_scale must be three positive factors, got {scale!r}")
@@ -115,6 +122,41 @@ def applied(variant: dict):
         decode_step.LAUNCH_OPTIONS.update(saved_options)
         for name, value in saved_module.items():
             setattr(decode_step, name, value)
+
+
+@contextlib.contextmanager
+def recorded_launches(store: dict):
+    """Every compiled-kernel launch of the decode step records its `CompiledKernel` in
+    ``store[name]`` (registers and spills come from it), the kernels restored on exit."""
+    from nsa_impl.kernels import decode_step
+
+    module = decode_step._kernels(False)
+    saved = {attr: getattr(module, attr) for attr in KERNELS.values()}
+
+    class Recording:
+        def __init__(self, name, jitted):
+            self.name, self.jitted = name, jitted
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiled = self.jitted[grid](*args, **kwargs)
+                store[self.name] = compiled
+                return compiled
+            return launch
+
+    try:
+        for name, attr in KERNELS.items():
+            setattr(module, attr, Recording(name, saved[attr]))
+        yield store
+    finally:
+        for attr, jitted in saved.items():
+            setattr(module, attr, jitted)
+
+
+def resources(store: dict) -> str:
+    """``name regs/spills`` per recorded kernel."""
+    return ", ".join(f"{name} {getattr(k, 'n_regs', '?')}/{getattr(k, 'n_spills', '?')}"
+                     for name, k in store.items())
 
 
 def scaled_splits(variant: dict, B: int, T: int, cfg, G: int, device):
@@ -173,10 +215,11 @@ def main(argv=None) -> int:
             continue
         r = dict(case=label, B=B, T=T, variant=describe(variant))
         try:
-            with applied(variant):
+            with applied(variant), recorded_launches({}) as launched:
                 splits = scaled_splits(variant, B, T, cfg, decode_bench.G, torch.device("cuda"))
                 r.update(decode_bench.ours(cfg, [T - 1] * B, args.reps, gen, splits=splits,
                                            eager=False))
+                r["regs"] = resources(launched)
         except Exception as exc:  # noqa: BLE001 - report the cell, keep going
             r["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         torch.cuda.empty_cache()
@@ -193,20 +236,20 @@ def write_outputs(rows: list[dict], skipped: list[str], out: Path, *, final: boo
 
     base = {r["case"]: r.get("graph_us") for r in rows if r["variant"] == "default"}
     lines = [machine_line(), "", "| case | variant | splits | graph µs | vs default | "
-             "µs per kernel |", "|---|---|---|---|---|---|"]
+             "µs per kernel | registers/spills |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g, b = r.get("graph_us"), base.get(r["case"])
         ratio = None if g is None or not b else g / b
         per = ", ".join(f"{k} {v}" for k, v in r.get("per_kernel", {}).items())
         lines.append(f"| {r['case']} | {r['variant']} | {r.get('splits', '-')} | {fmt(g)} | "
-                     f"{fmt(ratio, 3)} | {per or r.get('error', '')} |")
+                     f"{fmt(ratio, 3)} | {per or r.get('error', '')} | {r.get('regs', '-')} |")
     if skipped:
         lines += ["", "Skipped (time budget spent): " + "; ".join(skipped)]
     table = "\n".join(lines)
     if final:
         print("\n" + table, flush=True)
     out.with_suffix(".md").write_text(table + "\n")
-    fields = ["case", "B", "T", "variant", "splits", "graph_us", "kernels", "error",
+    fields = ["case", "B", "T", "variant", "splits", "graph_us", "kernels", "regs", "error",
               "per_kernel"]
     with out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -56,6 +56,8 @@
 #   bash bench/gpu_session.sh packed    # call 2: the packed top-n: decode GPU tests, grid, sweep
 #                                       # around the new defaults; GPU conformance (triton path,
 #                                       # router)
+#   bash bench/gpu_session.sh heads     # call 3: K2's gather in head passes: decode GPU tests,
+#                                       # the sweep with registers per kernel
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -498,6 +500,17 @@ packed)
   conf conf_nsa_impl_triton "$(left 580)" --impl nsa_impl:triton --no-mutants -- -n 6
   conf conf_nsa_impl "$(left 580)" --impl nsa_impl --no-mutants -- -n 5
   wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
+  ;;
+heads)
+  note "session 7 call 3: K2's gather in head passes (SCORE_HEADS), registers per kernel"
+  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
+      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
+  report_tests
+  timeout 200 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 180 --variants \
+      '[{}, {"module": {"SCORE_HEADS": 8}}, {"module": {"SCORE_HEADS": 4}}, {"module": {"SCORE_HEADS": 2}}, {"module": {"SCORE_HEADS": 1}}, {"module": {"SCORE_HEADS": 4, "SCORE_CHUNK": 128}}, {"module": {"SCORE_HEADS": 4}, "options": {"score": [8, 1]}}]' \
+      > "$OUT/decode/sweep.log" 2>&1
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

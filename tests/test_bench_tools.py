@@ -57,3 +57,28 @@ def test_decode_sweep_scales_splits_to_powers_of_two():
     half = decode_sweep.scaled_splits({"split_scale": [0.5, 1, 2]}, 8, 65536, cfg, 4, cpu)
     assert half == decode_step.Splits(max(1, base.cmp // 2), base.win, base.sel * 2)
     assert decode_sweep.scaled_splits({}, 8, 65536, cfg, 4, cpu) is None
+
+
+def test_decode_sweep_records_each_launch_and_restores_the_kernels(monkeypatch):
+    """`recorded_launches` sees the four launches of an interpreted decode step and puts the
+    real kernels back."""
+    import torch
+
+    from bench import decode_sweep
+    from nsa_impl import NSACache, NSAConfig
+    from nsa_impl.kernels import decode_step
+
+    module = decode_step._kernels(True)
+    before = {attr: getattr(module, attr) for attr in decode_sweep.KERNELS.values()}
+    cfg = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, sel_top_n=3, window=4)
+    cache = NSACache(cfg, path="triton", max_len=16)
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 9, 2, 16, generator=gen) for _ in range(2))
+    cache.append(k, v)
+    q, gates = torch.randn(1, 1, 4, 16, generator=gen), torch.rand(1, 1, 4, 3, generator=gen)
+    # the sweep wraps the compiled module's kernels; here the interpreted one runs the step
+    monkeypatch.setattr(decode_step, "_kernels", lambda interpret: module)
+    with decode_sweep.recorded_launches({}) as launched:
+        cache.step(q, k[:, :1], v[:, :1], gates)
+    assert set(launched) == set(decode_sweep.KERNELS)
+    assert {attr: getattr(module, attr) for attr in decode_sweep.KERNELS.values()} == before

@@ -357,7 +357,7 @@ def _score_kernel(
     HPG: tl.constexpr, BH: tl.constexpr, NCP: tl.constexpr, L: tl.constexpr, D: tl.constexpr,
     LS: tl.constexpr, R: tl.constexpr, MM: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
     CH: tl.constexpr, NL: tl.constexpr, NLP: tl.constexpr, INIT: tl.constexpr,
-    LOCAL: tl.constexpr, PRECISE: tl.constexpr,
+    LOCAL: tl.constexpr, HC: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """K2: selection scores (Eqs. 9-10) of the ``CH`` selection blocks ``[c*CH, (c+1)*CH)`` of
     row ``r``, group ``g``, and their local top-``NL`` (Eq. 11's order); grid ``(R, G, NQ)``.
@@ -366,8 +366,9 @@ def _score_kernel(
     partials, summed over the group's heads (Eq. 10), then Eq. 9 as band weights: selection block
     ``j`` takes compressed blocks ``j*R + u`` (``u < R = l'/d``, weight ``min(u+MM, R) - u``) and
     the halo ``j*R - (MM-1) + t`` (``t < MM-1``, weight ``min(t+1, R)``), ``MM = l/d``; this is
-    `nsa_impl.scoring.overlap_band`. All heads and blocks of the chunk are one ``[BH, CH, RP]``
-    gather, so its loads are in flight together.
+    `nsa_impl.scoring.overlap_band`. The chunk's logits are gathered ``HC`` heads at a time
+    (``[HC, CH, RP]``): all heads in one gather keeps every load in flight together (latency,
+    small batches), fewer per pass keep the registers and so more programs per SM.
 
     Local top-n: keys are ``+inf`` for forced blocks, the score for the other candidates
     ``j <= b(p)``, ``-inf`` otherwise, packed with their blocks (`_pack_key`, Eq. 11's order);
@@ -385,36 +386,40 @@ def _score_kernel(
     j0 = c * CH
     if j0 <= bcur:
         M = tl.where(p + 1 >= L, (p + 1 - L) // D + 1, 0)
-        hh = tl.arange(0, BH)
-        hok = hh < HPG
-        # Natural-log log-sum-exp per head over the compressed splits (m, l).
-        sp = tl.arange(0, NCP)
-        ml = ((r * G + g) * NSPLIT + sp)[None, :] * BH + hh[:, None]  # [BH, NCP]
-        pm = tl.load(PM + ml, mask=(sp < NC)[None, :], other=float("-inf"))
-        pl = tl.load(PL + ml, mask=(sp < NC)[None, :], other=0.0)
-        mg = tl.max(pm, axis=1)
-        mg = tl.where(mg == float("-inf"), 0.0, mg)
-        lsum = tl.sum(pl * _exp(pm - mg[:, None], PRECISE), axis=1)
-        lse = mg + _log(tl.where(lsum > 0.0, lsum, 1.0), PRECISE)  # empty row: all masked
-        row = LOGITS + r * stride_lr + (g * HPG + hh).to(tl.int64) * stride_lh  # [BH]
         jl = tl.arange(0, CH)
         j = j0 + jl
         u = tl.arange(0, RP)
         i_main = j[:, None] * R + u[None, :]  # [CH, RP]
-        ok_main = hok[:, None, None] & ((u[None, :] < R) & (i_main < M))[None, :, :]
-        s_main = tl.load(row[:, None, None] + i_main[None, :, :], mask=ok_main,
-                         other=float("-inf"))
-        acc = tl.sum(_exp(s_main - lse[:, None, None], PRECISE), axis=0)  # Eq. 10: [CH, RP]
+        ok_main = (u[None, :] < R) & (i_main < M)
+        t = tl.arange(0, MP)
+        i_halo = j[:, None] * R - (MM - 1) + t[None, :]  # [CH, MP]
+        ok_halo = (t[None, :] < MM - 1) & (i_halo >= 0) & (i_halo < M)
+        acc = tl.zeros([CH, RP], tl.float32)
+        acc_halo = tl.zeros([CH, MP], tl.float32)
+        sp = tl.arange(0, NCP)
+        for h0 in tl.static_range(0, BH, HC):  # HC heads per pass (registers vs latency)
+            hh = h0 + tl.arange(0, HC)
+            hok = hh < HPG
+            # Natural-log log-sum-exp per head over the compressed splits (m, l).
+            ml = ((r * G + g) * NSPLIT + sp)[None, :] * BH + hh[:, None]  # [HC, NCP]
+            pm = tl.load(PM + ml, mask=(sp < NC)[None, :], other=float("-inf"))
+            pl = tl.load(PL + ml, mask=(sp < NC)[None, :], other=0.0)
+            mg = tl.max(pm, axis=1)
+            mg = tl.where(mg == float("-inf"), 0.0, mg)
+            lsum = tl.sum(pl * _exp(pm - mg[:, None], PRECISE), axis=1)
+            lse = mg + _log(tl.where(lsum > 0.0, lsum, 1.0), PRECISE)  # empty row: all masked
+            row = LOGITS + r * stride_lr + (g * HPG + hh).to(tl.int64) * stride_lh  # [HC]
+            s_main = tl.load(row[:, None, None] + i_main[None, :, :],
+                             mask=hok[:, None, None] & ok_main[None, :, :], other=float("-inf"))
+            acc += tl.sum(_exp(s_main - lse[:, None, None], PRECISE), axis=0)  # Eq. 10
+            if MM > 1:
+                s_halo = tl.load(row[:, None, None] + i_halo[None, :, :],
+                                 mask=hok[:, None, None] & ok_halo[None, :, :],
+                                 other=float("-inf"))
+                acc_halo += tl.sum(_exp(s_halo - lse[:, None, None], PRECISE), axis=0)
         w_main = tl.where(u < R, tl.minimum(u + MM, R) - u, 0).to(tl.float32)
         score = tl.sum(acc * w_main[None, :], axis=1)
         if MM > 1:
-            t = tl.arange(0, MP)
-            i_halo = j[:, None] * R - (MM - 1) + t[None, :]  # [CH, MP]
-            ok_halo = hok[:, None, None] & (
-                (t[None, :] < MM - 1) & (i_halo >= 0) & (i_halo < M))[None, :, :]
-            s_halo = tl.load(row[:, None, None] + i_halo[None, :, :], mask=ok_halo,
-                             other=float("-inf"))
-            acc_halo = tl.sum(_exp(s_halo - lse[:, None, None], PRECISE), axis=0)
             w_halo = tl.where(t < MM - 1, tl.minimum(t + 1, R), 0).to(tl.float32)
             score += tl.sum(acc_halo * w_halo[None, :], axis=1)
         cand = j <= bcur

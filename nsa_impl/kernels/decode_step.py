@@ -104,6 +104,9 @@ COMBINE_PROGRAMS_PER_SM = 4
 SCORE_CHUNK = 64
 SCORE_ELEMS = 8192
 
+#: Heads per pass of K2's logit gather (a power of two; the padded head count ``BH`` at most).
+SCORE_HEADS = 16
+
 #: ``(num_warps, num_stages)`` of each launch on CUDA (bench/decode_sweep.py measures others;
 #: K4 with 2 warps: 11.1 -> 6.2 µs at B=16, T=16k and 14.1 -> 7.4 at B=32, T=64k on an H200).
 LAUNCH_OPTIONS = {"cmp_win": (4, 2), "score": (4, 1), "sel": (4, 2), "combine": (2, 1)}
@@ -380,7 +383,8 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
         "score": Launch((R, G, geo.chunks), dict(
             HPG=h, BH=BH, NCP=_next_pow2(sp.cmp), L=l, D=d, LS=ls, R=ls // d, MM=l // d,
             RP=_next_pow2(ls // d), MP=_next_pow2(max(1, l // d - 1)), CH=geo.chunk,
-            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, PRECISE=precise), opts("score")),
+            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, HC=min(BH, SCORE_HEADS),
+            PRECISE=precise), opts("score")),
         "sel": Launch((R, G, sp.sel), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,
             BN=max(16, min(tile, _next_pow2(ls))), CH=geo.chunk, NQP=_next_pow2(geo.chunks),

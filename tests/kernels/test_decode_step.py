@@ -256,16 +256,19 @@ def reference_selection(cfg, q_row, kc, p, h, scale):
     return scoring.top_n(scores[:, None], b, cfg)[:, 0], scores[:, : p // cfg.sel_block + 1]
 
 
-@pytest.mark.parametrize(("cfg_name", "chunk"), [("overlap", 1), ("overlap", 4), ("identity", 2),
-                                               ("long-cmp", 2)])
-def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chunk):
+@pytest.mark.parametrize(("cfg_name", "chunk", "heads"), [
+    ("overlap", 1, 16), ("overlap", 4, 16), ("identity", 2, 16), ("long-cmp", 2, 16),
+    ("overlap", 4, 4), ("long-cmp", 2, 1)])
+def test_split_top_n_equals_the_scoring_rule_on_ties(monkeypatch, cfg_name, chunk, heads):
     """K2 scores chunks of ``chunk`` selection blocks and keeps a top-n per chunk, K3 merges the
     lists: over crafted compressed keys (flat, periodic and few-level logits, so scores tie
     exactly across chunk boundaries), rows at ragged positions (fewer candidates than n early
     on, forced blocks in different chunks) the selection equals `nsa_impl.scoring.top_n` on the
-    float64 scores, and the counts equal spec I.9. Unwritten workspace entries are NaN/-7 (the
-    packed candidates: a valid-looking block that must never be read)."""
+    float64 scores, and the counts equal spec I.9, with K2 gathering ``heads`` heads per pass.
+    Unwritten workspace entries are NaN/-7 (the packed candidates: a valid-looking block that
+    must never be read)."""
     monkeypatch.setattr(decode_step, "SCORE_CHUNK", chunk)
+    monkeypatch.setattr(decode_step, "SCORE_HEADS", heads)
     cfg = TIE_CONFIGS[cfg_name]
     G, h, D, cap = 2, 3, 16, 72
     gen = torch.Generator().manual_seed(7)
