@@ -502,12 +502,12 @@ packed)
   wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
   ;;
 heads)
-  note "session 7 call 3: K2's gather in head passes (SCORE_HEADS), registers per kernel"
+  note "session 7 call 3: K2 gather in head passes (SCORE_HEADS), K3 loop pipelined, registers"
   timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
       -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
   report_tests
   timeout 200 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 180 --variants \
-      '[{}, {"module": {"SCORE_HEADS": 8}}, {"module": {"SCORE_HEADS": 4}}, {"module": {"SCORE_HEADS": 2}}, {"module": {"SCORE_HEADS": 1}}, {"module": {"SCORE_HEADS": 4, "SCORE_CHUNK": 128}}, {"module": {"SCORE_HEADS": 4}, "options": {"score": [8, 1]}}]' \
+      '[{}, {"module": {"SCORE_HEADS": 8}}, {"module": {"SCORE_HEADS": 4}}, {"module": {"SCORE_HEADS": 2}}, {"module": {"SCORE_HEADS": 1}}, {"module": {"SCORE_HEADS": 4, "SCORE_CHUNK": 128}}, {"module": {"SCORE_HEADS": 4}, "options": {"score": [8, 1]}}, {"options": {"sel": [4, 3]}}, {"options": {"sel": [4, 1]}}]' \
       > "$OUT/decode/sweep.log" 2>&1
   grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
       || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
