@@ -511,10 +511,10 @@ heads)
       > "$OUT/decode/sweep.log" 2>&1
   grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
       || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
-  for case in "32 65536" "8 65536"; do
+  for case in "32 65536"; do
     set -- $case
     note "ncu: the four decode kernels at B=$1 T=$2"
-    timeout 120 ncu --clock-control none -k regex:"_(cmp_win|score|sel|combine)_kernel" \
+    timeout 100 ncu --clock-control none -k regex:"_(cmp_win|score|sel|combine)_kernel" \
         --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats python3 bench/decode_once.py --B "$1" \
         --T "$2" > "$OUT/decode/ncu_B$1.txt" 2>&1
