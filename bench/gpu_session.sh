@@ -58,6 +58,8 @@
 #                                       # router)
 #   bash bench/gpu_session.sh heads     # call 3: K2's gather in head passes: decode GPU tests,
 #                                       # the sweep with registers per kernel
+#   bash bench/gpu_session.sh final6    # call 4: K2's heads per pass by programs per SM: decode
+#                                       # GPU tests, grid, a K1 sweep, GPU conformance
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -521,6 +523,22 @@ heads)
     grep -E "^  _|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Grid Size|Stall" \
         "$OUT/decode/ncu_B$1.txt" | cut -c1-120 | tee -a "$SUM"
   done
+  ;;
+final6)
+  note "session 7 call 4: K2 heads per pass by programs per SM; the decode grid; GPU conformance"
+  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
+      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
+  report_tests
+  decode_grid 100
+  timeout 100 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 80 --variants \
+      '[{}, {"options": {"cmp_win": [4, 1]}}, {"module": {"TILE": 32}}, {"module": {"SCORE_CHUNK": 128}}]' \
+      > "$OUT/decode/sweep.log" 2>&1
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+  note "GPU conformance of the triton path and the router (in parallel)"
+  conf conf_nsa_impl_triton "$(left 560)" --impl nsa_impl:triton --no-mutants -- -n 6
+  conf conf_nsa_impl "$(left 560)" --impl nsa_impl --no-mutants -- -n 5
+  wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

@@ -457,21 +457,6 @@ def _merge_top_n(CAND, rg, bcur, NQ, CH: tl.constexpr, NQP: tl.constexpr, NLP: t
     return chosen
 
 
-@_helper
-def _sel_tile(q, KR_S, VR_S, ks_base, vs_base, blk, c, p, scale, m_i, l_i, acc,
-              LS: tl.constexpr, BN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-              BDK: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr, PRECISE: tl.constexpr):
-    """Keys ``[c, c + BN)`` of selection block ``blk`` (those ``<= p``; none for ``blk < 0``)
-    folded into the online softmax ``(m_i, l_i, acc)``."""
-    off = c + tl.arange(0, BN)
-    kk = blk * LS + off
-    kv = _and((off < LS) & (kk <= p), blk >= 0)
-    k = _load_rows(KR_S, ks_base, kk, kv, DK, BDK)
-    v = _load_rows(VR_S, vs_base, kk, kv, DV, BDV)
-    sc = tl.where(kv[None, :], _logits(q, k, scale, IEEE), float("-inf"))
-    return _online(sc, v, m_i, l_i, acc, IEEE, PRECISE)
-
-
 @triton.jit
 def _sel_kernel(
     Q, KR_S, VR_S, SEQ, POS, CAND, SELIDX, SELCNT, PM, PL, PACC,
@@ -510,15 +495,16 @@ def _sel_kernel(
         # chosen[s*per + u], -1 past the list: a gather from registers (+1 so no match is -1)
         blk = tl.sum(tl.where(slot == s * per + u, chosen + 1, 0), axis=0) - 1
         blk = blk.to(tl.int64)
-        if BN >= LS:  # one tile per block (fp16/bf16): no inner loop, so this one pipelines
-            m_i, l_i, acc = _sel_tile(q, KR_S, VR_S, ks_base, vs_base, blk, 0, p, scale, m_i,
-                                      l_i, acc, LS, BN, DK, DV, BDK, BDV, IEEE, PRECISE)
-        else:
-            # A loop, not unrolled: two unrolled float64-logit tiles spilled 840 bytes (fp32,
-            # Dk=192; 0 as a loop).
-            for c in range(0, LS, BN):
-                m_i, l_i, acc = _sel_tile(q, KR_S, VR_S, ks_base, vs_base, blk, c, p, scale,
-                                          m_i, l_i, acc, LS, BN, DK, DV, BDK, BDV, IEEE, PRECISE)
+        # A loop, not unrolled: two unrolled float64-logit tiles spilled 840 bytes (fp32,
+        # Dk=192; 0 as a loop, and bf16 has one tile per block anyway).
+        for c in range(0, LS, BN):
+            off = c + tl.arange(0, BN)
+            kk = blk * LS + off
+            kv = _and((off < LS) & (kk <= p), blk >= 0)
+            k = _load_rows(KR_S, ks_base, kk, kv, DK, BDK)
+            v = _load_rows(VR_S, vs_base, kk, kv, DV, BDV)
+            sc = tl.where(kv[None, :], _logits(q, k, scale, IEEE), float("-inf"))
+            m_i, l_i, acc = _online(sc, v, m_i, l_i, acc, IEEE, PRECISE)
     _store_partial(PM, PL, PACC, (rg * NSPLIT + SLOT0 + s) * BH, m_i, l_i, acc, BH, BDV)
 
 

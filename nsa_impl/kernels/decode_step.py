@@ -104,8 +104,9 @@ COMBINE_PROGRAMS_PER_SM = 4
 SCORE_CHUNK = 64
 SCORE_ELEMS = 8192
 
-#: Heads per pass of K2's logit gather (a power of two; the padded head count ``BH`` at most).
-SCORE_HEADS = 16
+#: Heads per pass of K2's logit gather (a power of two), ``None``: by K2 programs per SM
+#: (`score_heads`). An int forces it (sweeps, tests).
+SCORE_HEADS: int | None = None
 
 #: ``(num_warps, num_stages)`` of each launch on CUDA (bench/decode_sweep.py measures others;
 #: K4 with 2 warps: 11.1 -> 6.2 µs at B=16, T=16k and 14.1 -> 7.4 at B=32, T=64k on an H200).
@@ -228,6 +229,7 @@ class Geometry:
         local_top: entries of a chunk's list (``NL = min(n, CH)``).
         sel_slots: ``NP = next_pow2(n)``.
         combine_heads: heads per K4 program.
+        score_heads: heads per pass of K2's logit gather (``HC``).
     """
 
     splits: Splits
@@ -236,6 +238,7 @@ class Geometry:
     local_top: int
     sel_slots: int
     combine_heads: int
+    score_heads: int
 
 
 def score_chunk(h: int, cfg: tuple[int, ...], sel_blocks: int) -> int:
@@ -247,6 +250,20 @@ def score_chunk(h: int, cfg: tuple[int, ...], sel_blocks: int) -> int:
     per_block = _next_pow2(ls // d) + _next_pow2(max(1, l // d - 1))
     fit = _pow2_floor(max(1, SCORE_ELEMS // (BH * per_block)))
     return max(1, min(SCORE_CHUNK, fit, _next_pow2(max(1, sel_blocks))))
+
+
+def score_heads(programs: int, sms: int, h: int) -> int:
+    """``HC``, K2's heads per gather pass, for ``programs`` K2 programs on ``sms`` SMs: all (padded)
+    heads below one program per SM, where latency rules (every load in flight at once); 4 below
+    8 per SM; 1 above, where registers rule (more programs resident). Measured on an H200
+    (`bench/decode_sweep.py`, session 6): B=1 64k (0.5 per SM) 16 heads 6.9 µs, 4 heads 7.6;
+    B=8 64k (3.9) 4 heads 11.0 µs against 15.6 for 16; B=32 64k (15.5) 1 head 28.9 µs against
+    36.7 for 4 and 48.8 for 16. `SCORE_HEADS` overrides."""
+    BH = max(16, _next_pow2(h))
+    if SCORE_HEADS is not None:
+        return max(1, min(BH, int(SCORE_HEADS)))
+    per_sm = programs / max(1, sms)
+    return BH if per_sm < 1 else min(BH, 4) if per_sm < 8 else 1
 
 
 def geometry(rows: int, G: int, h: int, cap: int, cfg: tuple[int, ...], device,
@@ -261,12 +278,15 @@ def geometry(rows: int, G: int, h: int, cap: int, cfg: tuple[int, ...], device,
         splits = default_splits(rows, G, cap_cmp, w, n_top, device, sms=sms)
     sel_blocks = _cdiv(cap, ls)
     ch = score_chunk(h, cfg, sel_blocks)
-    if device.type == "cpu":  # the interpreter pays per program: all heads in one
+    chunks = _cdiv(sel_blocks, ch)
+    if device.type == "cpu":  # the interpreter pays per program and per pass: all heads in one
         hb = _next_pow2(h)
+        hc = score_heads(0, sms, h) if SCORE_HEADS is not None else max(16, _next_pow2(h))
     else:  # about COMBINE_PROGRAMS_PER_SM programs per SM
         hb = min(_next_pow2(h), _next_pow2(_cdiv(rows * G * h, COMBINE_PROGRAMS_PER_SM * sms)))
-    return Geometry(splits=splits, chunk=ch, chunks=_cdiv(sel_blocks, ch),
-                    local_top=min(n_top, ch), sel_slots=_next_pow2(n_top), combine_heads=hb)
+        hc = score_heads(rows * G * chunks, sms, h)
+    return Geometry(splits=splits, chunk=ch, chunks=chunks, local_top=min(n_top, ch),
+                    sel_slots=_next_pow2(n_top), combine_heads=hb, score_heads=hc)
 
 
 @dataclass
@@ -329,10 +349,10 @@ class Workspace:
 
     def sizes(self) -> list[int]:
         """The `Geometry` as ints (how the custom op takes it): ``[splits.cmp, splits.win,
-        splits.sel, chunk, chunks, local_top, sel_slots, combine_heads]``."""
+        splits.sel, chunk, chunks, local_top, sel_slots, combine_heads, score_heads]``."""
         g = self.geo
         return [*dataclasses.astuple(g.splits), g.chunk, g.chunks, g.local_top, g.sel_slots,
-                g.combine_heads]  # fmt: skip
+                g.combine_heads, g.score_heads]  # fmt: skip
 
     @classmethod
     def of(cls, buffers: list[torch.Tensor], sizes: list[int]) -> Workspace:
@@ -383,7 +403,7 @@ def launches(R: int, G: int, h: int, Dk: int, Dv: int, cfg: tuple[int, ...], geo
         "score": Launch((R, G, geo.chunks), dict(
             HPG=h, BH=BH, NCP=_next_pow2(sp.cmp), L=l, D=d, LS=ls, R=ls // d, MM=l // d,
             RP=_next_pow2(ls // d), MP=_next_pow2(max(1, l // d - 1)), CH=geo.chunk,
-            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, HC=min(BH, SCORE_HEADS),
+            NL=geo.local_top, NLP=NLP, INIT=init, LOCAL=local, HC=geo.score_heads,
             PRECISE=precise), opts("score")),
         "sel": Launch((R, G, sp.sel), dict(
             HPG=h, BH=BH, DK=Dk, DV=Dv, BDK=BDK, BDV=BDV, LS=ls,

@@ -200,6 +200,20 @@ def test_splits_over_a_longer_context(monkeypatch):
     assert torch.equal(caches[0].selected_blocks, caches[2].selected_blocks)
 
 
+def test_launch_geometry_on_an_h200_at_the_paper_shapes(monkeypatch):
+    """The measured launch policy (132 SMs, 16 heads per group, 64k): splits at 2 programs per
+    SM, K2 gathering 16 / 4 / 1 heads per pass at B = 1 / 8 / 32 (`score_heads`), and
+    `SCORE_HEADS` forcing its value."""
+    cfg = tuple(int(x) for x in (32, 16, 64, 16, 1, 2, 512))
+    cuda = torch.device("cuda")  # only the policy: nothing is allocated or launched
+    geos = {B: decode_step.geometry(B, 4, 16, 65536, cfg, cuda, sms=132) for B in (1, 8, 32)}
+    assert {B: g.score_heads for B, g in geos.items()} == {1: 16, 8: 4, 32: 1}
+    assert {B: (g.splits.cmp, g.splits.sel) for B, g in geos.items()} == {
+        1: (64, 16), 8: (8, 8), 32: (2, 2)}
+    monkeypatch.setattr(decode_step, "SCORE_HEADS", 2)
+    assert decode_step.geometry(32, 4, 16, 65536, cfg, cuda, sms=132).score_heads == 2
+
+
 def test_needle_64k_kernel_path():
     """The 64k needle through the interpreted kernels (small heads, float32): K1 appends the last
     token and emits block 4094 in place, K2 ranks the needle's block into the top 16, K3
