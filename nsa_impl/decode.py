@@ -155,8 +155,17 @@ class NSACache:
         self._path, self.cuda_graph, self._splits = path, cuda_graph, splits
         self.reset()
 
-    def reset(self) -> None:
-        """Forget every token (keeps the configuration)."""
+    def reset(self, sequences=None) -> None:
+        """Forget every token (keeps the configuration); with ``sequences`` (batch indices, a
+        list of ints) empty only those sequences, for continuous batching: a finished request's
+        slot takes a new one. Their lengths go to 0, the next `append`, `extend` or `step`
+        writes them from position 0, and their read counters read 0 until they compute a row
+        again; the other sequences, the buffers and a captured CUDA graph (which reads the
+        lengths from the device) stay as they were. Old tokens past a sequence's length are
+        never read (every key range is bounded by the position)."""
+        if sequences is not None:
+            self._reset_sequences(sequences)
+            return
         self._raw: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._cmp: tuple[torch.Tensor, torch.Tensor] | None = None
         self._shared = True
@@ -171,6 +180,28 @@ class NSACache:
         self._last = None  # (positions, sel counts [B, G], blocks [B, G, n]) of the last rows
         self._graph: DecodeGraph | None = None  # the step ``cuda_graph=True`` replays
         self._captured = False  # a DecodeGraph holds these buffers' addresses
+
+    def _reset_sequences(self, sequences) -> None:
+        if self._raw is None:
+            raise ValueError("reset(sequences) needs a cache that holds a batch (call prefill, "
+                             "append or step first); reset() empties a cache")
+        B = len(self._host_len)
+        if not isinstance(sequences, list | tuple) or any(
+                isinstance(b, bool) or not isinstance(b, int) for b in sequences):
+            raise TypeError(f"sequences must be a list of ints, got {sequences!r}")
+        if any(not 0 <= b < B for b in sequences) or len(set(sequences)) != len(sequences):
+            raise ValueError(f"sequences must be distinct indices in 0..{B - 1}, got "
+                             f"{list(sequences)}")
+        if not sequences:
+            return
+        for b in sequences:
+            self._host_len[b] = 0
+        self._sync_device_lengths()
+        if self._last is not None:  # no row computed yet: counters 0, no selected blocks
+            positions, sel, blocks = self._last
+            rows = torch.tensor(sequences, device=sel.device)
+            self._last = ([-1 if b in sequences else p for b, p in enumerate(positions)],
+                          sel.index_fill(0, rows, 0), blocks.index_fill(0, rows, -1))
 
     # ------------------------------------------------------------------ state
 

@@ -397,6 +397,71 @@ def test_ragged_batch_decodes_each_sequence_at_its_own_length(dtype):
     assert cache.lengths == [n + steps for n in lengths] and cache.length == 26
 
 
+def check_slot_reset(cache: NSACache, dtype, atol: float) -> None:
+    """Continuous batching on ``cache``: slots 0-2 hold sequences 0-2 (ragged `append`, 4
+    steps); slot 1's request ends (`reset([1])`) and sequence 3 takes the slot (6 tokens by
+    `append`, then 5 steps with the others); then slot 2 starts its sequence over by steps
+    alone. Every row equals its own sequence's prefill; a reset slot's counters read 0 and its
+    selection is empty until it computes a row."""
+    cfg = CONFIGS["overlap"]
+    q, k, v, gates, _ = make_inputs(4, 20, 2, 2, 5, 4, dtype, seed=33)
+    full = per_sequence_prefill(cfg, q, k, v, gates, [20] * 4)
+    seq_of = [0, 1, 2]  # the sequence each slot holds
+    start = [7, 12, 5]  # tokens already in each slot
+
+    def steps(n: int) -> None:
+        for i in range(n):
+            pos = [s + i for s in start]
+
+            def at(t, pos=pos):
+                return torch.stack([t[seq_of[b], pos[b]] for b in range(3)])[:, None]
+
+            o = cache.step(at(q), at(k), at(v), at(gates))
+            for b in range(3):
+                torch.testing.assert_close(o[b], full[seq_of[b]][0, pos[b]][None], atol=atol,
+                                           rtol=0, msg=f"slot {b} seq {seq_of[b]} p={pos[b]}")
+        start[:] = [s + n for s in start]
+
+    with torch.no_grad():
+        cache.append(k[:3], v[:3], lengths=list(start))
+        steps(4)
+        cache.reset([1])
+        assert cache.lengths == [11, 0, 9]
+        assert cache.reads_per_sequence[1] == {"cmp": 0, "sel": 0, "win": 0}
+        assert cache.reads_per_sequence[0]["cmp"] == cfg.num_cmp(10)
+        assert bool((cache.selected_blocks[1] == -1).all())
+        seq_of[1], start[1] = 3, 6
+        k_new, v_new = torch.zeros_like(k[:3, :6]), torch.zeros_like(v[:3, :6])
+        k_new[1], v_new[1] = k[3, :6], v[3, :6]
+        cache.append(k_new, v_new, lengths=[0, 6, 0])
+        assert cache.lengths == [11, 6, 9]
+        steps(5)
+        assert cache.lengths == [16, 11, 14]
+        cache.reset([2])  # slot 2 starts over by steps alone (no append in between)
+        seq_of[2], start[2] = 2, 0
+        steps(3)
+    assert cache.lengths == [19, 14, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_reset_of_one_sequence_refills_its_slot(dtype):
+    check_slot_reset(NSACache(CONFIGS["overlap"]), dtype, ATOL[dtype])
+
+
+def test_reset_of_sequences_rejects_bad_indices():
+    cache = NSACache(CONFIGS["overlap"])
+    with pytest.raises(ValueError, match="holds a batch"):
+        cache.reset([0])
+    _, k, v, _, _ = make_inputs(2, 3, 1, 2, 4, 4, torch.float64, seed=1)
+    cache.append(k, v)
+    for bad, error, match in (([2], ValueError, "0..1"), ([0, 0], ValueError, "distinct"),
+                              ((True,), TypeError, "list of ints"), (1, TypeError, "list")):
+        with pytest.raises(error, match=match):
+            cache.reset(bad)
+    cache.reset([])  # nothing to empty
+    assert cache.lengths == [3, 3]
+
+
 @pytest.mark.parametrize("variant", ["shared", "branch_kv", "phi"])
 def test_extend_equals_steps(variant):
     """A chunk through `extend` gives the same rows, reads, selections and cache as C steps

@@ -30,6 +30,7 @@ from ..helpers import plan_of  # noqa: E402
 from ..test_decode import (  # noqa: E402
     CONFIGS,
     check_needle,
+    check_slot_reset,
     expected_reads,
     make_inputs,
     needle_context,
@@ -212,6 +213,12 @@ def test_launch_geometry_on_an_h200_at_the_paper_shapes(monkeypatch):
         1: (64, 16), 8: (8, 8), 32: (2, 2)}
     monkeypatch.setattr(decode_step, "SCORE_HEADS", 2)
     assert decode_step.geometry(32, 4, 16, 65536, cfg, cuda, sms=132).score_heads == 2
+
+
+def test_reset_of_one_sequence_refills_its_slot_on_the_kernel_path():
+    """`reset([b])` through the interpreted kernels (float32): the device lengths follow, the
+    slot's new sequence and the others decode as their own prefills."""
+    check_slot_reset(kernel_cache(CONFIGS["overlap"]), torch.float32, FP32_OUT_ATOL)
 
 
 def test_needle_64k_kernel_path():
@@ -506,6 +513,46 @@ def test_gpu_ragged_extend_and_graph_replay():
     naive = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.bfloat16)
     got = outs["eager"].reshape(B * (C + steps), 64, 128).float()
     assert_rows_close(got, truth, naive, torch.bfloat16, "ragged decode vs nsa_ref rows")
+
+
+@gpu
+def test_gpu_graph_replay_after_a_slot_reset():
+    """bf16, paper shapes: a captured step keeps replaying across `reset([1])` (the graph reads
+    the device lengths): slot 1 restarts at position 0 with sequence 2's tokens while slot 0
+    goes on, eager and graph outputs are identical, and match nsa_ref's rows."""
+    q, k, v, gates = cuda_inputs(3, 400, 4, 16, 128, torch.bfloat16, seed=14)
+
+    def at(t, seqs, pos):
+        return t[torch.tensor(seqs, device="cuda"), torch.tensor(pos, device="cuda")][:, None]
+
+    outs = {}
+    for name, graph in (("eager", False), ("graph", True)):
+        cache = NSACache(PAPER, max_len=400, cuda_graph=graph)
+        rows = []
+        with torch.no_grad():
+            cache.append(k[:2, :300], v[:2, :300])
+            for i in range(3):
+                p = [300 + i, 300 + i]
+                rows.append(cache.step(at(q, [0, 1], p), at(k, [0, 1], p), at(v, [0, 1], p),
+                                       at(gates, [0, 1], p), validate=False).clone())
+            cache.reset([1])
+            for i in range(4):
+                p, seqs = [303 + i, i], [0, 2]
+                rows.append(cache.step(at(q, seqs, p), at(k, seqs, p), at(v, seqs, p),
+                                       at(gates, seqs, p), validate=False).clone())
+        assert cache.lengths == [307, 4]
+        outs[name] = torch.cat(rows, 1)
+    assert torch.equal(outs["eager"], outs["graph"])
+    ref_rows = [(0, 300 + i) for i in range(7)]
+    got0 = outs["eager"][0].float()
+    truth = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.float32)
+    naive = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.bfloat16)
+    assert_rows_close(got0, truth, naive, torch.bfloat16, "slot 0 across the reset")
+    ref_rows = [(2, i) for i in range(4)]
+    got1 = outs["eager"][1, 3:].float()
+    truth = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.float32)
+    naive = reference_decode_rows(PAPER, q, k, v, gates, ref_rows, torch.bfloat16)
+    assert_rows_close(got1, truth, naive, torch.bfloat16, "slot 1 after the reset")
 
 
 @gpu
