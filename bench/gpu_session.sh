@@ -60,6 +60,8 @@
 #                                       # the sweep with registers per kernel
 #   bash bench/gpu_session.sh final6    # call 4: K2's heads per pass by programs per SM: decode
 #                                       # GPU tests, grid, a K1 sweep, GPU conformance
+#   bash bench/gpu_session.sh tail6     # call 5: K2 warps, K3 stages, K4 heads per program, and
+#                                       # all three, against the default measured twice
 # Before a call: `git describe --always --dirty > .head` here, and carry .head with .peers and
 # .whl (the device's .git is a stale snapshot: `git log` there names an older commit).
 # The side by side is .peers/peer_bench.py (the peers folder copied in, git-ignored, carried);
@@ -539,6 +541,15 @@ final6)
   conf conf_nsa_impl_triton "$(left 560)" --impl nsa_impl:triton --no-mutants -- -n 6
   conf conf_nsa_impl "$(left 560)" --impl nsa_impl --no-mutants -- -n 5
   wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
+  ;;
+tail6)
+  note "session 7 call 5: launch options for the last microseconds (K2 warps, K3 stages, K4 heads)"
+  timeout 130 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 110 \
+      --cases 32x65536,16x16384,8x65536,1x65536 --variants \
+      '[{}, {"options": {"score": [2, 1]}}, {"options": {"sel": [4, 3]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"options": {"score": [2, 1], "sel": [4, 3]}, "module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {}]' \
+      > "$OUT/decode/sweep.log" 2>&1
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;
