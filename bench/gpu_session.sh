@@ -154,6 +154,26 @@ decode_grid() {  # decode_grid TIMEOUT: bench/decode_bench.py (graph-replayed st
   [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md" | tee -a "$SUM" \
       || tail -25 "$OUT/decode/decode_bench.log" | tee -a "$SUM"
 }
+decode_tests() {  # decode_tests: the decode kernels' and cache's GPU tests (foreground)
+  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
+      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
+  report_tests
+}
+decode_sweep() {  # decode_sweep TIMEOUT VARIANTS [ARGS]: bench/decode_sweep.py, its table
+  local limit=$1 variants=$2; shift 2
+  timeout "$limit" python3 bench/decode_sweep.py --out "$OUT/decode/sweep" \
+      --budget-s $(( limit > 40 ? limit - 20 : 20 )) ${variants:+--variants "$variants"} "$@" \
+      > "$OUT/decode/sweep.log" 2>&1
+  note "decode sweep rc=$?"
+  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
+      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+}
+decode_conf() {  # decode_conf MARK: GPU conformance of the triton path and the router, in parallel
+  note "GPU conformance of the triton path and the router (in parallel)"
+  conf conf_nsa_impl_triton "$(left "$1")" --impl nsa_impl:triton --no-mutants -- -n 6
+  conf conf_nsa_impl "$(left "$1")" --impl nsa_impl --no-mutants -- -n 5
+  wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
+}
 NAN_CLAUSES=(--clause NSA-NAN-ROWS --clause NSA-NAN-VARLEN-ISOLATION)
 
 case "${1:-kernels}" in
@@ -477,79 +497,40 @@ final5)
   ;;
 rank)
   note "session 7 call 1: decode top-n by counting ranks: the decode GPU tests, the grid, the sweep"
-  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
-      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
-  report_tests
+  decode_tests
   decode_grid 140
-  note "decode launch-shape sweep"
-  timeout "$(left 575)" python3 bench/decode_sweep.py --out "$OUT/decode/sweep" \
-      --budget-s "$(( $(left 575) - 25 ))" > "$OUT/decode/sweep.log" 2>&1
-  note "decode sweep rc=$?"
-  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
-      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+  decode_sweep "$(left 575)" ""
   ;;
 packed)
   note "session 7 call 2: packed top-n keys, 2 programs per SM, K4 with 2 warps"
-  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
-      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
-  report_tests
+  decode_tests
   decode_grid 110
-  note "decode sweep around the new defaults"
-  timeout 110 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 95 --variants \
-      '[{}, {"module": {"PROGRAMS_PER_SM": 4}}, {"module": {"PROGRAMS_PER_SM": 1}}, {"options": {"combine": [4, 1]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 2}}, {"split_scale": [1, 1, 2]}, {"module": {"SCORE_CHUNK": 32}}, {"module": {"SCORE_CHUNK": 128}}]' \
-      > "$OUT/decode/sweep.log" 2>&1
-  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
-      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
-  note "GPU conformance of the triton path and the router (in parallel)"
-  conf conf_nsa_impl_triton "$(left 580)" --impl nsa_impl:triton --no-mutants -- -n 6
-  conf conf_nsa_impl "$(left 580)" --impl nsa_impl --no-mutants -- -n 5
-  wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
+  decode_sweep 110 '[{}, {"module": {"PROGRAMS_PER_SM": 4}}, {"module": {"PROGRAMS_PER_SM": 1}}, {"options": {"combine": [4, 1]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 2}}, {"split_scale": [1, 1, 2]}, {"module": {"SCORE_CHUNK": 32}}, {"module": {"SCORE_CHUNK": 128}}]'
+  decode_conf 580
   ;;
 heads)
   note "session 7 call 3: K2 gather in head passes (SCORE_HEADS), K3 loop pipelined, registers"
-  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
-      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
-  report_tests
-  timeout 200 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 180 --variants \
-      '[{}, {"module": {"SCORE_HEADS": 8}}, {"module": {"SCORE_HEADS": 4}}, {"module": {"SCORE_HEADS": 2}}, {"module": {"SCORE_HEADS": 1}}, {"module": {"SCORE_HEADS": 4, "SCORE_CHUNK": 128}}, {"module": {"SCORE_HEADS": 4}, "options": {"score": [8, 1]}}, {"options": {"sel": [4, 3]}}, {"options": {"sel": [4, 1]}}]' \
-      > "$OUT/decode/sweep.log" 2>&1
-  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
-      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
-  for case in "32 65536"; do
-    set -- $case
-    note "ncu: the four decode kernels at B=$1 T=$2"
-    timeout 100 ncu --clock-control none -k regex:"_(cmp_win|score|sel|combine)_kernel" \
-        --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --section WarpStateStats python3 bench/decode_once.py --B "$1" \
-        --T "$2" > "$OUT/decode/ncu_B$1.txt" 2>&1
-    grep -E "^  _|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Grid Size|Stall" \
-        "$OUT/decode/ncu_B$1.txt" | cut -c1-120 | tee -a "$SUM"
-  done
+  decode_tests
+  decode_sweep 200 '[{}, {"module": {"SCORE_HEADS": 8}}, {"module": {"SCORE_HEADS": 4}}, {"module": {"SCORE_HEADS": 2}}, {"module": {"SCORE_HEADS": 1}}, {"module": {"SCORE_HEADS": 4, "SCORE_CHUNK": 128}}, {"module": {"SCORE_HEADS": 4}, "options": {"score": [8, 1]}}, {"options": {"sel": [4, 3]}}, {"options": {"sel": [4, 1]}}]'
+  note "ncu: the four decode kernels at B=32 T=65536"
+  timeout 100 ncu --clock-control none -k regex:"_(cmp_win|score|sel|combine)_kernel" \
+      --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats python3 bench/decode_once.py --B 32 \
+      --T 65536 > "$OUT/decode/ncu_B32.txt" 2>&1
+  grep -E "^  _|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Grid Size|Stall" \
+      "$OUT/decode/ncu_B32.txt" | cut -c1-120 | tee -a "$SUM"
   ;;
 final6)
   note "session 7 call 4: K2 heads per pass by programs per SM; the decode grid; GPU conformance"
-  timeout 150 python3 -m pytest -m gpu tests/kernels/test_decode_step.py tests/test_decode.py -q \
-      -rfEs -n 3 -p no:cacheprovider > "$OUT/tests/gpu_tests.log" 2>&1
-  report_tests
+  decode_tests
   decode_grid 100
-  timeout 100 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 80 --variants \
-      '[{}, {"options": {"cmp_win": [4, 1]}}, {"module": {"TILE": 32}}, {"module": {"SCORE_CHUNK": 128}}]' \
-      > "$OUT/decode/sweep.log" 2>&1
-  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
-      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
-  note "GPU conformance of the triton path and the router (in parallel)"
-  conf conf_nsa_impl_triton "$(left 560)" --impl nsa_impl:triton --no-mutants -- -n 6
-  conf conf_nsa_impl "$(left 560)" --impl nsa_impl --no-mutants -- -n 5
-  wait_all; report_conf conf_nsa_impl_triton conf_nsa_impl
+  decode_sweep 100 '[{}, {"options": {"cmp_win": [4, 1]}}, {"module": {"TILE": 32}}, {"module": {"SCORE_CHUNK": 128}}]'
+  decode_conf 560
   ;;
 tail6)
   note "session 7 call 5: launch options for the last microseconds (K2 warps, K3 stages, K4 heads)"
-  timeout 130 python3 bench/decode_sweep.py --out "$OUT/decode/sweep" --budget-s 110 \
-      --cases 32x65536,16x16384,8x65536,1x65536 --variants \
-      '[{}, {"options": {"score": [2, 1]}}, {"options": {"sel": [4, 3]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"options": {"score": [2, 1], "sel": [4, 3]}, "module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {}]' \
-      > "$OUT/decode/sweep.log" 2>&1
-  grep -E "^\||^Skipped" "$OUT/decode/sweep.md" 2>/dev/null | tee -a "$SUM" \
-      || tail -20 "$OUT/decode/sweep.log" | tee -a "$SUM"
+  decode_sweep 130 '[{}, {"options": {"score": [2, 1]}}, {"options": {"sel": [4, 3]}}, {"module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {"options": {"score": [2, 1], "sel": [4, 3]}, "module": {"COMBINE_PROGRAMS_PER_SM": 8}}, {}]' \
+      --cases 32x65536,16x16384,8x65536,1x65536
   ;;
 *)
   echo "unknown stage $1"; exit 2 ;;

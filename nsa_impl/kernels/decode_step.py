@@ -93,7 +93,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 64
 
 #: Target programs per SM of the splits (K1, K3): 2, measured on an H200 (bench/decode_sweep.py,
-#: session 7): half of 4's compressed splits cost 8 % less at B=32, T=64k and half the selection
+#: 2026-12-03): half of 4's compressed splits cost 8 % less at B=32, T=64k and half the selection
 #: splits 5 % less at B=8 (fewer partials to merge), never more elsewhere.
 PROGRAMS_PER_SM = 2
 
@@ -256,7 +256,7 @@ def score_heads(programs: int, sms: int, h: int) -> int:
     """``HC``, K2's heads per gather pass, for ``programs`` K2 programs on ``sms`` SMs: all (padded)
     heads below one program per SM, where latency rules (every load in flight at once); 4 below
     8 per SM; 1 above, where registers rule (more programs resident). Measured on an H200
-    (`bench/decode_sweep.py`, session 6): B=1 64k (0.5 per SM) 16 heads 6.9 µs, 4 heads 7.6;
+    (`bench/decode_sweep.py`, 2026-12-03): B=1 64k (0.5 per SM) 16 heads 6.9 µs, 4 heads 7.6;
     B=8 64k (3.9) 4 heads 11.0 µs against 15.6 for 16; B=32 64k (15.5) 1 head 28.9 µs against
     36.7 for 4 and 48.8 for 16. `SCORE_HEADS` overrides."""
     BH = max(16, _next_pow2(h))
