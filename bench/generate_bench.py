@@ -15,7 +15,9 @@ Variants (same weights):
 * ``dense-eager``: attention = PyTorch SDPA (flash/cuDNN) over exactly the cached keys.
 
 Prints the machine line and a table; writes ``<out>.csv``, ``<out>.md`` and ``<out>.png``
-(matplotlib). Never asserts on time.
+(matplotlib). Never asserts on time. ``--smoke`` runs the eager variants of a tiny float32
+model on the CPU (contexts 48 and 96): the script's own check, in the CPU suite; its numbers
+mean nothing.
 
     python bench/generate_bench.py --out bench/results/h200_generate [--contexts 8192,32768]
 """
@@ -41,6 +43,10 @@ from nsa_impl.module import apply_rope, rope_cos_sin  # noqa: E402
 
 MODEL = dict(vocab_size=8192, hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=128,
              num_layers=4, intermediate_size=2048, rope=True)
+#: ``--smoke``: a model and a config small enough for the CPU (float32, eager variants only).
+SMOKE_MODEL = dict(vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                   num_layers=2, intermediate_size=64, rope=True)
+SMOKE_CONFIG = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_top_n=4, window=16)
 VARIANTS = ("nsa-graph", "nsa-eager", "dense-graph", "dense-eager")
 
 
@@ -122,15 +128,20 @@ def dense_generate(model, prompt, new_tokens: int, graph: bool) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_once(model, variant, prompt, new_tokens) -> float:
     """Seconds for one generation of ``new_tokens`` tokens (prefill included)."""
-    torch.cuda.synchronize()
+    _sync(prompt.device)
     t = time.perf_counter()
     if variant.startswith("nsa"):
         model.generate(prompt, new_tokens, cuda_graph=variant == "nsa-graph")
     else:
         dense_generate(model, prompt, new_tokens, graph=variant == "dense-graph")
-    torch.cuda.synchronize()
+    _sync(prompt.device)
     return time.perf_counter() - t
 
 
@@ -144,20 +155,45 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--budget-s", type=float, default=85.0,
                     help="start no cell after this many seconds (the rest are listed as skipped)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny float32 model, eager variants, on the CPU (a check of the script)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to measure")
-        return 1
-    print(machine_line(), flush=True)
     torch.manual_seed(0)
-    model = NSAToyLM(config=NSAConfig(), **MODEL).cuda().to(torch.bfloat16).eval()
+    if args.smoke:
+        spec, cfg = SMOKE_MODEL, NSAConfig(**SMOKE_CONFIG)
+        device, dtype = torch.device("cpu"), torch.float32
+        if args.contexts == ap.get_default("contexts"):
+            args.contexts = "48,96"
+        if args.variants == ap.get_default("variants"):
+            args.variants = "nsa-eager,dense-eager"
+        if (args.n1, args.n2) == (ap.get_default("n1"), ap.get_default("n2")):
+            args.n1, args.n2 = 2, 6
+        graphed = [v for v in args.variants.split(",") if v.endswith("graph")]
+        if graphed:
+            ap.error(f"--smoke runs on the CPU: no CUDA graphs ({', '.join(graphed)})")
+    elif not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to measure (--smoke runs a tiny model on the CPU)")
+        return 1
+    else:
+        spec, cfg = MODEL, NSAConfig()
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    if not 1 <= args.n1 < args.n2:
+        ap.error(f"need 1 <= --n1 < --n2, got {args.n1}, {args.n2}")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if any(c <= args.n2 for c in contexts):
+        ap.error(f"every context must exceed --n2={args.n2} (the prompt is context - n2 tokens)")
+    print(machine_line(), flush=True)
+    model = NSAToyLM(config=cfg, **spec).to(device, dtype).eval()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
     rows = []
-    for ctx in (int(c) for c in args.contexts.split(",")):
-        prompt = torch.randint(0, MODEL["vocab_size"], (args.batch, ctx - args.n2),
-                               device="cuda")
+    for ctx in contexts:
+        prompt = torch.randint(0, spec["vocab_size"], (args.batch, ctx - args.n2),
+                               device=device)
         for variant in args.variants.split(","):
             row = dict(context=ctx, variant=variant, batch=args.batch)
             if time.monotonic() > deadline:
@@ -168,20 +204,26 @@ def main(argv=None):
                     t1 = run_once(model, variant, prompt, args.n1)
                     t2 = run_once(model, variant, prompt, args.n2)
                     per_token = (t2 - t1) / (args.n2 - args.n1)
-                    row.update(ms_per_token=per_token * 1e3, tokens_per_s=args.batch / per_token)
+                    if per_token > 0:
+                        row.update(ms_per_token=per_token * 1e3,
+                                   tokens_per_s=args.batch / per_token)
+                    else:  # the difference drowned in noise: no number rather than a wrong one
+                        row["error"] = (f"noise: {args.n2} tokens took no longer than {args.n1} "
+                                        f"({t2:.4f} s vs {t1:.4f} s); raise --n2")
                 except Exception as exc:  # noqa: BLE001 - report the cell, keep going
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             rows.append(row)
             print("  ", row, flush=True)
-            torch.cuda.empty_cache()
-            write_outputs(rows, args.batch, out, final=False)  # a timeout keeps what was measured
-    write_outputs(rows, args.batch, out, final=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_outputs(rows, args.batch, out, spec, final=False)  # a timeout keeps the rows
+    write_outputs(rows, args.batch, out, spec, final=True)
     return 0
 
 
-def write_outputs(rows, batch: int, out: Path, *, final: bool) -> None:
+def write_outputs(rows, batch: int, out: Path, spec: dict, *, final: bool) -> None:
     """Markdown table (printed when ``final``), CSV and the tokens/s plot."""
-    lines = [machine_line(), "", f"toy LM {MODEL}, bf16, batch {batch}", "",
+    lines = [machine_line(), "", f"toy LM {spec}, batch {batch}", "",
              "| context | " + " | ".join(f"{v} tok/s" for v in VARIANTS) + " | nsa-graph / "
              "dense-graph |", "|" + "---|" * (len(VARIANTS) + 2)]
     for ctx in sorted({r["context"] for r in rows}):
