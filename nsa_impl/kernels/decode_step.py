@@ -39,10 +39,11 @@ group's heads (Eq. 10 before Eq. 9, like `nsa_impl.scoring`) and applies the ban
 
 *Split top-n.* One program per (row, group) scoring all ``T/l'`` blocks and taking ``n`` argmax
 rounds over them was 36-41 µs at every batch on an H200 (4 programs at B=1, each walking 16
-heads x 4k logits). K2 is ``(R, G, NQ)`` programs of ``CH`` blocks each (one gather of the
-chunk's logits for all heads), each storing its chunk's top-``min(n, CH)`` in rank order; the
-global top-n is inside the union of those lists (a block of the global top-n has fewer than
-``n`` blocks of its chunk above it). K3's programs each merge the ``NQ * min(n, CH)``
+heads x 4k logits). K2 is ``(R, G, NQ)`` programs of ``CH`` blocks each (the chunk's logits
+gathered `score_heads` heads at a time: all at once where programs are few and latency rules,
+one where they are many and registers rule), each storing its chunk's top-``min(n, CH)`` in
+rank order; the global top-n is inside the union of those lists (a block of the global top-n
+has fewer than ``n`` blocks of its chunk above it). K3's programs each merge the ``NQ * min(n, CH)``
 candidates; program 0 of K3 stores the blocks and their key count. Candidates are one int64
 each, the key's float32 bits (mapped to an order-preserving int) above the complemented block
 index, so the int order is the spec's (forced, then higher score, then lower index), as
